@@ -1,0 +1,580 @@
+"""Adversarial attacks sharing one contract: ``attack(model, x, y) -> x_adv``.
+
+Inputs are pixels in [0, 1] (models normalise inside, method.md §1); outputs lie inside
+the ε-ball around ``x`` and inside [0, 1]. The model is passed per call because KDIGA's
+neighbours attack a student that changes every step (style.md habit 1).
+
+PGD/FGSM are our own (batched, no per-sample Python, tested against torchattacks);
+APGD-CE, APGD-T, FAB-T and Square wrap torchattacks. `run_autoattack` chains the four
+in AutoAttack's standard order, running later attacks only on points that survived.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdiga_core.config import AttackSpec
+from kdiga_core.errors import KdigaError, UnknownNameError
+
+logger = logging.getLogger(__name__)
+
+NORMS: tuple[str, ...] = ("Linf", "L2")
+AUTOATTACK_ORDER: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
+SQUARE_QUERIES = 5000
+AUTOATTACK_TARGETS = 9  # AutoAttack's standard version attacks at most 9 target classes
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
+    """Project ``x_adv`` onto the ``norm``-ball of radius ``eps`` around ``x``, then onto [0, 1].
+
+    Clamping to [0, 1] after the L2 projection only moves coordinates towards ``x``
+    (which is in [0, 1]), so the result stays inside the ball.
+    """
+    delta = x_adv - x
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        delta = delta * (eps / norms).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def predict(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """Predicted classes of ``x``, in no-grad batches."""
+    with torch.no_grad():
+        return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with frozen parameters; restore both on exit, even on error.
+
+    Attacks and input-gradient measurements need gradients with respect to inputs only;
+    frozen parameters skip their gradient work and keep ``.grad`` of a training model clean.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise KdigaError(f"norm must be one of: {', '.join(NORMS)}.")
+
+
+def _margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample CW margin max_{j≠y} z_j − z_y (larger means closer to misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.clone()
+    other.scatter_(1, y[:, None], float("-inf"))
+    return other.max(1).values - true
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "ce": lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
+    "margin": _margin_loss,
+}
+
+
+# ----------------------------------------------------------------------------- base
+
+
+class Attack:
+    """Base class: model-mode and requires_grad bookkeeping, final projection.
+
+    Subclasses implement `perturb(model, x, y)`; the base `__call__` puts the model in
+    eval mode, freezes its parameters (attacks need input gradients only, and frozen
+    parameters skip their gradient work), and restores both afterwards, even on error.
+    """
+
+    name = "attack"
+
+    def __init__(self, eps: float, norm: str = "Linf"):
+        _check_norm(norm)
+        if eps < 0:
+            raise KdigaError("eps must be zero or positive.")
+        self.eps, self.norm = float(eps), norm
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            raise KdigaError("Attack inputs must be pixels in [0, 1]; normalise inside the model.")
+        if self.eps == 0 or x.shape[0] == 0:
+            return x.detach().clone()
+        with frozen_eval(model), torch.enable_grad():
+            x_adv = self.perturb(model, x.detach(), y.detach())
+        return project(x_adv.detach(), x.detach(), self.eps, self.norm)
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Return adversarial inputs (projected again by `__call__`)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r})"
+
+
+# ----------------------------------------------------------------------------- PGD
+
+
+class PGD(Attack):
+    """Projected gradient descent (Madry et al. 2018), L∞ or L2, batched.
+
+    Each step ascends the per-sample loss (summed, so one sample's step never depends
+    on the batch size): L∞ steps by ``step_size * sign(grad)``, L2 steps by
+    ``step_size * grad / ‖grad‖₂``; then projects onto the ε-ball and [0, 1].
+    Returns the last iterate, as torchattacks' PGD does.
+
+    Args:
+        eps: Radius in pixel units.
+        norm: ``"Linf"`` or ``"L2"``.
+        steps: Number of steps.
+        step_size: Step length; default ``2.5 * eps / steps`` (method.md §5).
+        random_start: Start uniformly in the L∞ ball, or at a random point of the L2 ball.
+        loss: ``"ce"`` or ``"margin"`` (CW margin).
+        generator: Generator for the random start (on the inputs' device).
+    """
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        steps: int = 20,
+        step_size: float | None = None,
+        random_start: bool = True,
+        loss: str = "ce",
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__(eps, norm)
+        if steps < 1:
+            raise KdigaError("steps must be at least 1.")
+        if loss not in LOSSES:
+            raise UnknownNameError("attack loss", loss, list(LOSSES))
+        self.steps, self.random_start, self.loss, self.generator = int(steps), random_start, loss, generator
+        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        loss_fn = LOSSES[self.loss]
+        x_adv = self._start(x)
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            loss = loss_fn(model(x_adv), y).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = project(x_adv.detach() + self.step_size * self._direction(grad), x, self.eps, self.norm)
+        return x_adv
+
+    def _start(self, x: Tensor) -> Tensor:
+        if not self.random_start:
+            return x.clone()
+        gen = self.generator
+        device = gen.device if gen is not None else x.device
+        if self.norm == "Linf":
+            noise = (torch.rand(x.shape, generator=gen, device=device) * 2 - 1) * self.eps
+        else:
+            noise = torch.randn(x.shape, generator=gen, device=device)
+            radius = torch.rand(x.shape[0], generator=gen, device=device) * self.eps
+            noise = (
+                noise
+                / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                * radius.view(-1, 1, 1, 1)
+            )
+        return project(x + noise.to(x.device), x, self.eps, self.norm)
+
+    def _direction(self, grad: Tensor) -> Tensor:
+        if self.norm == "Linf":
+            return grad.sign()
+        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
+
+
+def FGSM(eps: float, norm: str = "Linf") -> PGD:  # noqa: N802 -- reads like the attack's class name
+    """Fast gradient sign method (Goodfellow et al. 2015): one full-size step, no random start."""
+    return PGD(eps, norm, steps=1, step_size=eps, random_start=False)
+
+
+# ----------------------------------------------------------------------------- torchattacks wrappers
+
+
+class _TorchAttack(Attack):
+    """Wraps one torchattacks attack, built per call because the model changes per call.
+
+    torchattacks seeds the global RNG (``torch.random.manual_seed``) inside its attacks;
+    forking the RNG keeps that from leaking into the caller's training randomness.
+    """
+
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        *,
+        steps: int = 100,
+        restarts: int = 1,
+        seed: int = 0,
+        n_classes: int | None = None,
+    ):
+        super().__init__(eps, norm)
+        self.steps, self.restarts, self.seed, self.n_classes = int(steps), int(restarts), int(seed), n_classes
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        n_classes = self.n_classes or int(predict_logits_shape(model, x))
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            atk = self.build(model, n_classes)
+            atk.set_device(x.device)
+            return atk(x, y)
+
+    def build(self, model: nn.Module, n_classes: int) -> Any:
+        raise NotImplementedError
+
+
+def predict_logits_shape(model: nn.Module, x: Tensor) -> int:
+    """Number of classes the model outputs (one forward pass on one input)."""
+    with torch.no_grad():
+        return int(model(x[:1]).shape[1])
+
+
+class APGDCE(_TorchAttack):
+    """APGD on cross-entropy (Croce & Hein 2020), via torchattacks."""
+
+    name = "apgd-ce"
+
+    def build(self, model: nn.Module, n_classes: int) -> Any:
+        import torchattacks
+
+        return torchattacks.APGD(
+            model,
+            norm=self.norm,
+            eps=self.eps,
+            steps=self.steps,
+            n_restarts=self.restarts,
+            seed=self.seed,
+            loss="ce",
+        )
+
+
+class APGDT(_TorchAttack):
+    """Targeted APGD on the DLR loss over the top-9 target classes, via torchattacks.
+
+    The targeted DLR loss reads the four largest logits, so with fewer than 4 classes
+    the attack is skipped (returns ``x`` unchanged) instead of failing.
+    """
+
+    name = "apgd-t"
+    min_classes = 4
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if (self.n_classes or predict_logits_shape(model, x)) < self.min_classes:
+            logger.warning("APGD-T skipped: it needs at least %d classes.", self.min_classes)
+            return x.clone()
+        return super().perturb(model, x, y)
+
+    def build(self, model: nn.Module, n_classes: int) -> Any:
+        import torchattacks
+
+        atk = torchattacks.APGDT(
+            model,
+            norm=self.norm,
+            eps=self.eps,
+            steps=self.steps,
+            n_restarts=self.restarts,
+            seed=self.seed,
+            n_classes=n_classes,
+        )
+        # torchattacks would try all n_classes-1 targets; AutoAttack's standard uses 9.
+        atk.n_target_classes = min(AUTOATTACK_TARGETS, n_classes - 1)
+        return atk
+
+
+class FABT(_TorchAttack):
+    """Targeted FAB (Croce & Hein 2020) over the top-9 target classes, via torchattacks."""
+
+    name = "fab-t"
+
+    def build(self, model: nn.Module, n_classes: int) -> Any:
+        import torchattacks
+
+        atk = torchattacks.FAB(
+            model,
+            norm=self.norm,
+            eps=self.eps,
+            steps=self.steps,
+            n_restarts=self.restarts,
+            seed=self.seed,
+            multi_targeted=True,
+            n_classes=n_classes,
+        )
+        atk.n_target_classes = min(AUTOATTACK_TARGETS, n_classes - 1)
+        return atk
+
+
+class Square(_TorchAttack):
+    """Square attack (Andriushchenko et al. 2020): black-box, score-based, via torchattacks.
+
+    Needs no gradients, so it exposes gradient masking (design.md §9).
+    """
+
+    name = "square"
+
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        *,
+        n_queries: int = SQUARE_QUERIES,
+        restarts: int = 1,
+        seed: int = 0,
+        n_classes: int | None = None,
+    ):
+        super().__init__(eps, norm, steps=1, restarts=restarts, seed=seed, n_classes=n_classes)
+        self.n_queries = int(n_queries)
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if self.norm == "L2" and min(x.shape[-2:]) < 5:
+            # torchattacks' L2 Square tiles the image with 5x5 windows (it divides by h // 5).
+            raise KdigaError("The L2 Square attack needs images of at least 5x5 pixels.")
+        # Square only queries the model: no autograd graph needed.
+        with torch.no_grad():
+            return super().perturb(model, x, y)
+
+    def build(self, model: nn.Module, n_classes: int) -> Any:
+        import torchattacks
+
+        return torchattacks.Square(
+            model,
+            norm=self.norm,
+            eps=self.eps,
+            n_queries=self.n_queries,
+            n_restarts=self.restarts,
+            seed=self.seed,
+        )
+
+
+# ----------------------------------------------------------------------------- AutoAttack
+
+
+def _autoattack_members(
+    eps: float, norm: str, *, steps: int, seed: int, n_classes: int | None, n_queries: int
+) -> list[Attack]:
+    kw: dict[str, Any] = dict(steps=steps, seed=seed, n_classes=n_classes)
+    return [
+        APGDCE(eps, norm, **kw),
+        APGDT(eps, norm, **kw),
+        FABT(eps, norm, **kw),
+        Square(eps, norm, n_queries=n_queries, seed=seed, n_classes=n_classes),
+    ]
+
+
+def run_autoattack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: str = "Linf",
+    *,
+    seed: int = 0,
+    n_classes: int | None = None,
+    steps: int = 100,
+    n_queries: int = SQUARE_QUERIES,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """AutoAttack, standard version: APGD-CE, APGD-T, FAB-T, Square (Croce & Hein 2020).
+
+    Each attack runs only on the points that every earlier attack failed to break, as in
+    the reference implementation; a point counts as robust only if it is classified
+    correctly at the clean input and at every attack's output.
+
+    Args:
+        model: Classifier taking [0, 1] pixels.
+        x: Inputs in [0, 1]. y: True labels.
+        eps: Radius. norm: ``"Linf"`` or ``"L2"``.
+        seed: Seed for every member attack.
+        n_classes: Classes of the model (inferred from one forward pass when None).
+        steps: Iterations of APGD and FAB (the standard version uses 100).
+        n_queries: Square's query budget (the standard version uses 5000).
+        batch_size: Attack at most this many points at once (None: all).
+
+    Returns:
+        ``{"robust": bool mask, "x_adv": adversarial inputs (x where no attack
+        succeeded), "clean_accuracy": float, "robust_accuracy": float,
+        "breakdown": [{"attack", "robust_accuracy"}] after each attack}``.
+    """
+    _check_norm(norm)
+    # Eval mode throughout: the survivors' predictions must not use batch statistics.
+    with frozen_eval(model):
+        robust = predict(model, x) == y
+        clean = _fraction(robust)
+        x_adv = x.detach().clone()
+        n_classes = n_classes or predict_logits_shape(model, x)
+        breakdown = []
+        for attack in _autoattack_members(
+            eps, norm, steps=steps, seed=seed, n_classes=n_classes, n_queries=n_queries
+        ):
+            _attack_survivors(attack, model, x, y, robust, x_adv, batch_size)
+            breakdown.append(_stage(attack, robust, n_classes))
+    return {
+        "robust": robust,
+        "x_adv": x_adv,
+        "clean_accuracy": clean,
+        "robust_accuracy": breakdown[-1]["robust_accuracy"],
+        "breakdown": breakdown,
+    }
+
+
+def _fraction(mask: Tensor) -> float:
+    return float(mask.float().mean().item()) if mask.numel() else 0.0
+
+
+def _stage(attack: Attack, robust: Tensor, n_classes: int) -> dict[str, Any]:
+    """One breakdown entry: robust accuracy after ``attack`` (noting attacks that were skipped)."""
+    stage: dict[str, Any] = {"attack": attack.name, "robust_accuracy": _fraction(robust)}
+    min_classes = getattr(attack, "min_classes", 0)
+    if n_classes < min_classes:
+        stage["note"] = f"skipped: needs at least {min_classes} classes"
+    return stage
+
+
+def _attack_survivors(
+    attack: Attack,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    robust: Tensor,
+    x_adv: Tensor,
+    batch_size: int | None,
+) -> None:
+    """Attack the still-robust points; update ``robust`` and ``x_adv`` in place."""
+    idx = robust.nonzero().squeeze(1)
+    for chunk in idx.split(batch_size or max(len(idx), 1)):
+        adv = attack(model, x[chunk], y[chunk])
+        fooled = predict(model, adv) != y[chunk]
+        robust[chunk[fooled]] = False
+        x_adv[chunk[fooled]] = adv[fooled]
+
+
+class AutoAttack(Attack):
+    """`run_autoattack` behind the common attack contract (returns the adversarial inputs)."""
+
+    name = "autoattack"
+
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "Linf",
+        *,
+        steps: int = 100,
+        seed: int = 0,
+        n_classes: int | None = None,
+        n_queries: int = SQUARE_QUERIES,
+    ):
+        super().__init__(eps, norm)
+        self.steps, self.seed, self.n_classes, self.n_queries = steps, seed, n_classes, n_queries
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return run_autoattack(
+            model,
+            x,
+            y,
+            self.eps,
+            self.norm,
+            seed=self.seed,
+            n_classes=self.n_classes,
+            steps=self.steps,
+            n_queries=self.n_queries,
+        )["x_adv"]
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _build_pgd(spec: AttackSpec, **kw: Any) -> Attack:
+    return PGD(spec.eps, spec.norm, steps=spec.steps, step_size=spec.step_size, generator=kw.get("generator"))
+
+
+ATTACKS: dict[str, Callable[..., Attack]] = {
+    "pgd": _build_pgd,
+    "fgsm": lambda spec, **kw: FGSM(spec.eps, spec.norm),
+    "apgd-ce": lambda spec, **kw: APGDCE(
+        spec.eps,
+        spec.norm,
+        steps=spec.steps,
+        restarts=spec.restarts,
+        seed=kw["seed"],
+        n_classes=kw["n_classes"],
+    ),
+    "apgd-t": lambda spec, **kw: APGDT(
+        spec.eps,
+        spec.norm,
+        steps=spec.steps,
+        restarts=spec.restarts,
+        seed=kw["seed"],
+        n_classes=kw["n_classes"],
+    ),
+    "fab-t": lambda spec, **kw: FABT(
+        spec.eps,
+        spec.norm,
+        steps=spec.steps,
+        restarts=spec.restarts,
+        seed=kw["seed"],
+        n_classes=kw["n_classes"],
+    ),
+    "square": lambda spec, **kw: Square(
+        spec.eps,
+        spec.norm,
+        n_queries=kw["n_queries"],
+        restarts=spec.restarts,
+        seed=kw["seed"],
+        n_classes=kw["n_classes"],
+    ),
+    "autoattack": lambda spec, **kw: AutoAttack(
+        spec.eps,
+        spec.norm,
+        steps=spec.steps,
+        seed=kw["seed"],
+        n_classes=kw["n_classes"],
+        n_queries=kw["n_queries"],
+    ),
+}
+
+
+def list_attacks() -> list[str]:
+    """Names accepted by `build_attack`."""
+    return sorted(ATTACKS)
+
+
+def build_attack(
+    spec: AttackSpec,
+    *,
+    n_classes: int | None = None,
+    seed: int = 0,
+    n_queries: int = SQUARE_QUERIES,
+    generator: torch.Generator | None = None,
+) -> Attack:
+    """Build the attack named by ``spec.name``.
+
+    ``spec.steps`` is PGD's step count and the iteration count of APGD/FAB (AutoAttack's
+    standard version uses 100); Square uses ``n_queries`` instead.
+
+    Raises:
+        UnknownNameError: the name is not registered (the message lists valid names).
+    """
+    if spec.name not in ATTACKS:
+        raise UnknownNameError("attack", spec.name, list(ATTACKS))
+    return ATTACKS[spec.name](spec, n_classes=n_classes, seed=seed, n_queries=n_queries, generator=generator)
