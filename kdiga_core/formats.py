@@ -44,9 +44,8 @@ SPEC_METADATA_KEY = "kdiga_spec"
 CARD_SCHEMA = "kdiga.model_card/1"
 ONNX_OPSET = 18
 ONNX_TOLERANCE = 1e-3
-# "dynamo" (torch's default exporter) or "legacy" (TorchScript-based: about 15x faster on CPU,
-# useful in tests); the other one is tried when the preferred one fails.
-# The legacy TorchScript-based exporter is 5-20x faster on small models here (0.2-0.8 s vs 4-18 s
+# "dynamo" (torch's default exporter) or "legacy" (TorchScript-based); the other one is tried
+# when the preferred one fails. The legacy TorchScript-based exporter is 5-20x faster on small models here (0.2-0.8 s vs 4-18 s
 # under load); every export is checked against PyTorch with onnxruntime either way, and the
 # dynamo exporter remains the fallback.
 DEFAULT_EXPORTER = "legacy"
