@@ -1,0 +1,102 @@
+"""Bearer API keys: `kdg_` + secrets.token_urlsafe, stored as sha256, compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from api import crud
+from api.models import ApiKey
+
+KEY_PREFIX = "kdg_"
+DISPLAY_PREFIX_LEN = 12
+
+MISSING_KEY = "Missing API key; send the header 'Authorization: Bearer <key>'."
+INVALID_KEY = "Invalid API key."
+REVOKED_KEY = "This API key has been revoked."
+
+
+class AuthError(Exception):
+    """Authentication failed; the message is the one sentence returned with the 401."""
+
+
+def generate_key() -> str:
+    """A new secret key, e.g. `kdg_Xy3...` (43 random url-safe characters)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_bearer(authorization: str | None) -> str:
+    """The key from an Authorization header, or AuthError(MISSING_KEY)."""
+    if not authorization:
+        raise AuthError(MISSING_KEY)
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError(MISSING_KEY)
+    return token.strip()
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The authenticated caller (a snapshot of its ApiKey row, safe to cache and share)."""
+
+    id: str
+    name: str
+    is_admin: bool
+    max_concurrent_jobs: int | None
+
+    @classmethod
+    def from_row(cls, row: ApiKey) -> Owner:
+        return cls(
+            id=row.id, name=row.name, is_admin=row.is_admin, max_concurrent_jobs=row.max_concurrent_jobs
+        )
+
+
+class AuthCache:
+    """Remembers successful lookups for `ttl_s` seconds (0 disables), so hot read paths skip a query.
+
+    A revoked key therefore keeps working for at most `ttl_s` seconds in each API process.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Owner]] = {}
+
+    def get(self, key: str) -> Owner | None:
+        if self.ttl_s <= 0:
+            return None
+        entry = self._entries.get(hash_key(key))
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: str, owner: Owner) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[hash_key(key)] = (time.monotonic() + self.ttl_s, owner)
+
+
+def authenticate(session: Session, key: str) -> ApiKey:
+    """The active ApiKey row for a presented key, or AuthError."""
+    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+        raise AuthError(INVALID_KEY)
+    digest = hash_key(key)
+    row = crud.get_api_key_by_hash(session, key_hash=digest)
+    # The lookup is by hash (no timing signal about the key itself); the compare is constant-time too.
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        raise AuthError(INVALID_KEY)
+    if row.revoked_at is not None:
+        raise AuthError(REVOKED_KEY)
+    return row

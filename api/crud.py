@@ -1,0 +1,367 @@
+"""Database helpers shared by the API routes and the worker.
+
+Reads take `owner_id` so another key's row is simply not found. The job life-cycle helpers
+(`claim_job`, `update_progress`, `finish_job`, `fail_job`, `mark_cancelled`) are conditional
+UPDATEs that commit at once, so a job redelivered by the broker, or a worker that lost its claim,
+can never overwrite a newer state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from api.models import (
+    ACTIVE_STATES,
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    FINISHED_STATES,
+    INVALID,
+    QUEUED,
+    READY,
+    RUNNING,
+    SUCCEEDED,
+    ApiKey,
+    Artifact,
+    Base,
+    Dataset,
+    Job,
+    Teacher,
+    utcnow,
+)
+from api.storage import StoredObject
+
+M = TypeVar("M", bound=Base)
+
+
+# -- generic owner-scoped reads ------------------------------------------------------------------
+def get_owned(session: Session, model: type[M], *, owner_id: str, id: str) -> M | None:
+    """The row with this id if `owner_id` owns it, else None (another owner's row is 'not found')."""
+    row = session.get(model, id)
+    return row if row is not None and getattr(row, "owner_id", None) == owner_id else None
+
+
+def list_owned(
+    session: Session, model: type[M], *, owner_id: str, limit: int = 50, offset: int = 0, **filters: Any
+) -> tuple[Sequence[M], int]:
+    """One page of an owner's rows, newest first, and the total count."""
+    conds = [model.owner_id == owner_id]  # type: ignore[attr-defined]
+    conds += [getattr(model, k) == v for k, v in filters.items() if v is not None]
+    count = session.scalar(select(func.count()).select_from(model).where(*conds)) or 0
+    stmt = select(model).where(*conds).order_by(model.created_at.desc(), model.id)  # type: ignore[attr-defined]
+    rows = session.scalars(stmt.limit(limit).offset(offset)).all()
+    return rows, count
+
+
+# -- teachers, datasets --------------------------------------------------------------------------
+def create_teacher(
+    session: Session,
+    *,
+    owner_id: str,
+    name: str,
+    format: str,
+    stored: StoredObject,
+    spec: dict[str, Any],
+    status: str = "validating",
+    source_job_id: str | None = None,
+    id: str | None = None,
+) -> Teacher:
+    """Add a teacher row for an object already in the store (caller commits)."""
+    teacher = Teacher(
+        owner_id=owner_id,
+        name=name,
+        format=format,
+        storage_key=stored.key,
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        spec=spec,
+        status=status,
+        source_job_id=source_job_id,
+        validated_at=utcnow() if status == READY else None,
+    )
+    if id:
+        teacher.id = id
+    session.add(teacher)
+    session.flush()
+    return teacher
+
+
+def set_teacher_validated(
+    session: Session,
+    teacher_id: str,
+    *,
+    spec: dict[str, Any] | None = None,
+    format: str | None = None,
+    error: str | None = None,
+) -> bool:
+    """Worker: mark a teacher ready (with its completed spec) or invalid (with one sentence); commits."""
+    values: dict[str, Any] = {"status": INVALID if error else READY, "error": error, "validated_at": utcnow()}
+    if spec is not None:
+        values["spec"] = spec
+    if format is not None:
+        values["format"] = format
+    res = session.execute(update(Teacher).where(Teacher.id == teacher_id).values(**values))
+    session.commit()
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def set_dataset_validated(
+    session: Session, dataset_id: str, *, info: dict[str, Any] | None = None, error: str | None = None
+) -> bool:
+    """Worker: mark a dataset ready with `info` (num_classes, class_names, input_shape, train_size,
+    test_size) or invalid with one sentence; commits."""
+    allowed = {"num_classes", "class_names", "input_shape", "train_size", "test_size"}
+    values: dict[str, Any] = {k: v for k, v in (info or {}).items() if k in allowed}
+    if "input_shape" in values:
+        values["input_shape"] = list(values["input_shape"])
+    if "class_names" in values and values["class_names"] is not None:
+        values["class_names"] = list(values["class_names"])
+    values.update(status=INVALID if error else READY, error=error, validated_at=utcnow())
+    res = session.execute(update(Dataset).where(Dataset.id == dataset_id).values(**values))
+    session.commit()
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def teacher_in_use(session: Session, *, teacher_id: str) -> bool:
+    """True while an active job uses this teacher."""
+    stmt = select(Job.id).where(Job.teacher_id == teacher_id, Job.status.in_(ACTIVE_STATES)).limit(1)
+    return session.scalar(stmt) is not None
+
+
+def dataset_in_use(session: Session, *, dataset_id: str) -> bool:
+    """True while an active job uses this dataset."""
+    stmt = select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE_STATES)).limit(1)
+    return session.scalar(stmt) is not None
+
+
+# -- jobs: API side ------------------------------------------------------------------------------
+def count_active_jobs(session: Session, *, owner_id: str) -> int:
+    stmt = (
+        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(ACTIVE_STATES))
+    )
+    return session.scalar(stmt) or 0
+
+
+def get_job_by_idempotency_key(session: Session, *, owner_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key))
+
+
+def request_cancel(session: Session, *, job: Job) -> Job:
+    """API: a queued job becomes cancelled at once; a running one becomes cancelling (caller commits)."""
+    job.cancel_requested = True
+    if job.status == QUEUED:
+        job.status, job.finished_at = CANCELLED, utcnow()
+    elif job.status == RUNNING:
+        job.status = CANCELLING
+    return job
+
+
+# -- jobs: worker side ---------------------------------------------------------------------------
+def claim_job(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    *,
+    stale_after_s: float = 300.0,
+    max_attempts: int | None = None,
+) -> Job | None:
+    """Take a job for this worker, or return None if it is not ours to run.
+
+    One conditional UPDATE: a `queued` job, or a `running`/`cancelling` one whose heartbeat is
+    older than `stale_after_s` (its worker died and the broker redelivered the task). Increments
+    `attempts`. With `max_attempts`, a stale job that already used them all is marked failed
+    instead (and None is returned). Commits.
+    """
+    now = utcnow()
+    stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < now - timedelta(seconds=stale_after_s))
+    claimable = or_(Job.status == QUEUED, (Job.status.in_((RUNNING, CANCELLING))) & stale)
+    conds = [Job.id == job_id, claimable]
+    if max_attempts is not None:
+        conds.append(Job.attempts < max_attempts)
+    res = session.execute(
+        update(Job)
+        .where(*conds)
+        .values(
+            status=RUNNING,
+            worker_id=worker_id,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        if max_attempts is not None:
+            _fail_exhausted(session, job_id, stale, max_attempts)
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is not None and job.cancel_requested:  # cancelled while it was being redelivered
+        job.status = CANCELLING
+        session.commit()
+    return job
+
+
+def _fail_exhausted(session: Session, job_id: str, stale: Any, max_attempts: int) -> None:
+    error = (
+        f"The job's worker stopped {max_attempts} times (for example out of memory), "
+        "so it was not retried again."
+    )
+    session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_((QUEUED, RUNNING, CANCELLING)),
+            Job.attempts >= max_attempts,
+            stale,
+        )
+        .values(status=FAILED, error=error, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
+def _owned_running(job_id: str, worker_id: str | None) -> list[Any]:
+    conds = [Job.id == job_id, Job.status.in_((RUNNING, CANCELLING))]
+    if worker_id is not None:
+        conds.append(Job.worker_id == worker_id)
+    return conds
+
+
+def update_progress(
+    session: Session,
+    job_id: str,
+    *,
+    progress: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    worker_id: str | None = None,
+) -> bool:
+    """Store the latest progress (and metrics) and refresh the heartbeat; commits.
+
+    Returns False when the job is no longer running under this worker (finished, or claimed by
+    another after a redelivery): the caller should stop.
+    """
+    now = utcnow()
+    values: dict[str, Any] = {"progress": {**progress, "updated_at": now.isoformat()}, "heartbeat_at": now}
+    if metrics is not None:
+        values["metrics"] = metrics
+    res = session.execute(
+        update(Job)
+        .where(*_owned_running(job_id, worker_id))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def heartbeat(session: Session, job_id: str, *, worker_id: str | None = None) -> bool:
+    """Refresh the heartbeat only (long phases without progress); commits."""
+    res = session.execute(
+        update(Job)
+        .where(*_owned_running(job_id, worker_id))
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def is_cancel_requested(session: Session, job_id: str) -> bool:
+    """True when the owner asked to cancel (or the job vanished)."""
+    flag = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return True if flag is None else bool(flag)
+
+
+def _finish(session: Session, job_id: str, worker_id: str | None, **values: Any) -> bool:
+    res = session.execute(
+        update(Job)
+        .where(*_owned_running(job_id, worker_id))
+        .values(finished_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    *,
+    result: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
+    worker_id: str | None = None,
+) -> bool:
+    """Mark a running job succeeded with its result (and final metrics/progress); commits."""
+    values: dict[str, Any] = {"status": SUCCEEDED, "result": result, "error": None}
+    if metrics is not None:
+        values["metrics"] = metrics
+    if progress is not None:
+        values["progress"] = {**progress, "updated_at": utcnow().isoformat()}
+    return _finish(session, job_id, worker_id, **values)
+
+
+def fail_job(session: Session, job_id: str, *, error: str, worker_id: str | None = None) -> bool:
+    """Mark a running job failed with one sentence saying why; commits."""
+    return _finish(session, job_id, worker_id, status=FAILED, error=error)
+
+
+def mark_cancelled(session: Session, job_id: str, *, worker_id: str | None = None) -> bool:
+    """Worker: the job stopped because its owner cancelled it; commits."""
+    return _finish(session, job_id, worker_id, status=CANCELLED)
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    """Worker: reload a job row (no owner check), fresh from the database."""
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def is_finished(job: Job) -> bool:
+    return job.status in FINISHED_STATES
+
+
+# -- artifacts -----------------------------------------------------------------------------------
+def add_artifact(
+    session: Session,
+    *,
+    job: Job,
+    name: str,
+    kind: str,
+    stored: StoredObject,
+    content_type: str = "application/octet-stream",
+) -> Artifact:
+    """Worker: record a file already written to the store as an artifact of `job`; commits."""
+    artifact = Artifact(
+        owner_id=job.owner_id,
+        job_id=job.id,
+        name=name,
+        kind=kind,
+        storage_key=stored.key,
+        content_type=content_type,
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+    )
+    session.add(artifact)
+    session.commit()
+    return artifact
+
+
+def find_artifact(session: Session, *, job_id: str, kind: str) -> Artifact | None:
+    """The newest artifact of this kind for a job."""
+    stmt = select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind)
+    return session.scalar(stmt.order_by(Artifact.created_at.desc()).limit(1))
+
+
+def artifact_uses_key(session: Session, *, storage_key: str) -> bool:
+    """True when an artifact row points at this stored object."""
+    return session.scalar(select(Artifact.id).where(Artifact.storage_key == storage_key).limit(1)) is not None
+
+
+def get_api_key_by_hash(session: Session, *, key_hash: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))

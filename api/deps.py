@@ -1,0 +1,96 @@
+"""FastAPI dependencies as `Annotated` aliases (full-stack-fastapi-template style)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from anyio import to_thread
+from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.auth import MISSING_KEY, AuthCache, AuthError, Owner, authenticate
+from api.settings import Settings
+from api.storage import ArtifactStore
+
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer kdg_...`.")
+
+
+# Cheap dependencies are `async def` so FastAPI does not hop to a worker thread for each of them.
+async def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """A session for the request (created lazily: no connection until the first query)."""
+    session: Session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        if request.app.state.settings.is_sqlite:
+            session.close()  # a local file: returning the connection takes microseconds
+        else:
+            await to_thread.run_sync(session.close)
+
+
+async def get_store(request: Request) -> ArtifactStore:
+    return request.app.state.storage  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_db)]
+StorageDep = Annotated[ArtifactStore, Depends(get_store)]
+
+
+async def get_current_owner(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Owner:
+    """The API key making the request, or 401 with one sentence."""
+    cache: AuthCache = request.app.state.auth_cache
+    try:
+        if credentials is None:
+            raise AuthError(MISSING_KEY)
+        key = credentials.credentials
+        owner = cache.get(key)
+        if owner is None:
+            owner = Owner.from_row(await to_thread.run_sync(authenticate, session, key))
+            cache.put(key, owner)
+        return owner
+    except AuthError as exc:
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
+        ) from None
+
+
+CurrentOwner = Annotated[Owner, Depends(get_current_owner)]
+
+
+async def get_admin(owner: CurrentOwner) -> Owner:
+    if not owner.is_admin:
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN, detail="This action needs an admin API key."
+        )
+    return owner
+
+
+AdminOwner = Annotated[Owner, Depends(get_admin)]
+
+
+def not_found(what: str, id: str) -> HTTPException:
+    """The 404 for a missing (or another owner's) resource."""
+    return HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"{what} '{id}' not found.")
+
+
+class PageParams:
+    """`?limit=50&offset=0` for list routes."""
+
+    def __init__(
+        self, limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0
+    ):
+        self.limit, self.offset = limit, offset
+
+
+PageDep = Annotated[PageParams, Depends()]

@@ -1,0 +1,92 @@
+"""Enqueue work by Celery task name; the api never imports worker code (style.md habit 6).
+
+The Celery app here only publishes: it has the broker URL and transport options, no tasks.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from celery import Celery
+
+from api.settings import Settings, get_settings
+
+RUN_JOB = "kdiga.run_job"
+VALIDATE_TEACHER = "kdiga.validate_teacher"
+VALIDATE_DATASET = "kdiga.validate_dataset"
+
+_lock = threading.Lock()
+_apps: dict[str, Celery] = {}
+
+
+class QueueUnavailable(Exception):
+    """The broker refused or did not answer a publish."""
+
+
+def broker_transport_options(settings: Settings) -> dict[str, object]:
+    """Transport options shared with the worker (the visibility timeout must match)."""
+    return {"visibility_timeout": settings.visibility_timeout_s}
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A publish-only Celery app for `settings.broker_url`."""
+    app = Celery("kdiga-api", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=broker_transport_options(settings),
+        broker_connection_timeout=3,
+        broker_connection_retry_on_startup=False,
+        task_publish_retry=True,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+def get_celery(settings: Settings | None = None) -> Celery:
+    """The cached publish-only Celery app for the given (or process-wide) settings."""
+    settings = settings or get_settings()
+    with _lock:
+        app = _apps.get(settings.broker_url)
+        if app is None:
+            app = _apps[settings.broker_url] = make_celery(settings)
+        return app
+
+
+def enqueue(settings: Settings, task_name: str, object_id: str, *, queue: str) -> str:
+    """Publish `task_name(object_id)` on `queue`; returns the Celery task id.
+
+    Raises QueueUnavailable when the broker cannot be reached.
+    """
+    try:
+        result = get_celery(settings).send_task(task_name, args=[object_id], queue=queue)
+    except Exception as exc:  # kombu raises several connection error types
+        raise QueueUnavailable(str(exc)) from exc
+    return str(result.id)
+
+
+def ping_broker(settings: Settings, *, timeout: float = 2.0) -> bool:
+    """True when the broker answers (a connection, and PING on Redis)."""
+    app = get_celery(settings)
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
+            client = getattr(conn.default_channel, "client", None)
+            if client is not None and hasattr(client, "ping"):
+                client.ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not ready"
+        return False
+
+
+def close_all() -> None:
+    """Close broker connection pools (app shutdown, tests)."""
+    with _lock:
+        for app in _apps.values():
+            app.close()
+        _apps.clear()

@@ -1,0 +1,67 @@
+"""Artifacts a job produced: list and download (streamed, or a redirect to a presigned URL)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Response, status
+from fastapi.responses import RedirectResponse, StreamingResponse
+
+from api import crud
+from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep, not_found
+from api.models import Artifact
+from api.schemas import ArtifactPublic, Page
+from api.storage import StorageError
+
+router = APIRouter(prefix="/artifacts", tags=["artifacts"])
+
+
+@router.get("", response_model=Page[ArtifactPublic])
+def list_artifacts(
+    owner: CurrentOwner,
+    session: SessionDep,
+    page: PageDep,
+    job_id: Annotated[str | None, Query()] = None,
+    kind: Annotated[str | None, Query()] = None,
+) -> Page[ArtifactPublic]:
+    """List your artifacts, newest first (optionally for one job or of one kind)."""
+    rows, count = crud.list_owned(
+        session, Artifact, owner_id=owner.id, limit=page.limit, offset=page.offset, job_id=job_id, kind=kind
+    )
+    return Page(data=[ArtifactPublic.model_validate(r) for r in rows], count=count)
+
+
+@router.get(
+    "/{artifact_id}",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "Presigned URL."}},
+)
+def download_artifact(
+    artifact_id: str, owner: CurrentOwner, session: SessionDep, store: StorageDep, settings: SettingsDep
+) -> Response:
+    """Download an artifact's file."""
+    artifact = crud.get_owned(session, Artifact, owner_id=owner.id, id=artifact_id)
+    if artifact is None:
+        raise not_found("Artifact", artifact_id)
+    if settings.presigned_downloads and store.supports_presign:
+        url = store.presigned_url(artifact.storage_key, expires_s=settings.presigned_expiry_s)
+        if url:
+            return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    try:
+        chunks = store.iter_chunks(artifact.storage_key)
+        first = next(chunks, b"")  # opens the file now, so a missing file is a 404 and not a broken stream
+    except StorageError:
+        raise not_found("Artifact file", artifact_id) from None
+
+    def body():  # type: ignore[no-untyped-def]
+        yield first
+        yield from chunks
+
+    headers = {
+        "Content-Length": str(artifact.size_bytes),
+        "Content-Disposition": f"attachment; filename*=UTF-8''{quote(artifact.name)}",
+        "ETag": f'"{artifact.sha256}"',
+        "X-Content-SHA256": artifact.sha256,
+    }
+    return StreamingResponse(body(), media_type=artifact.content_type, headers=headers)

@@ -1,0 +1,17 @@
+"""The names users pick from."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.catalog import load_catalog
+from api.deps import CurrentOwner
+from api.schemas import CatalogPublic
+
+router = APIRouter(prefix="/catalog", tags=["catalog"])
+
+
+@router.get("", response_model=CatalogPublic)
+def read_catalog(owner: CurrentOwner) -> CatalogPublic:
+    """Architectures, attacks, methods, built-in datasets and job kinds this service accepts."""
+    return CatalogPublic(**load_catalog())

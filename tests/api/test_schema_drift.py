@@ -1,0 +1,41 @@
+"""The API's pydantic schemas mirror kdiga_core.config field by field (names and defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+from api import schemas  # noqa: E402
+from kdiga_core import config  # noqa: E402
+
+PAIRS = [
+    (config.ObjectiveConfig, schemas.ObjectiveConfigSchema, {}),
+    (config.TrainConfig, schemas.TrainConfigSchema, {}),
+    (config.AttackSpec, schemas.AttackSpecSchema, {}),
+    (config.EvalConfig, schemas.EvalConfigSchema, {}),
+    (config.ModelSpec, schemas.ModelSpecSchema, {"arch": "cnn_tiny", "num_classes": 10}),
+]
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # tuples become lists, like JSON on the wire
+
+
+@pytest.mark.parametrize("dc, schema, required", PAIRS, ids=[p[0].__name__ for p in PAIRS])
+def test_same_fields_and_defaults(dc, schema, required):
+    assert [f.name for f in dataclasses.fields(dc)] == list(schema.model_fields)
+    assert _plain(dc(**required).to_dict()) == _plain(schema(**required).model_dump())
+
+
+@pytest.mark.parametrize("dc, schema, required", PAIRS, ids=[p[0].__name__ for p in PAIRS])
+def test_schema_output_builds_the_dataclass(dc, schema, required):
+    assert dc.from_dict(schema(**required).model_dump()) == dc(**required)
+
+
+def test_literal_choices_match():
+    assert set(config.METHODS) == set(schemas.Method.__args__)
+    assert set(config.IGAMode.__args__) == set(schemas.IGAMode.__args__)
+    assert set(config.Norm.__args__) == set(schemas.Norm.__args__)
