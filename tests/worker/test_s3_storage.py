@@ -1,0 +1,67 @@
+"""Checkpoints and artifacts on an S3 store (a local moto server standing in for S3/MinIO)."""
+
+from __future__ import annotations
+
+import json
+
+import kdiga_svc_helpers as h
+import pytest
+
+from api.db import get_sessionmaker
+from api.models import Job
+from api.storage import ArtifactStore
+from worker import runner
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    pytest.importorskip("moto")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
+                 aws_secret_access_key="s").create_bucket(Bucket="kdiga-worker")
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture()
+def s3_settings(tmp_path, s3_endpoint):
+    s = h.make_settings(tmp_path / "home", storage_url="s3://kdiga-worker/artifacts", s3_endpoint_url=s3_endpoint,
+                        s3_access_key_id="k", s3_secret_access_key="s", s3_region="us-east-1")
+    h.migrate(s)
+    return s
+
+
+def test_checkpoints_and_artifacts_on_s3(s3_settings, tmp_path):
+    store = ArtifactStore.from_settings(s3_settings)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for epoch in (1, 2, 3):
+        (ckpt / "last.json").write_text(json.dumps({"epoch": epoch}))
+        (ckpt / "last.safetensors").write_bytes(b"w%d" % epoch)
+        runner.upload_checkpoint(store, "job-s3", ckpt)
+    assert runner.download_checkpoint(store, "job-s3", tmp_path / "back")
+    assert (tmp_path / "back" / "last.safetensors").read_bytes() == b"w3"
+    assert not store.exists("jobs/job-s3/checkpoint/e00002/last.json")
+
+    owner = h.create_owner(s3_settings)[0]
+    job_id = h.create_job_row(s3_settings, owner, {"kind": "evaluate", "dataset_id": "d", "model": {}})
+    files = {"report.json": tmp_path / "report.json", "student.safetensors": tmp_path / "student.safetensors"}
+    files["report.json"].write_text("{}")
+    files["student.safetensors"].write_bytes(b"weights")
+    with get_sessionmaker(s3_settings)() as session:
+        job = session.get(Job, job_id)
+        runner.store_artifacts(session, store, job, files)
+        rows = runner.store_artifacts(session, store, job, files)  # a rerun replaces
+    assert len(h.artifacts_of(s3_settings, job_id)) == 2
+    weights = next(r for r in rows if r.name == "student.safetensors")
+    assert store.read_bytes(weights.storage_key) == b"weights"
+    store.delete_prefix(runner.checkpoint_prefix("job-s3"))
+    assert not runner.download_checkpoint(store, "job-s3", tmp_path / "none")

@@ -1,0 +1,3 @@
+from worker.launcher import main
+
+main()

@@ -1,0 +1,56 @@
+"""Celery tasks, by name. Each takes only a row id; the work lives in `worker.runner`.
+
+The API enqueues these by name (`send_task("kdiga.run_job", args=[job_id], queue=...)`), so it
+never imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from billiard.exceptions import TimeLimitExceeded
+from celery import Task
+from celery.signals import worker_process_init
+
+from worker import runner
+from worker.celery_app import TASK_RUN_JOB, TASK_VALIDATE_DATASET, TASK_VALIDATE_TEACHER, app
+
+log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _after_fork(**_kwargs) -> None:
+    """A forked pool process must not reuse the parent's database connections."""
+    from api.db import dispose_engines
+
+    dispose_engines()
+
+
+class JobTask(Task):
+    """Records a hard time limit on the job row: the pool process was killed, so the task could not."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(exc, TimeLimitExceeded) and args:
+            runner.fail_after_hard_time_limit(str(args[0]))
+
+
+@app.task(name=TASK_RUN_JOB, bind=True, base=JobTask, acks_late=True, reject_on_worker_lost=True)
+def run_job(self: Task, job_id: str) -> str:
+    """Run a job to its end (safe to deliver twice)."""
+    outcome = runner.run_job(job_id)
+    if outcome.status == "busy" and outcome.retry_in:
+        # Another live worker holds the job: look again later, so that if it dies the job is not lost.
+        raise self.retry(countdown=outcome.retry_in, max_retries=None)
+    return outcome.status
+
+
+@app.task(name=TASK_VALIDATE_TEACHER, acks_late=True, reject_on_worker_lost=True)
+def validate_teacher(teacher_id: str) -> str:
+    """Load an uploaded teacher once and mark it ready or invalid."""
+    return runner.validate_teacher(teacher_id).status
+
+
+@app.task(name=TASK_VALIDATE_DATASET, acks_late=True, reject_on_worker_lost=True)
+def validate_dataset(dataset_id: str) -> str:
+    """Load a dataset once and record its summary, or why it is invalid."""
+    return runner.validate_dataset(dataset_id).status
