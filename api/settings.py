@@ -29,14 +29,16 @@ class Settings(BaseSettings):
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Extra fsspec options (JSON).")
     s3_endpoint_url: str | None = Field(default=None, description="S3/MinIO endpoint for s3:// stores.")
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: SecretStr | None = None
-    s3_region: str | None = None
+    s3_access_key_id: str | None = Field(
+        default=None, description="S3 access key id (else the usual AWS variables)."
+    )
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    s3_region: str | None = Field(default=None, description="S3 region.")
 
     db_pool_size: int = Field(default=10, ge=1, description="PostgreSQL connection pool size.")
-    db_max_overflow: int = Field(default=20, ge=0)
-    db_pool_timeout_s: float = Field(default=10.0, gt=0)
-    sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
+    db_max_overflow: int = Field(default=20, ge=0, description="Extra PostgreSQL connections above the pool.")
+    db_pool_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a pooled connection.")
+    sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0, description="SQLite lock wait.")
     run_migrations: bool = Field(default=True, description="Run `alembic upgrade head` when the API starts.")
 
     max_upload_bytes: int = Field(
@@ -44,8 +46,12 @@ class Settings(BaseSettings):
     )
     max_concurrent_jobs_per_key: int = Field(default=4, ge=1, description="Active jobs allowed per API key.")
     visibility_timeout_s: int = Field(default=12 * 3600, ge=1, description="Redis redelivery timeout.")
-    job_soft_time_limit_s: int = Field(default=6 * 3600, ge=1)
-    job_hard_time_limit_s: int = Field(default=6 * 3600 + 300, ge=1)
+    job_soft_time_limit_s: int = Field(
+        default=6 * 3600, ge=1, description="A job is asked to stop after this long."
+    )
+    job_hard_time_limit_s: int = Field(
+        default=6 * 3600 + 300, ge=1, description="A job is killed after this long."
+    )
     task_max_retries: int = Field(default=3, ge=0, description="Redeliveries allowed before a job fails.")
     progress_interval_s: float = Field(default=1.0, gt=0, description="Worker progress write throttle.")
     heartbeat_stale_s: float = Field(
@@ -54,7 +60,9 @@ class Settings(BaseSettings):
     sse_poll_interval_s: float = Field(
         default=0.5, gt=0, description="How often the events stream polls a job."
     )
-    allow_torchscript: bool = False
+    allow_torchscript: bool = Field(
+        default=False, description="Accept TorchScript teachers (operator decision)."
+    )
     worker_max_tasks_per_child: int = Field(
         default=20,
         ge=0,
@@ -66,8 +74,10 @@ class Settings(BaseSettings):
     data_dir: Path | None = Field(
         default=None, description="Where built-in datasets (CIFAR) are found; default: HOME/data."
     )
-    presigned_downloads: bool = False
-    presigned_expiry_s: int = Field(default=3600, ge=1)
+    presigned_downloads: bool = Field(
+        default=False, description="Redirect downloads to presigned store URLs."
+    )
+    presigned_expiry_s: int = Field(default=3600, ge=1, description="Lifetime of a presigned URL.")
     auth_cache_ttl_s: float = Field(
         default=2.0,
         ge=0,
@@ -77,10 +87,10 @@ class Settings(BaseSettings):
         default=None, description="If set, this admin key is created at start-up (compose deployments)."
     )
 
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
-    queue_train: str = "gpu"
-    queue_eval: str = "cpu"
+    api_host: str = Field(default="127.0.0.1", description="Address the API listens on.")
+    api_port: int = Field(default=8000, description="Port the API listens on.")
+    queue_train: str = Field(default="gpu", description="Celery queue for training jobs.")
+    queue_eval: str = Field(default="cpu", description="Celery queue for evaluation and validation.")
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -1,0 +1,50 @@
+# The two commands of the README:
+#   make demo   installs everything into .venv and runs the main job end to end (embedded default)
+#   make test   installs everything (with test tools) and runs the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: install install-dev demo test services lint reproduce bench catalog clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.txt
+	# torchattacks pins requests~=2.25.1 (a CVE) that it never imports: install it alone, without deps.
+	$(PIP) install --quiet --no-deps torchattacks==3.5.1
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PIP) install --quiet -r requirements-dev.txt
+	bash scripts/install-system-deps.sh
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(PY) -m kdiga_client.demo
+
+services:
+	bash scripts/start-services.sh
+
+test: install-dev services
+	$(VENV)/bin/pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check api worker kdiga_core kdiga_client tests benchmarks
+
+reproduce: install
+	$(PY) benchmarks/reproduce_digits.py
+
+bench: install-dev
+	$(PY) -m benchmarks.run
+
+catalog: install
+	$(PY) scripts/gen_catalog.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo-output
