@@ -70,8 +70,8 @@ class ObjectiveConfigSchema(_Strict):
     method: Method = "kdiga"
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     tau: float = Field(default=1.0, gt=0)
-    gamma: float = Field(default=10.0, ge=0)
-    gamma_warmup: float = Field(default=0.3, ge=0.0, lt=1.0)
+    gamma: float = Field(default=5.0, ge=0)
+    gamma_warmup: float = Field(default=0.5, ge=0.0, lt=1.0)
     iga_mode: IGAMode = "auto"
     iga_reduction: IGAReduction = "per_sample"
     fd_step: float = Field(default=1e-2, gt=0, le=0.5)
@@ -114,7 +114,9 @@ class AttackSpecSchema(_Strict):
     name: str = Field(default="pgd", description="pgd | autoattack | apgd-ce | apgd-t | fab-t | square")
     norm: Norm = "Linf"
     eps: float = Field(default=8 / 255, ge=0)
-    steps: int = Field(default=20, ge=1)
+    steps: int | None = Field(
+        default=None, ge=1, description="None: 20 for pgd/fgsm, 100 for AutoAttack and its parts (the standard)."
+    )
     step_size: float | None = Field(default=None, description="None: 2.5*eps/steps.")
     restarts: int = 1
 
@@ -136,6 +138,7 @@ class EvalConfigSchema(_Strict):
     smoothing_samples: int = 100
     smoothing_points: int = 50
     latency: bool = True
+    square_queries: int = Field(default=5000, ge=1, description="Square's query budget in AutoAttack (5000 is standard).")
     batch_size: int = 500
     seed: int = 0
 

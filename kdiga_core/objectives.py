@@ -1,0 +1,515 @@
+"""Training objectives: one small class per method, each returning a dict (style.md habit 2).
+
+`build_objective(cfg, student, teacher)` picks the class by `cfg.method`; calling the result
+with a batch returns ``{"loss", "logits", <named parts>}``. The training loop backpropagates
+``loss`` and logs the rest by name. Methods (method.md §2 and §6):
+
+- ``ce``: plain cross-entropy (baseline student).
+- ``kd``: Hinton distillation, α·τ²·KL(T‖S) + (1−α)·CE.
+- ``kdiga``: ``kd`` + γ·IGA, the input gradient alignment of Shao et al. (arXiv 2110.12072),
+  computed exactly (double backprop) or by a central finite difference (first-order only).
+- ``ard`` / ``rslad``: adversarial distillation with an inner PGD-10 (Goldblum 2020, Zi 2021).
+- ``pgd_at`` / ``trades``: adversarial training without a teacher, to make robust teachers.
+
+The teacher is frozen: eval mode and ``requires_grad_(False)`` on its parameters. Its logits and
+input gradients depend only on the input, so `precompute_teacher` can cache them for the whole
+training set when there is no augmentation (method.md §3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdiga_core.config import METHODS, ObjectiveConfig
+from kdiga_core.errors import KdigaError, UnknownNameError
+from kdiga_core.losses import (
+    ard_loss,
+    cross_entropy,
+    iga_author,
+    iga_per_sample,
+    kd_kl,
+    rslad_loss,
+    trades_kl,
+    upcast,
+)
+
+__all__ = [
+    "Objective",
+    "TeacherCache",
+    "build_objective",
+    "effective_gamma",
+    "list_methods",
+    "supports_double_backward",
+    "teacher_outputs",
+]
+
+TEACHER_METHODS = ("kd", "kdiga", "ard", "rslad")
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run a block with the model in eval mode, restoring its mode afterwards.
+
+    Inner attacks use eval mode (as TRADES/ARD do) so they neither see nor update batch-norm
+    batch statistics.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Keep batch-norm running statistics unchanged during extra forward passes.
+
+    The finite-difference passes are evaluations of the same function, not new data; with
+    momentum 0 the running mean/var update is a no-op while batch statistics are still used.
+    """
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            saved.append((m, m.momentum))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _uniform(x: Tensor, eps: float, generator: torch.Generator | None) -> Tensor:
+    """U(−eps, eps) noise shaped like x, drawn from `generator` (on CPU, so runs are reproducible)."""
+    noise = torch.rand(x.shape, generator=generator, dtype=torch.float32)
+    return ((2 * noise - 1) * eps).to(device=x.device, dtype=x.dtype)
+
+
+def _normal(x: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+    return (noise * std).to(device=x.device, dtype=x.dtype)
+
+
+def pgd_linf(loss_fn: Callable[[Tensor], Tensor], x: Tensor, start: Tensor, eps: float, step: float,
+             steps: int) -> Tensor:
+    """Maximise ``loss_fn`` over the L∞ ball of radius eps around x, starting at ``start``.
+
+    Madry et al. (2018): x' ← Π_{B∞(x,ε)∩[0,1]}(x' + step·sign(∇ₓ′ loss)). Only the input gets
+    gradients; the model parameters are untouched.
+    """
+    x_adv = torch.min(torch.max(start.detach(), x - eps), x + eps).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(loss_fn(x_adv), x_adv)
+        x_adv = x_adv.detach() + step * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def effective_gamma(cfg: ObjectiveConfig, progress: float) -> float:
+    """γ after warm-up: γ·min(1, progress / gamma_warmup), or γ when there is no warm-up.
+
+    Ramping γ from 0 lets the student first fit the labels/teacher; a large constant γ from
+    step 0 pulls it to a flat (gradient-free) function and collapses clean accuracy.
+    """
+    if cfg.gamma_warmup <= 0:
+        return cfg.gamma
+    return cfg.gamma * min(1.0, max(0.0, progress) / cfg.gamma_warmup)
+
+
+# ----------------------------------------------------------------------------- double backward probe
+
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], bool]] = weakref.WeakKeyDictionary()
+
+
+def supports_double_backward(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Whether the model's input gradient can itself be differentiated (exact IGA needs it).
+
+    Probes once per (model, input shape) with a batch of 2 random images and caches the answer.
+    Fails, for instance, on timm's MobileNetV3 (no double backward for ``hardsigmoid_backward``)
+    and on ViTs with fused attention (method.md §3).
+    """
+    shape = tuple(int(s) for s in input_shape)
+    known = _PROBES.setdefault(model, {})
+    if shape not in known:
+        known[shape] = _probe_double_backward(model, shape)
+    return known[shape]
+
+
+def _probe_double_backward(model: nn.Module, shape: tuple[int, ...]) -> bool:
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device if params else torch.device("cpu")
+    dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
+    x = torch.rand(2, *shape, device=device, dtype=dtype, requires_grad=True)
+    with eval_mode(model), torch.enable_grad():
+        try:
+            (grad,) = torch.autograd.grad(upcast(model(x)).logsumexp(1).sum(), x, create_graph=True)
+            if params and grad.requires_grad:
+                torch.autograd.grad(grad.square().sum(), params, allow_unused=True)
+        except (RuntimeError, NotImplementedError):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- teacher side
+
+
+def teacher_outputs(teacher: nn.Module, x: Tensor, y: Tensor, *, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Teacher logits z_t and, if asked, per-sample input gradients g_t = ∇ₓ CE(f_t(x), y).
+
+    Gradients of the summed CE give each sample its own ∇ₓ ℓ_i (the teacher is in eval mode,
+    so samples do not interact).
+    """
+    if not need_grad:
+        with torch.no_grad():
+            return upcast(teacher(x)), None
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        logits = upcast(teacher(x_in))
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x_in)
+    return logits.detach(), grad.detach()
+
+
+class TeacherCache:
+    """Teacher logits (and input gradients) for every training sample, indexed by sample id.
+
+    Built in one pass in fixed order and batch size, so a resumed run reads exactly the values
+    an uninterrupted run reads (bit-identical resume).
+    """
+
+    def __init__(self, logits: Tensor, grads: Tensor | None):
+        self.logits, self.grads = logits, grads
+
+    @classmethod
+    def build(cls, teacher: nn.Module, x: Tensor, y: Tensor, *, need_grad: bool, device: torch.device,
+              batch_size: int = 256) -> TeacherCache:
+        """Run the teacher over (x, y) in order and keep its outputs on `device`."""
+        logits, grads = [], []
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size].to(device)
+            yb = y[start:start + batch_size].to(device)
+            z, g = teacher_outputs(teacher, xb, yb, need_grad=need_grad)
+            logits.append(z)
+            if g is not None:
+                grads.append(g)
+        return cls(torch.cat(logits), torch.cat(grads) if grads else None)
+
+    def lookup(self, index: Tensor) -> tuple[Tensor, Tensor | None]:
+        index = index.to(self.logits.device)
+        return self.logits[index], None if self.grads is None else self.grads[index]
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+class Objective:
+    """Base class: ``objective(x, y, *, progress, index=None) -> dict``.
+
+    Args (of the call):
+        x: batch of pixels in [0, 1], (B, C, H, W), on the model's device.
+        y: int64 labels (B,).
+        progress: fraction of training done, in [0, 1] (drives γ warm-up).
+        index: the samples' positions in the training set; when given and `precompute_teacher`
+            was called, the teacher's outputs are read from the cache instead of recomputed.
+
+    Returns:
+        dict with ``loss`` (scalar to backpropagate), ``logits`` (student logits on the batch it
+        was fitted on, detached) and the loss parts by name (detached scalars).
+    """
+
+    method = "base"
+
+    def __init__(self, cfg: ObjectiveConfig, student: nn.Module, teacher: nn.Module | None = None, *,
+                 generator: torch.Generator | None = None):
+        self.cfg, self.student, self.teacher, self.generator = cfg, student, teacher, generator
+        self.cache: TeacherCache | None = None
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+
+    def __call__(self, x: Tensor, y: Tensor, *, progress: float = 0.0, index: Tensor | None = None) -> dict[str, Any]:
+        return self.forward(x, y, progress=progress, index=index)
+
+    def forward(self, x: Tensor, y: Tensor, *, progress: float, index: Tensor | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # teacher-side helpers, used by the distillation methods
+    def needs_teacher_grads(self) -> bool:
+        return False
+
+    def precompute_teacher(self, x: Tensor, y: Tensor, *, batch_size: int = 256) -> None:
+        """Cache the teacher's outputs for the whole training set (only without augmentation)."""
+        if self.teacher is None:
+            return
+        device = next(self.student.parameters()).device
+        self.cache = TeacherCache.build(self.teacher, x, y, need_grad=self.needs_teacher_grads(),
+                                        device=device, batch_size=batch_size)
+
+    def teacher_batch(self, x: Tensor, y: Tensor, index: Tensor | None, *, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """Teacher logits (and input gradients) for this batch, from the cache when possible."""
+        assert self.teacher is not None
+        if index is not None and self.cache is not None:
+            logits, grads = self.cache.lookup(index)
+            if grads is not None or not need_grad:
+                return logits, grads
+        return teacher_outputs(self.teacher, x, y, need_grad=need_grad)
+
+    def check_classes(self, z_s: Tensor, z_t: Tensor) -> None:
+        if z_s.shape[1] != z_t.shape[1]:
+            raise KdigaError(f"The teacher predicts {z_t.shape[1]} classes but the student predicts {z_s.shape[1]}.")
+
+    def random_start(self, x: Tensor) -> Tensor:
+        return x + _uniform(x, self.cfg.attack_eps, self.generator)
+
+    def attack(self, loss_fn: Callable[[Tensor], Tensor], x: Tensor, start: Tensor) -> Tensor:
+        """Inner PGD on the student (in eval mode), with the config's eps/step/steps."""
+        c = self.cfg
+        with eval_mode(self.student):
+            return pgd_linf(loss_fn, x, start, c.attack_eps, c.attack_step, c.attack_steps)
+
+
+class CEObjective(Objective):
+    """Cross-entropy on clean inputs: the undefended baseline."""
+
+    method = "ce"
+
+    def forward(self, x, y, *, progress, index):
+        logits = self.student(x)
+        ce = cross_entropy(logits, y)
+        return {"loss": ce, "logits": logits.detach(), "ce": ce.detach()}
+
+
+class PGDATObjective(Objective):
+    """PGD adversarial training (Madry et al. 2018): CE(f(x+δ*), y), δ* = PGD-10 on CE, random start."""
+
+    method = "pgd_at"
+
+    def forward(self, x, y, *, progress, index):
+        x_adv = self.attack(lambda xa: cross_entropy(self.student(xa), y), x, self.random_start(x))
+        logits = self.student(x_adv)
+        ce = cross_entropy(logits, y)
+        return {"loss": ce, "logits": logits.detach(), "ce": ce.detach(), "adv_ce": ce.detach()}
+
+
+class TRADESObjective(Objective):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x+δ*)), δ* = PGD-10 on that KL."""
+
+    method = "trades"
+
+    def forward(self, x, y, *, progress, index):
+        with torch.no_grad(), eval_mode(self.student):
+            z_ref = upcast(self.student(x))
+        start = x + _normal(x, 0.001, self.generator)  # TRADES starts next to x, not uniformly
+        x_adv = self.attack(lambda xa: trades_kl(self.student(xa), z_ref), x, start)
+        logits = self.student(x)
+        ce = cross_entropy(logits, y)
+        kl = trades_kl(self.student(x_adv), logits)
+        loss = ce + self.cfg.trades_beta * kl
+        return {"loss": loss, "logits": logits.detach(), "ce": ce.detach(), "kl": kl.detach()}
+
+
+class ARDObjective(Objective):
+    """ARD (Goldblum et al. 2020): α·t²·KL(T(x) ‖ S(x+δ*)) + (1−α)·CE(S(x), y), δ* = PGD on student CE."""
+
+    method = "ard"
+
+    def forward(self, x, y, *, progress, index):
+        c = self.cfg
+        z_t, _ = self.teacher_batch(x, y, index, need_grad=False)
+        x_adv = self.attack(lambda xa: cross_entropy(self.student(xa), y), x, self.random_start(x))
+        z_adv = self.student(x_adv)
+        self.check_classes(z_adv, z_t)
+        # with α = 1 (the paper's default) the clean forward is not needed at all
+        z_clean = self.student(x) if c.ard_alpha < 1.0 else z_adv
+        loss = ard_loss(z_adv, z_clean, z_t, y, c.ard_tau, c.ard_alpha)
+        kd = kd_kl(z_adv, z_t, c.ard_tau)
+        return {"loss": loss, "logits": z_clean.detach(), "kd": kd.detach(), "ce": cross_entropy(z_clean, y).detach()}
+
+
+class RSLADObjective(Objective):
+    """RSLAD (Zi et al. 2021): (5/6)·KL(T(x) ‖ S(x+δ*)) + (1/6)·KL(T(x) ‖ S(x)), δ* = PGD on the first KL."""
+
+    method = "rslad"
+
+    def forward(self, x, y, *, progress, index):
+        z_t, _ = self.teacher_batch(x, y, index, need_grad=False)
+        start = x + _normal(x, 0.001, self.generator)
+        x_adv = self.attack(lambda xa: kd_kl(self.student(xa), z_t), x, start)
+        z_adv, z_clean = self.student(x_adv), self.student(x)
+        self.check_classes(z_clean, z_t)
+        loss = rslad_loss(z_adv, z_clean, z_t)
+        return {"loss": loss, "logits": z_clean.detach(), "kd": kd_kl(z_clean, z_t).detach(),
+                "kd_adv": kd_kl(z_adv, z_t).detach(), "ce": cross_entropy(z_clean, y).detach()}
+
+
+class KDIGAObjective(Objective):
+    """KD and KDIGA (Shao et al., arXiv 2110.12072, method.md §2):
+
+        L = α·τ²·KL(T(x) ‖ S(x)) + (1−α)·CE(S(x), y) + γ·IGA(x, y)
+
+    with IGA = mean_i ‖g_s,i − g_t,i‖₂ (``per_sample``) or (1/B²)·‖G_s − G_t‖_F (``author``),
+    g = ∇ₓ CE with the true labels. With ``author`` the KL is also averaged over batch×classes, as in
+    the author's code. For method ``kd`` the IGA term is skipped.
+
+    The IGA parameter gradient is computed either exactly (``exact``: g_s with create_graph, one
+    double backward) or by a central finite difference (``finite_difference``, method.md §3):
+    with v = stopgrad(g_s − g_t), d/dθ ‖v‖ = (∂g_s/∂θ)ᵀ v̂ ≈ d/dθ [ℓ_s(x + h v̂) − ℓ_s(x − h v̂)]/(2h),
+    exact up to O(h²) and first-order only. ``auto`` uses exact when the student supports double
+    backward and finite difference otherwise.
+    """
+
+    method = "kdiga"
+
+    def __init__(self, cfg, student, teacher=None, *, generator=None):
+        super().__init__(cfg, student, teacher, generator=generator)
+        self.use_iga = cfg.method == "kdiga"
+        self.reduce_iga = iga_author if cfg.iga_reduction == "author" else iga_per_sample
+        self.kd_reduction = "mean" if cfg.iga_reduction == "author" else "batchmean"
+        self.mode: str | None = None  # resolved on the first batch (needs the input shape)
+        self.batchnorm = _has_batchnorm(student)
+
+    def needs_teacher_grads(self) -> bool:
+        # with input noise the gradients are taken at a fresh random point each step: not cacheable
+        return self.use_iga and self.cfg.iga_noise_eps == 0
+
+    def resolve_mode(self, input_shape: tuple[int, ...]) -> str:
+        """'exact' or 'finite_difference' for this student (probing double backward once)."""
+        if self.mode is None:
+            wanted = self.cfg.iga_mode
+            if wanted == "finite_difference":
+                self.mode = wanted
+            elif supports_double_backward(self.student, input_shape):
+                self.mode = "exact"
+            elif wanted == "exact":
+                raise KdigaError("This student has a layer without double backward, so exact IGA cannot run; "
+                                 "use iga_mode 'finite_difference' or 'auto'.")
+            else:
+                self.mode = "finite_difference"
+        return self.mode
+
+    def forward(self, x, y, *, progress, index):
+        c = self.cfg
+        noisy = self.use_iga and c.iga_noise_eps > 0
+        # with input noise only the clean logits come from the cache; g_t is taken at the noised point below
+        z_t, g_t = self.teacher_batch(x, y, index, need_grad=self.use_iga and not noisy)
+        # share the clean forward between the KD/CE loss and the first-order input gradient
+        x_in = x.detach().requires_grad_(self.use_iga and not noisy)
+        logits = self.student(x_in)
+        self.check_classes(logits, z_t)
+        ce = cross_entropy(logits, y)
+        kd = kd_kl(logits, z_t, c.tau, reduction=self.kd_reduction)
+        loss = c.alpha * kd + (1.0 - c.alpha) * ce
+        out = {"logits": logits.detach(), "ce": ce.detach(), "kd": kd.detach()}
+        if not self.use_iga:
+            return {"loss": loss, **out}
+        gamma = effective_gamma(c, progress)
+        if noisy:  # author's variant: gradients at x + U(−ε, ε), KD/CE still on clean x
+            x_in = (x + _uniform(x, c.iga_noise_eps, self.generator)).clamp(0, 1).detach().requires_grad_(True)
+            _, g_t = teacher_outputs(self.teacher, x_in, y, need_grad=True)
+            with frozen_bn_stats(self.student):  # the extra pass must not count as new data for BN
+                ce_sum = F.cross_entropy(upcast(self.student(x_in)), y, reduction="sum")
+        else:
+            ce_sum = ce * x.shape[0]  # Σ_i ℓ_i, so each slice of ∇ₓ is that sample's own gradient
+        penalty, iga = self.iga_penalty(x_in, y, ce_sum, g_t, gamma)
+        return {"loss": loss + penalty, **out, "iga": iga.detach(), "gamma": gamma}
+
+    def iga_penalty(self, x_in: Tensor, y: Tensor, ce_sum: Tensor, g_t: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+        """γ·IGA as a differentiable term (exact or finite-difference surrogate) and IGA's value."""
+        exact = self.resolve_mode(tuple(x_in.shape[1:])) == "exact" and gamma > 0
+        (g_s,) = torch.autograd.grad(ce_sum, x_in, create_graph=exact, retain_graph=True)
+        iga = self.reduce_iga(g_s, g_t)
+        if exact:
+            return gamma * iga, iga
+        if gamma == 0:  # warm-up start: report IGA, spend no passes on its gradient
+            return iga.detach() * 0.0, iga
+        surrogate = self.fd_surrogate(x_in.detach(), y, (g_s - g_t).detach())
+        # the value stays γ·IGA (what the logs show); the gradient is the FD one
+        return gamma * (iga.detach() + surrogate - surrogate.detach()), iga
+
+    def fd_surrogate(self, x: Tensor, y: Tensor, diff: Tensor) -> Tensor:
+        """Scalar whose θ-gradient approximates ∂IGA/∂θ by a central difference (method.md §3).
+
+        Both reductions are Σ_i w_i·(∂g_s,i/∂θ)ᵀ v̂_i with v̂_i = d_i/‖d_i‖; per_sample has
+        w_i = 1/B, author has w_i = ‖d_i‖/(B²‖D‖_F). We perturb sample i by h·u_i with
+        u_i = (w_i/s)·v̂_i, s = max_i w_i, so the largest step is h, and multiply by s. Each ± batch
+        is its own forward, so batch-norm batch statistics match those of the exact gradient.
+        """
+        h, batch = self.cfg.fd_step, x.shape[0]
+        flat = upcast(diff.flatten(1))
+        norms = flat.norm(dim=1)
+        if self.cfg.iga_reduction == "author":
+            weights = norms / (batch * batch * flat.norm().clamp_min(1e-30))
+        else:
+            weights = torch.full_like(norms, 1.0 / batch)
+        scale = weights.max()
+        u = (flat * (weights / (scale * norms.clamp_min(1e-30))).unsqueeze(1)).view_as(diff).to(x.dtype)
+        # float32 on purpose: a difference of two nearby losses in bf16 would be mostly rounding noise
+        with frozen_bn_stats(self.student), _no_autocast(x):
+            if self.batchnorm:
+                plus = F.cross_entropy(upcast(self.student(x + h * u)), y, reduction="sum")
+                minus = F.cross_entropy(upcast(self.student(x - h * u)), y, reduction="sum")
+            else:  # no batch coupling: one forward of 2B is cheaper than two of B
+                z = upcast(self.student(torch.cat([x + h * u, x - h * u])))
+                plus = F.cross_entropy(z[:batch], y, reduction="sum")
+                minus = F.cross_entropy(z[batch:], y, reduction="sum")
+        return scale.detach() * (plus - minus) / (2 * h)
+
+
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()
+
+
+_OBJECTIVES: dict[str, type[Objective]] = {
+    "ce": CEObjective,
+    "kd": KDIGAObjective,
+    "kdiga": KDIGAObjective,
+    "ard": ARDObjective,
+    "rslad": RSLADObjective,
+    "pgd_at": PGDATObjective,
+    "trades": TRADESObjective,
+}
+
+
+def list_methods() -> list[str]:
+    """Method names users can pick (the catalog exposes this list)."""
+    return sorted(METHODS)
+
+
+def build_objective(cfg: ObjectiveConfig, student: nn.Module, teacher: nn.Module | None = None, *,
+                    generator: torch.Generator | None = None) -> Objective:
+    """Create the objective for ``cfg.method``.
+
+    Args:
+        cfg: loss hyperparameters.
+        student: the model being trained (takes [0, 1] pixels).
+        teacher: the frozen teacher; required by kd, kdiga, ard and rslad, ignored otherwise.
+        generator: CPU generator for attack starts and input noise (reproducible runs).
+
+    Raises:
+        UnknownNameError: unknown method.
+        KdigaError: a distillation method without a teacher.
+    """
+    if cfg.method not in _OBJECTIVES:
+        raise UnknownNameError("method", cfg.method, list(_OBJECTIVES))
+    if cfg.method in TEACHER_METHODS and teacher is None:
+        raise KdigaError(f"Method '{cfg.method}' needs a teacher model.")
+    if cfg.method not in TEACHER_METHODS:
+        teacher = None
+    return _OBJECTIVES[cfg.method](cfg, student, teacher, generator=generator)

@@ -1,0 +1,326 @@
+"""The training loop: one function that reads top to bottom (nanoGPT-style, style.md habit 9).
+
+`train` fits a student (or a teacher, for pgd_at/trades) with any objective from
+`kdiga_core.objectives`. It knows nothing about databases or queues: progress goes out through
+`on_step`, cancellation comes in through `should_cancel`, and checkpoints are two plain files
+(safetensors + JSON, no pickle) written after every epoch, from which `resume=True` continues
+bit-identically on CPU.
+
+Everything random (shuffling, augmentation, attack starts, input noise) draws from one CPU
+`torch.Generator` seeded from `TrainConfig.seed`, whose state is part of the checkpoint; the
+learning rate is a pure function of the global step. Together they make a resumed run replay
+exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from kdiga_core.config import ObjectiveConfig, TrainConfig
+from kdiga_core.errors import CancelledError, KdigaError
+from kdiga_core.objectives import TEACHER_METHODS, build_objective
+
+__all__ = ["TrainResult", "train", "resolve_device", "lr_at", "save_checkpoint", "load_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "kdiga.checkpoint/1"
+WEIGHTS_FILE, META_FILE = "last.safetensors", "last.json"
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the trained model (in eval mode), one dict per epoch, and totals."""
+
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- device and schedule
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' → the first CUDA device when there is one, else CPU; 'cpu', 'cuda', 'cuda:N' as asked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KdigaError(f"Device '{name}' was requested but no CUDA GPU is available.")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise KdigaError(f"Unknown device '{name}'; use auto, cpu, cuda or cuda:N.") from exc
+
+
+def _use_all_cores() -> None:
+    """On CPU, one intra-op thread per core this process may run on (cgroups/taskset aware).
+
+    An explicit OMP_NUM_THREADS wins: the operator (or a test) has already chosen.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate before optimizer step `step` (0-based): a pure function, so resume is exact.
+
+    cosine: lr·½(1 + cos(π·t)); step: lr·step_gamma^(number of milestones passed); t = step/total.
+    """
+    t = step / max(1, total_steps)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.step_gamma ** sum(t >= m for m in cfg.step_milestones)
+    return cfg.lr
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    # bf16 only on CUDA: CPU bf16 is slower than fp32 on most CPUs and changes results
+    if device.type == "cuda" and cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary sibling, then rename: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split the optimizer state into tensors (for safetensors) and JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator, meta: dict[str, Any]) -> None:
+    """Write last.safetensors (model, optimizer and RNG tensors) then last.json, each atomically.
+
+    The JSON is written second and names the same global step as the safetensors metadata, so a
+    crash between the two renames is detected on load instead of mixing two epochs.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    optim_tensors, optim_meta = _optimizer_tensors(optimizer)
+    tensors.update(optim_tensors)
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    # clone: safetensors refuses tensors that share storage (tied weights) or are not contiguous
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    step = str(meta["global_step"])
+    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"global_step": step}))
+    body = json.dumps({"format": CHECKPOINT_FORMAT, **meta, "optimizer": optim_meta}, indent=1)
+    _atomic_write(directory / META_FILE, lambda p: p.write_text(body))
+
+
+def load_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator) -> dict[str, Any] | None:
+    """Restore model, optimizer and RNG state from `directory`; None when there is no checkpoint."""
+    directory = Path(directory)
+    if not (directory / META_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
+        return None
+    meta = json.loads((directory / META_FILE).read_text())
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        saved_step = (f.metadata() or {}).get("global_step")
+    if meta.get("format") != CHECKPOINT_FORMAT or saved_step != str(meta.get("global_step")):
+        raise KdigaError("The checkpoint files are inconsistent or from another version; start without resume.")
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return meta
+
+
+def _check_same_run(meta: dict[str, Any], obj_cfg: ObjectiveConfig, train_cfg: TrainConfig) -> None:
+    """A resumed run must use the configuration it was started with (the schedule depends on it)."""
+    same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # noqa: E731 -- tuples vs lists
+    saved_train = {k: v for k, v in meta["train"].items() if k != "device"}
+    wanted_train = {k: v for k, v in train_cfg.to_dict().items() if k != "device"}
+    if not (same(meta["objective"], obj_cfg.to_dict()) and same(saved_train, wanted_train)):
+        raise KdigaError("The checkpoint was made with a different configuration; start without resume.")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    student: nn.Module,
+    data: Any,
+    obj_cfg: ObjectiveConfig,
+    train_cfg: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train `student` on `data.x_train`/`data.y_train` with the objective `obj_cfg.method`.
+
+    Args:
+        student: model taking [0, 1] pixels; trained in place (and moved to the device).
+        data: a `DataBundle` (anything with x_train, y_train tensors).
+        obj_cfg: the loss and its hyperparameters.
+        train_cfg: epochs, optimizer, schedule, batch size, seed, device.
+        teacher: frozen teacher for kd/kdiga/ard/rslad.
+        on_step: called after every optimizer step with the progress dict of docs/contracts.md.
+        should_cancel: checked before every step; True raises `CancelledError`.
+        checkpoint_dir: where last.safetensors/last.json go after each epoch (None: no checkpoints).
+        on_checkpoint: called with `checkpoint_dir` after each checkpoint (e.g. to upload it).
+        resume: continue from the checkpoint in `checkpoint_dir` when there is one.
+
+    Returns:
+        TrainResult with the student in eval mode and per-epoch history.
+    """
+    device = resolve_device(train_cfg.device)
+    if device.type == "cpu":
+        _use_all_cores()
+    generator = torch.Generator().manual_seed(train_cfg.seed)
+    torch.manual_seed(train_cfg.seed)  # only dropout-like layers draw from the global RNG
+
+    student.to(device)
+    if device.type == "cuda":
+        student.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device)
+    objective = build_objective(obj_cfg, student, teacher, generator=generator)
+    optimizer = _make_optimizer(student, train_cfg)
+
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    n = len(x_train)
+    if n == 0:
+        raise KdigaError("The training split is empty.")
+    steps_per_epoch = math.ceil(n / train_cfg.batch_size)
+    total_steps = train_cfg.epochs * steps_per_epoch
+    history: list[dict[str, float]] = []
+    start_epoch, global_step, seconds_before = 0, 0, 0.0
+
+    if resume and checkpoint_dir is not None:
+        meta = load_checkpoint(checkpoint_dir, model=student, optimizer=optimizer, generator=generator)
+        if meta is not None:
+            _check_same_run(meta, obj_cfg, train_cfg)
+            start_epoch, global_step = meta["epoch"], meta["global_step"]
+            history, seconds_before = meta["history"], meta["seconds"]
+            log.info("resuming from epoch %d (step %d)", start_epoch, global_step)
+
+    # Without augmentation the teacher sees the same inputs every epoch: compute it once.
+    use_cache = (teacher is not None and train_cfg.cache_teacher and not train_cfg.augment
+                 and obj_cfg.method in TEACHER_METHODS)
+    if use_cache:
+        objective.precompute_teacher(x_train, y_train, batch_size=max(256, train_cfg.batch_size))
+
+    started, session_steps = time.perf_counter(), 0
+    for epoch in range(start_epoch, train_cfg.epochs):
+        student.train()
+        epoch_started = time.perf_counter()
+        sums: dict[str, Tensor] = {}
+        correct = torch.zeros((), device=device)
+        order = torch.randperm(n, generator=generator)
+        for step, index in enumerate(order.split(train_cfg.batch_size), start=1):
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("Training was cancelled.")
+            lr = lr_at(train_cfg, global_step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            index = index.to(device)
+            x, y = x_train[index], y_train[index]
+            if train_cfg.augment:
+                from kdiga_core.data import augment_batch
+
+                x = augment_batch(x, generator, pad=max(1, x.shape[-1] // 8), hflip=train_cfg.hflip)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+
+            with _autocast(device, train_cfg):
+                out = objective(x, y, progress=global_step / total_steps, index=index if use_cache else None)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            global_step += 1
+            session_steps += 1
+
+            # keep running sums on the device: no host sync unless someone listens per step
+            parts = {k: v.detach() if isinstance(v, Tensor) else v for k, v in out.items() if k != "logits"}
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=device, dtype=torch.float32).detach()
+            correct += (out["logits"].argmax(1) == y).sum()
+            if on_step is not None:
+                elapsed = time.perf_counter() - started
+                on_step({
+                    "phase": "train", "epoch": epoch + 1, "epochs": train_cfg.epochs, "step": step,
+                    "steps_per_epoch": steps_per_epoch, "global_step": global_step, "total_steps": total_steps,
+                    "percent": 100.0 * global_step / total_steps,
+                    "eta_s": elapsed / session_steps * (total_steps - global_step), "lr": lr,
+                    **{k: float(v) for k, v in parts.items()},
+                })
+
+        record = {"epoch": epoch + 1, "lr": lr, "seconds": time.perf_counter() - epoch_started,
+                  "train_accuracy": float(correct) / n,
+                  **{k: float(v) / steps_per_epoch for k, v in sums.items()}}
+        history.append(record)
+        log.info("epoch %d/%d %s", epoch + 1, train_cfg.epochs, record)
+        if checkpoint_dir is not None:
+            meta = {"epoch": epoch + 1, "global_step": global_step, "objective": obj_cfg.to_dict(),
+                    "train": train_cfg.to_dict(), "history": history,
+                    "seconds": seconds_before + time.perf_counter() - started}
+            save_checkpoint(checkpoint_dir, model=student, optimizer=optimizer, generator=generator, meta=meta)
+            if on_checkpoint is not None:
+                on_checkpoint(Path(checkpoint_dir))
+
+    student.eval()
+    return TrainResult(model=student, history=history, steps=global_step,
+                       seconds=seconds_before + time.perf_counter() - started)
