@@ -269,9 +269,9 @@ def test_failed_export_leaves_no_half_bundle(model, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_bundle_with_the_default_dynamo_exporter(tmp_path):
+def test_bundle_with_the_dynamo_exporter(tmp_path):
     model = create_model("cnn_tiny", 3, in_chans=1, img_size=8).eval()
-    paths = save_model_bundle(model, tmp_path)
+    paths = save_model_bundle(model, tmp_path, exporter="dynamo")
     card = json.loads(paths["model_card"].read_text())
     assert (
         card["onnx"]["exporter"] == "dynamo" and card["onnx"]["dynamic_batch"] and card["onnx"]["opset"] == 18
