@@ -1,0 +1,65 @@
+"""Client pieces that need no server: SSE parsing, tolerant models, spec building, the demo's table,
+and what the SDK says when nothing listens. Everything that talks to a server runs against the
+real embedded service in test_client_live.py (no fake of our own API)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from kdiga_client import Job, KdigaError, ServerUnreachableError, cli, demo
+from kdiga_client.client import Client, _parse_sse
+
+KEY = "kdg_not_a_real_key"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_says_where():
+    url = f"http://127.0.0.1:{_closed_port()}"
+    with Client(url, KEY, timeout=2) as c, pytest.raises(ServerUnreachableError) as info:
+        c.list_jobs()
+    assert str(info.value).startswith(f"Cannot reach the kdiga server at {url}: ")
+    assert isinstance(info.value, KdigaError) and info.value.status is None
+
+
+def test_sse_parser_handles_comments_multiline_and_missing_final_blank():
+    lines = [": hi", "event: progress", 'data: {"a":', "data: 1}", "", "id: 3", "event: end", "data: {}"]
+    assert list(_parse_sse(iter(lines))) == [("progress", '{"a":\n1}'), ("end", "{}")]
+
+
+def test_unknown_fields_are_kept_not_fatal():
+    job = Job.from_dict({"id": "j", "status": "queued", "brand_new": 1, "progress": {"percent": 5, "x": 2}})
+    assert job.raw["brand_new"] == 1 and job.progress.percent == 5 and job.progress.raw["x"] == 2
+
+
+def test_build_job_spec_evaluate_model_ref():
+    spec = cli.build_job_spec(kind="evaluate", dataset="d", model_job="j1", eval_attacks=["pgd"], eval_norm="L2")
+    assert spec == {"kind": "evaluate", "dataset_id": "d", "model": {"job_id": "j1"},
+                    "evaluation": {"attacks": [{"name": "pgd", "norm": "L2"}]}}
+
+
+def test_results_table_has_teacher_and_both_students():
+    report = {"models": {"teacher": {"clean_accuracy": 0.98, "attacks": {"pgd-20": 0.8, "autoattack": 0.78},
+                                     "stats": {"params": 100000, "latency_ms": 0.5}},
+                         "student": {"clean_accuracy": 0.95, "attacks": {"pgd-20": 0.7, "autoattack": 0.69},
+                                     "stats": {"params": 20000, "latency_ms": 0.1}}}}
+    console = Console(record=True, width=140)
+    console.print(demo.results_table({"kd": report, "kdiga": report}))
+    text = console.export_text()
+    assert "teacher" in text and "cnn_medium" in text and "KD student" in text and "KDIGA student" in text
+    assert "78.0%" in text and "69.0%" in text and "100,000" in text
+
+
+def test_demo_help_runs_without_starting_anything():
+    out = subprocess.run([sys.executable, "-m", "kdiga_client.demo", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--url" in out and "--quick" in out
