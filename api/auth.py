@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -63,14 +65,20 @@ class Owner:
 class AuthCache:
     """Remembers successful lookups for `ttl_s` seconds (0 disables), so hot read paths skip a query.
 
-    A revoked key therefore keeps working for at most `ttl_s` seconds in each API process.
+    A revoked key therefore keeps working for at most `ttl_s` seconds in each API process. Past
+    half its lifetime an entry is refreshed in the background by the next request that uses it
+    (which does not wait), and a refresh that fails drops the entry at once; so a key in steady
+    use never expires under its requests, and one lookup at a time per key reaches the database.
+    Without this, every in-flight request missed together at each expiry and each queried the
+    database: those storms were the whole p99 of status reads (BENCHMARKS.md, "API").
     """
 
     MAX_ENTRIES = 10_000
 
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[float, Owner]] = {}
+        self._entries: dict[str, tuple[float, Owner]] = {}  # digest -> (expires at, owner)
+        self._loading: dict[str, asyncio.Future[Owner]] = {}
 
     def get(self, key: str) -> Owner | None:
         if self.ttl_s <= 0:
@@ -79,6 +87,31 @@ class AuthCache:
         if entry is None or entry[0] < time.monotonic():
             return None
         return entry[1]
+
+    async def fetch(self, key: str, load: Callable[[], Awaitable[Owner]]) -> Owner:
+        """The cached owner (refreshed ahead of expiry), or `load()` it, sharing one load per key."""
+        digest = hash_key(key)
+        entry = self._entries.get(digest) if self.ttl_s > 0 else None
+        now = time.monotonic()
+        if entry is not None and entry[0] >= now:
+            if entry[0] - now < self.ttl_s / 2:
+                self._start_load(key, digest, load)  # refresh ahead; this request does not wait
+            return entry[1]
+        return await asyncio.shield(self._start_load(key, digest, load))
+
+    def _start_load(self, key: str, digest: str, load: Callable[[], Awaitable[Owner]]) -> asyncio.Future[Owner]:
+        task = self._loading.get(digest)
+        if task is None:
+            task = self._loading[digest] = asyncio.ensure_future(load())
+            task.add_done_callback(lambda done: self._loaded(key, digest, done))
+        return task
+
+    def _loaded(self, key: str, digest: str, task: asyncio.Future[Owner]) -> None:
+        self._loading.pop(digest, None)
+        if task.cancelled() or task.exception() is not None:
+            self._entries.pop(digest, None)  # revoked (or unreachable): stop vouching for the key
+        else:
+            self.put(key, task.result())
 
     def put(self, key: str, owner: Owner) -> None:
         if self.ttl_s <= 0:

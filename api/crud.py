@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Engine, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from api.models import (
@@ -44,6 +44,44 @@ def get_owned(session: Session, model: type[M], *, owner_id: str, id: str) -> M 
     """The row with this id if `owner_id` owns it, else None (another owner's row is 'not found')."""
     row = session.get(model, id)
     return row if row is not None and getattr(row, "owner_id", None) == owner_id else None
+
+
+# The columns of a job-status read, in JobPublic's order: the hottest query of the service
+# (clients poll it), so it is plain Core SELECTs, no ORM identity map.
+_JOB_STATUS_COLUMNS = (
+    Job.id, Job.kind, Job.name, Job.status, Job.spec, Job.progress, Job.metrics, Job.result, Job.error,
+    Job.attempts, Job.cancel_requested, Job.created_at, Job.started_at, Job.finished_at,
+)
+_ARTIFACT_COLUMNS = (
+    Artifact.id, Artifact.job_id, Artifact.name, Artifact.kind, Artifact.content_type, Artifact.size_bytes, Artifact.sha256,
+    Artifact.created_at,
+)
+JOB_STATUS_KEYS = tuple(c.key for c in _JOB_STATUS_COLUMNS)
+ARTIFACT_KEYS = tuple(c.key for c in _ARTIFACT_COLUMNS)
+JOB_STATUS_QUERY = select(*_JOB_STATUS_COLUMNS).where(
+    Job.id == bindparam("job_id"), Job.owner_id == bindparam("owner_id")
+)
+JOB_ARTIFACTS_QUERY = (
+    select(*_ARTIFACT_COLUMNS).where(Artifact.job_id == bindparam("job_id")).order_by(Artifact.created_at, Artifact.id)
+)
+
+
+def job_status(engine: Engine, *, owner_id: str, job_id: str) -> dict[str, Any] | None:
+    """A job as JobPublic's fields (artifacts as dicts), or None when `owner_id` does not own it.
+
+    Two Core queries on a connection held only for the queries: on SQLite the API runs this inline
+    in the event loop, and a connection held across an `await` by each of 64 concurrent requests
+    would exhaust the pool and block the loop in the pool's checkout. (Not one JOIN: that would
+    repeat, and decode, the job's four JSON columns once per artifact.)
+    """
+    with engine.connect() as conn:
+        job = conn.execute(JOB_STATUS_QUERY, {"job_id": job_id, "owner_id": owner_id}).first()
+        if job is None:
+            return None
+        artifacts = conn.execute(JOB_ARTIFACTS_QUERY, {"job_id": job_id}).all()
+    fields = dict(zip(JOB_STATUS_KEYS, job, strict=True))
+    fields["artifacts"] = [dict(zip(ARTIFACT_KEYS, a, strict=True)) for a in artifacts]
+    return fields
 
 
 def list_owned(

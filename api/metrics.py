@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -54,6 +55,21 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
         self.registry.register(JobsCollector(session_factory))
+        self.scrape_registry = self._scrape_registry(session_factory)
+
+    def _scrape_registry(self, session_factory: Callable[[], Session]) -> CollectorRegistry:
+        """What /metrics exposes: this registry, or with several API processes all of theirs.
+
+        Under `uvicorn --workers N` each process counts its own requests; prometheus_client's
+        multiprocess mode (PROMETHEUS_MULTIPROC_DIR set before start-up) writes them to files
+        that any process's scrape adds up. The jobs gauge is read from the database either way.
+        """
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(JobsCollector(session_factory))
+        return registry
 
 
 class MetricsMiddleware:

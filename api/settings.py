@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         default=None, description="If set, this admin key is created at start-up (compose deployments)."
     )
 
+    api_workers: int = Field(
+        default=2,
+        ge=1,
+        description="API server processes (uvicorn --workers); /metrics adds up their counters.",
+    )
     api_host: str = Field(default="127.0.0.1", description="Address the API listens on.")
     api_port: int = Field(default=8000, description="Port the API listens on.")
     queue_train: str = Field(default="gpu", description="Celery queue for training jobs.")

@@ -210,14 +210,27 @@ def _loadgen_main(args_json: str) -> None:
 # ----------------------------------------------------------------------------- CPU accounting
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far, from /proc (0 where unavailable)."""
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds so far of a process and its direct children (uvicorn's workers).
+
+    Children that already exited are not counted (the API's workers live as long as the run).
+    """
+    pids = [str(pid)] + [p for p in os.listdir("/proc") if p.isdigit() and (_proc_stat(p) or ["", ""])[1] == str(pid)]
+    total = 0
+    for p in pids:
+        fields = _proc_stat(p)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_s() -> float:
@@ -229,6 +242,20 @@ def children_cpu_s() -> float:
 # ----------------------------------------------------------------------------- ablation: API processes
 
 
+def api_process_count(service) -> int:
+    """How many processes serve the embedded API: uvicorn's workers, or the one process itself."""
+    pid = str(service.processes["api"].pid)
+    workers = 0
+    for p in os.listdir("/proc"):
+        if p.isdigit() and (_proc_stat(p) or ["", ""])[1] == pid:
+            try:
+                cmdline = Path(f"/proc/{p}/cmdline").read_bytes()
+            except OSError:
+                continue
+            workers += b"spawn_main" in cmdline  # uvicorn's workers; not multiprocessing's resource tracker
+    return max(1, workers)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -236,7 +263,7 @@ def _free_port() -> int:
 
 
 def start_multiprocess_api(service, processes: int) -> tuple[subprocess.Popen, str]:
-    """A second API server on the same database and broker, run by `uvicorn --workers N`."""
+    """A second API server on the same database and broker, run by `uvicorn --workers N` (N ≥ 1)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
            "--port", str(port), "--workers", str(processes), "--log-level", "warning"]
@@ -273,15 +300,16 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 def processes_ablation(service, runner, job_id: str, *, processes: int, duration_s: float, workdir: Path,
                        rounds: int = 2) -> list[ApiRow]:
-    """Status reads at 64 connections: the embedded single API process vs `uvicorn --workers N`, alternated.
+    """Status reads at 64 connections: one API process (`uvicorn --workers 1` on the same database and
+    broker) vs the embedded service's `processes`, alternated.
 
-    Returns the median-throughput row per setting (rounds alternate the two servers).
+    Returns the median-throughput row per setting, one process first (rounds alternate the servers).
     """
-    proc, multi_url = start_multiprocess_api(service, processes)
+    proc, single_url = start_multiprocess_api(service, 1)
     results: dict[str, list[ApiRow]] = {"1": [], str(processes): []}
     try:
         for _ in range(rounds):
-            for label, base in (("1", service.url), (str(processes), multi_url)):
+            for label, base in (("1", single_url), (str(processes), service.url)):
                 res = runner(f"{base}/v1/jobs/{job_id}", service.admin_key, method="GET", body="", connections=64,
                              duration_s=duration_s, limit=10**6, workdir=workdir)
                 results[label].append(ApiRow(f"GET /v1/jobs/{{id}}, {label} API process(es)", 64,
@@ -300,22 +328,25 @@ def run(*, quick: bool = False, tool: str | None = None, ablation: bool = True, 
         ) -> tuple[list[ApiRow], dict]:
     """Start the embedded service, measure reads and creations at each concurrency, stop it.
 
-    With `ablation`, also compare the single API process with `uvicorn --workers 2` (meta["ablation"]).
+    With `ablation`, also compare one API process with the embedded service's (meta["ablation"]).
     """
     tool = tool or ("wrk" if wrk_available() else "httpx")
     runner = run_wrk if tool == "wrk" else run_httpx
-    duration = 1.0 if quick else 5.0
+    # 10 s: each run opens its connections afresh, and the first ~0.1 s of a run (64 new
+    # connections at once) is slower (35-60 ms inside the app), which a 5 s run counts in its p99.
+    duration = 1.0 if quick else 10.0
     levels = (1, 16) if quick else CONCURRENCY
     read_limit, create_limit = (2_000, 200) if quick else (100_000, 5_000)
     rows: list[ApiRow] = []
-    meta: dict = {"tool": tool, "duration_s": duration, "api_processes": 1}
+    meta: dict = {"tool": tool, "duration_s": duration}
     with tempfile.TemporaryDirectory(prefix="kdg-bench-") as tmp:
         home = Path(tmp) / "home"
         start = time.perf_counter()
         service = start_service(home)
         try:
             dataset_id, job_id = prepare(service.url, service.admin_key)
-            log(f"  API service ready in {time.perf_counter() - start:.1f} s ({tool})")
+            meta["api_processes"] = processes = api_process_count(service)
+            log(f"  API service ready in {time.perf_counter() - start:.1f} s ({tool}, {processes} API processes)")
             api_pid = service.processes["api"].pid
             read_url = f"{service.url}/v1/jobs/{job_id}"
             create_url = f"{service.url}/v1/jobs"
@@ -337,7 +368,7 @@ def run(*, quick: bool = False, tool: str | None = None, ablation: bool = True, 
                     log(f"  {endpoint} c={conns}: {rows[-1].rps:.0f} req/s, p99 {rows[-1].p99_ms:.1f} ms, "
                         f"API CPU {rows[-1].api_cpu_ms_per_request:.2f} ms/request")
             if ablation:
-                meta["ablation"] = processes_ablation(service, runner, job_id, processes=2, duration_s=duration,
+                meta["ablation"] = processes_ablation(service, runner, job_id, processes=processes, duration_s=duration,
                                                       workdir=Path(tmp))
         finally:
             service.stop(grace_s=5)

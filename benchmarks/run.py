@@ -204,15 +204,17 @@ def case_api(args, log) -> str:
     if meta.get("ablation"):
         one, multi = meta["ablation"]
         sections = [
-            "Ablation (status reads, 64 connections, median of 2 alternated runs): the embedded single API process "
-            "against `uvicorn --workers 2` on the same database and broker.",
+            "Ablation (status reads, 64 connections, median of 2 alternated runs): one API process "
+            f"(`uvicorn --workers 1` on the same database and broker) against the embedded service's "
+            f"{meta['api_processes']}.",
             table(["server", "req/s", "p50 ms", "p99 ms", "errors"],
                   [[r.endpoint.split(", ")[1], f"{r.rps:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", str(r.errors)]
                    for r in (one, multi)])
-            + f"\n\nRatio 2 processes / 1 process: {multi.rps / one.rps:.2f}×.",
+            + f"\n\nRatio {meta['api_processes']} processes / 1 process: {multi.rps / one.rps:.2f}×.",
         ]
     return "\n\n".join([
-        f"### API on the embedded default (one uvicorn process, SQLite, embedded Redis; load by {meta['tool']}, "
+        f"### API on the embedded default ({meta['api_processes']} uvicorn process(es), SQLite, embedded Redis; "
+        f"load by {meta['tool']}, "
         f"{meta['duration_s']:g} s per run, loopback)",
         table(["endpoint", "connections", "req/s", "p50 ms", "p99 ms", "requests", "errors",
                "API CPU ms / request", "API cores busy", "load generator cores busy",

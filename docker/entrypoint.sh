@@ -20,6 +20,10 @@ case "$cmd" in
     exec "$PYTHON" "$APP_DIR/docker/wait_and_migrate.py" "$@"
     ;;
   api)
+    # Several uvicorn workers: prometheus_client's multiprocess mode makes /metrics add up their
+    # counters (a folder of per-process files, emptied at each start).
+    export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-/tmp/kdiga-prometheus}"
+    rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
     exec "$PYTHON" -m uvicorn api.main:create_app --factory \
       --host "${KDIGA_API_HOST:-0.0.0.0}" --port "${KDIGA_API_PORT:-8000}" \
       --workers "${KDIGA_API_WORKERS:-2}" --proxy-headers --forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-127.0.0.1}" \

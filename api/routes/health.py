@@ -48,4 +48,4 @@ def read_ready(request: Request, settings: SettingsDep) -> Response | HealthPubl
 @router.get("/metrics", include_in_schema=False)
 def read_metrics(request: Request) -> Response:
     """Prometheus metrics."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(request.app.state.metrics.scrape_registry), media_type=CONTENT_TYPE_LATEST)

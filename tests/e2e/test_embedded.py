@@ -142,3 +142,39 @@ def test_serve_reattaches_after_a_crash_and_stops_on_sigterm(tmp_path):
         for proc in (crashed, locals().get("served")):
             if proc is not None and proc.poll() is None:
                 h.stop_process(proc)
+
+
+def test_embedded_api_processes_share_their_metrics(tmp_path):
+    """`kdiga serve` runs KDIGA_API_WORKERS uvicorn processes; /metrics adds up all of their counters."""
+    service = start_embedded(tmp_path / "home", port=0, workers=0, env={"KDIGA_API_WORKERS": "2"})
+    try:
+        api_pid = service.processes["api"].pid
+        children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == api_pid]
+        workers = [p for p in children if b"spawn_main" in _cmdline(p)]
+        assert len(workers) == 2
+        n = 60
+        for _ in range(n):  # a new connection each time, so the kernel spreads them over the processes
+            assert httpx.get(f"{service.url}/v1/jobs/nope", headers={"Authorization": f"Bearer {service.admin_key}"},
+                             timeout=10).status_code == 404
+        text = httpx.get(f"{service.url}/metrics", timeout=10).text
+        counted = sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("kdiga_http_requests_total{") and 'route="/v1/jobs/{job_id}"' in line
+        )
+        assert counted == n
+    finally:
+        service.stop()
+
+
+def _ppid(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
