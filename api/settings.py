@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     data_dir: Path | None = Field(
         default=None, description="Where built-in datasets (CIFAR) are found; default: HOME/data."
     )
+    cache_dir: Path | None = Field(
+        default=None, description="A worker's local cache (teacher evaluations); default: HOME/cache."
+    )
+    teacher_eval_cache: bool = Field(
+        default=True,
+        description="Reuse a teacher's evaluation across jobs with the same teacher, points and settings.",
+    )
     presigned_downloads: bool = Field(
         default=False, description="Redirect downloads to presigned store URLs."
     )

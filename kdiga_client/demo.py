@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-autoattack", action="store_true",
                         help="Skip AutoAttack in the students' reports (PGD-20 only; much faster on a CPU).")
     parser.add_argument("--quick", action="store_true", help="A smoke test: one epoch each, 30 points.")
+    parser.add_argument("--timings", default=None, metavar="FILE",
+                        help="Also write the phase wall times and the results table as JSON (benchmarks/).")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,8 +240,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     _print_outcome(result, out_dir)
     console.print(timer.table())
-    console.print(f"[dim]total wall time including start-up and shutdown: {time.perf_counter() - start:.1f} s[/]")
+    total = time.perf_counter() - start
+    console.print(f"[dim]total wall time including start-up and shutdown: {total:.1f} s[/]")
+    if args.timings:
+        Path(args.timings).write_text(json.dumps(timings_record(result["reports"], timer, total), indent=2))
     return 0
+
+
+def timings_record(reports: dict[str, dict[str, Any]], timer: Timer, total_s: float) -> dict[str, Any]:
+    """What `--timings` writes: phase wall times and the results table's rows (teacher, KD, KDIGA)."""
+    teacher = ((reports.get("kdiga") or reports.get("kd") or {}).get("models") or {}).get("teacher")
+    rows = [["teacher", TEACHER_ARCH, *_row(teacher)]] if teacher else []
+    for method, label in (("kd", "KD student"), ("kdiga", "KDIGA student")):
+        student = ((reports.get(method) or {}).get("models") or {}).get("student")
+        if student:
+            rows.append([label, STUDENT_ARCH, *_row(student)])
+    return {"phases": [[name, seconds] for name, seconds in timer.phases], "total_s": total_s,
+            "results_header": ["model", "arch", "clean", "PGD-20", "AutoAttack", "params", "latency ms"],
+            "results": rows}
 
 
 if __name__ == "__main__":

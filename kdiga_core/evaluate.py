@@ -9,10 +9,16 @@ Each piece is a public function that can be used and tested on its own.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from itertools import pairwise
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -662,6 +668,67 @@ def evaluate_model(
     return rep
 
 
+class ReportCache(Protocol):
+    """Where a frozen model's evaluation is kept between jobs (see `teacher_fingerprint`)."""
+
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, report: dict[str, Any]) -> None: ...
+
+
+class DirectoryReportCache:
+    """One JSON file per key in a local folder; written atomically, unreadable files count as misses."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, report: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(report, fh)
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def teacher_fingerprint(
+    model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, square_queries: int
+) -> str:
+    """A key for one model's evaluation: its weights and buffers, the exact points, the settings.
+
+    Every distill job evaluates its (frozen) teacher on the same points with the same attacks,
+    and AutoAttack on the teacher is the largest single cost of a report for a big teacher, so
+    the worker keeps this evaluation (`evaluate(..., teacher_cache=...)`). Anything that could
+    change the numbers is in the key: parameters, buffers, inputs, labels, EvalConfig, Square's
+    budget, the report schema, torch's version and the device type.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for t in (x, y):
+        t = t.detach().to("cpu").contiguous()
+        digest.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    settings = {"cfg": dataclasses.asdict(cfg), "square_queries": square_queries, "schema": SCHEMA,
+                "torch": torch.__version__, "device": next(model.parameters(), x).device.type}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def evaluate(
     model: nn.Module,
     data: DataBundle,
@@ -670,6 +737,7 @@ def evaluate(
     teacher: nn.Module | None = None,
     on_progress: Progress | None = None,
     square_queries: int = SQUARE_QUERIES,
+    teacher_cache: ReportCache | None = None,
 ) -> dict[str, Any]:
     """Build the robustness report (docs/contracts.md, schema ``kdiga.report/1``).
 
@@ -681,6 +749,8 @@ def evaluate(
         on_progress: Called with ``{"phase": "evaluate", "stage", "percent"}`` per stage.
         square_queries: Square's query budget (AutoAttack's standard is 5000); a
             ``cfg.square_queries`` field, if EvalConfig has one, takes precedence.
+        teacher_cache: Where the teacher's own evaluation is looked up and kept, keyed by
+            `teacher_fingerprint`; the report's ``teacher_evaluation`` says whether it was reused.
 
     An ``autoattack`` entry runs APGD and FAB for ``spec.steps`` iterations: the
     standard version uses 100, so pass ``AttackSpec("autoattack", steps=100)`` for the
@@ -696,25 +766,33 @@ def evaluate(
     with_alignment = teacher is not None and cfg.alignment
     progress = _Progress(on_progress, len(names) * (4 + len(cfg.attacks)) + int(with_alignment))
     threat = _threat(cfg)
-    models = {
-        name: evaluate_model(
-            m,
-            x,
-            y,
-            cfg,
-            n_classes=data.num_classes,
-            progress=progress,
-            label=name,
+    models: dict[str, Any] = {}
+    cache_note: dict[str, Any] | None = None
+    for name, m in names.items():
+        key = cached = None
+        if name == "teacher" and teacher_cache is not None:
+            key = teacher_fingerprint(m, x, y, cfg, square_queries)
+            cached = teacher_cache.get(key)
+            cache_note = {"cached": cached is not None, "key": key}
+        if cached is not None:
+            models[name] = cached
+            progress.done += 4 + len(cfg.attacks) - 1
+            progress(f"{name}: reused from an earlier job's evaluation")
+            continue
+        models[name] = evaluate_model(
+            m, x, y, cfg, n_classes=data.num_classes, progress=progress, label=name,
             square_queries=square_queries,
         )
-        for name, m in names.items()
-    }
+        if key is not None:
+            teacher_cache.put(key, models[name])  # type: ignore[union-attr]
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "n_points": int(len(y)),
         "threat_model": {"norm": threat.norm, "eps": float(threat.eps)},
         "models": models,
     }
+    if cache_note is not None:
+        report["teacher_evaluation"] = cache_note
     if with_alignment:
         progress("alignment")
         assert teacher is not None

@@ -64,12 +64,15 @@ def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, *, dataset: di
             model_dir: str | Path | None = None, on_step: StepFn | None = None,
             should_cancel: Callable[[], bool] | None = None,
             on_checkpoint: Callable[[Path], None] | None = None, resume: bool = False,
-            allow_torchscript: bool = False) -> dict[str, Any]:
+            allow_torchscript: bool = False, teacher_cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one job end to end in `workdir`; return artifacts (name -> path), metrics and the report.
 
     distill: teacher (teacher_path) -> student (spec["student"]) with spec["objective"].
     adversarial_train: a robust model from scratch (spec["student"] is its architecture).
     evaluate: the model in `model_dir` (a saved bundle) or the teacher file, against the teacher if both.
+
+    `teacher_cache_dir`: where the teacher's evaluation is kept between jobs (the same teacher,
+    points and settings give the same numbers, so a second student of one teacher skips it).
     """
     if kind not in JOB_KINDS:
         raise KdigaError(f"Unknown job kind '{kind}'; valid names are: {', '.join(JOB_KINDS)}.")
@@ -79,11 +82,12 @@ def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, *, dataset: di
     started = time.monotonic()
     data = load_data(dataset)
     teacher = _load_teacher(teacher_path, teacher_spec, data, allow_torchscript)
+    cache = evaluate_mod.DirectoryReportCache(teacher_cache_dir) if teacher_cache_dir is not None else None
     if kind == "evaluate":
-        result = _evaluate_only(spec, data, teacher, model_dir, workdir, notify)
+        result = _evaluate_only(spec, data, teacher, model_dir, workdir, notify, cache)
     else:
         result = _train_and_report(kind, spec, data, teacher, workdir, notify,
-                                   should_cancel, on_checkpoint, resume)
+                                   should_cancel, on_checkpoint, resume, cache)
     result["metrics"]["wall_s"] = round(time.monotonic() - started, 2)
     return result
 
@@ -106,7 +110,7 @@ def _check_compatible(spec: ModelSpec, data: data_mod.DataBundle, role: str) -> 
         raise KdigaError(f"The {role} has {spec.num_classes} classes but the dataset has {data.num_classes}.")
 
 
-def _train_and_report(kind, spec, data, teacher, workdir, notify, should_cancel, on_checkpoint, resume):
+def _train_and_report(kind, spec, data, teacher, workdir, notify, should_cancel, on_checkpoint, resume, cache):
     objective = ObjectiveConfig.from_dict(spec.get("objective"))
     _check_method(kind, objective.method, teacher)
     train_cfg = TrainConfig.from_dict(spec.get("train"))
@@ -116,7 +120,7 @@ def _train_and_report(kind, spec, data, teacher, workdir, notify, should_cancel,
                    on_checkpoint=on_checkpoint, resume=resume)
     model = result.model.cpu().eval()
     eval_cfg = EvalConfig.from_dict(spec.get("evaluation"))
-    report = _report(model, data, eval_cfg, teacher if kind == "distill" else None, notify)
+    report = _report(model, data, eval_cfg, teacher if kind == "distill" else None, notify, cache)
     name = "student" if kind == "distill" else "model"
     training = {"kind": kind, "objective": objective.to_dict(), "train": train_cfg.to_dict(),
                 "dataset": data.name, "steps": result.steps, "seconds": round(result.seconds, 2)}
@@ -149,7 +153,7 @@ def _build_student(student: dict[str, Any], data: data_mod.DataBundle):
     return models.build_model(spec)
 
 
-def _evaluate_only(spec, data, teacher, model_dir, workdir, notify):
+def _evaluate_only(spec, data, teacher, model_dir, workdir, notify, cache):
     eval_cfg = EvalConfig.from_dict(spec.get("evaluation"))
     if model_dir is not None:
         model = formats.load_model_bundle(model_dir)
@@ -159,15 +163,15 @@ def _evaluate_only(spec, data, teacher, model_dir, workdir, notify):
         model, reference = teacher, None
     else:
         raise KdigaError("An evaluate job needs a model: give model.teacher_id or model.job_id.")
-    report = _report(model.eval(), data, eval_cfg, reference, notify)
+    report = _report(model.eval(), data, eval_cfg, reference, notify, cache)
     artifacts = _write_report(report, workdir / "out", spec, {"kind": "evaluate", "dataset": data.name})
     return {"artifacts": artifacts, "metrics": headline_metrics(report), "report": report}
 
 
-def _report(model, data, eval_cfg, teacher, notify):
+def _report(model, data, eval_cfg, teacher, notify, cache=None):
     device = resolve_device("auto")
     log.info("evaluating on %s", device)
-    return evaluate_mod.evaluate(model, data, eval_cfg, teacher=teacher, on_progress=notify)
+    return evaluate_mod.evaluate(model, data, eval_cfg, teacher=teacher, on_progress=notify, teacher_cache=cache)
 
 
 def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:

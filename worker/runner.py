@@ -236,8 +236,16 @@ def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Report
         job.kind, dict(job.spec or {}), workdir, dataset=inputs["dataset"],
         teacher_path=inputs.get("teacher_path"), teacher_spec=inputs.get("teacher_spec"),
         model_dir=inputs.get("model_dir"), on_step=reporter.on_step, should_cancel=reporter.should_cancel,
-        on_checkpoint=on_checkpoint, resume=resume, allow_torchscript=s.allow_torchscript, **extra,
+        on_checkpoint=on_checkpoint, resume=resume, allow_torchscript=s.allow_torchscript,
+        teacher_cache_dir=_teacher_cache_dir(s), **extra,
     )
+
+
+def _teacher_cache_dir(s: Settings) -> Path | None:
+    """This worker's folder of teacher evaluations (None when KDIGA_TEACHER_EVAL_CACHE is off)."""
+    if not s.teacher_eval_cache:
+        return None
+    return Path(s.cache_dir or s.home / "cache") / "teacher-evaluations"
 
 
 def _succeed(job: Job, result: dict[str, Any], s: Settings, store: ArtifactStore, me: str) -> Outcome:

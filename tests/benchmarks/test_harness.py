@@ -33,3 +33,16 @@ def test_unknown_case_is_refused() -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert "unknown case(s) nope" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_demo_case_reports_phases_and_results() -> None:
+    """The demo case runs the README's demo in its own process and tabulates what the demo measured."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--cases", "demo", "--out", "-"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    for phase in ("0. start the service", "2. robust teacher", "3. students", "total of the phases"):
+        assert f"| {phase}" in proc.stdout
+    for model in ("| teacher | cnn_medium |", "| KD student | cnn_small |", "| KDIGA student | cnn_small |"):
+        assert model in proc.stdout

@@ -227,3 +227,41 @@ def test_robust_accuracy_keeps_training_mode(setup):
     finally:
         student.eval()
     assert E.attack_key(AttackSpec("pgd", steps=7)) == "pgd-7"
+
+
+def test_teacher_evaluation_is_reused_only_for_the_same_teacher_points_and_settings(setup, tmp_path):
+    data, student, teacher = setup
+    cache = E.DirectoryReportCache(tmp_path / "cache")
+    first = E.evaluate(student, data, _cfg(), teacher=teacher, square_queries=30, teacher_cache=cache)
+    assert first["teacher_evaluation"]["cached"] is False
+    events = []
+    second = E.evaluate(student, data, _cfg(), teacher=teacher, square_queries=30, teacher_cache=cache,
+                        on_progress=events.append)
+    assert second["teacher_evaluation"] == {"cached": True, "key": first["teacher_evaluation"]["key"]}
+    assert second["models"]["teacher"] == first["models"]["teacher"]
+    assert any("reused" in e["stage"] for e in events)
+    percents = [e["percent"] for e in events]
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    # Other points, other settings or other weights: measured again, under another key.
+    other_points = E.evaluate(student, data, _cfg(max_points=20), teacher=teacher, square_queries=30,
+                              teacher_cache=cache)
+    other_budget = E.evaluate(student, data, _cfg(square_queries=31), teacher=teacher, teacher_cache=cache)
+    changed = _train(48, data.x_train, data.y_train, 1)
+    with torch.no_grad():
+        changed[1].bias[0] += 1e-3
+    other_weights = E.evaluate(student, data, _cfg(), teacher=changed, square_queries=30, teacher_cache=cache)
+    keys = {r["teacher_evaluation"]["key"] for r in (first, other_points, other_budget, other_weights)}
+    assert len(keys) == 4
+    assert not any(r["teacher_evaluation"]["cached"] for r in (other_points, other_budget, other_weights))
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 4
+
+
+def test_unreadable_cache_entry_is_a_miss(setup, tmp_path):
+    data, student, teacher = setup
+    cache = E.DirectoryReportCache(tmp_path)
+    cfg = _cfg()
+    key = E.teacher_fingerprint(teacher, *E.evaluation_points(data, 24), cfg, cfg.square_queries)
+    (tmp_path / f"{key}.json").write_text("{not json")
+    report = E.evaluate(student, data, _cfg(), teacher=teacher, square_queries=30, teacher_cache=cache)
+    assert report["teacher_evaluation"]["cached"] is False
+    assert json.loads((tmp_path / f"{key}.json").read_text()) == report["models"]["teacher"]
