@@ -16,8 +16,8 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from itertools import pairwise
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
