@@ -414,6 +414,10 @@ def _settings_section(context: dict[str, Any] | None, report: dict[str, Any]) ->
             items.append((f"threat_model.{key}", threat[key]))
     if report.get("n_points") is not None:
         items.append(("evaluated points", report["n_points"]))
+    cache = _dict(report.get("teacher_evaluation"))
+    if "cached" in cache:
+        items.append(("teacher numbers", "reused from an earlier job's evaluation (same weights, points and "
+                      "settings)" if cache["cached"] else "measured in this job"))
     if not items:
         return ""
     rows = [[_e(k), _e(v if isinstance(v, str) else json.dumps(v, default=str))] for k, v in items]

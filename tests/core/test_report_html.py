@@ -132,3 +132,10 @@ def test_chromium_renders_every_plot(tmp_path: Path):
     subprocess.run(flags + ["--window-size=1200,2400", f"--screenshot={shot}", html_file.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000
+
+
+def test_report_says_when_teacher_numbers_were_reused():
+    reused = render_report_html({**REPORT, "teacher_evaluation": {"cached": True, "key": "k"}}, "t", {})
+    measured = render_report_html({**REPORT, "teacher_evaluation": {"cached": False, "key": "k"}}, "t", {})
+    assert "reused from an earlier job" in reused and "reused from an earlier job" not in measured
+    assert "measured in this job" in measured
