@@ -241,6 +241,24 @@ def case_layout(args, log) -> str:
     ])
 
 
+def case_precision(args, log) -> str:
+    """fp32 vs bf16 autocast on CPU (train autocasts on CUDA only), and the bf16 gradient's agreement."""
+    from benchmarks import step_bench
+
+    name = "cnn_small" if args.quick else "resnet18"
+    repeats = args.repeats or (1 if args.quick else 3)
+    res = step_bench.precision_ablation(name, "32x32x3", repeats=repeats, teacher_name=args.teacher)
+    out = [[name, mode, f"{a * 1e3:.0f}", f"{b * 1e3:.0f}", f"{a / b:.2f}"] for mode, a, b in res["rows"]]
+    bf16_auto = dict((m, b) for m, _, b in res["rows"]).get("auto_cached")
+    ratio = f"{res['ref_s'] / bf16_auto:.2f}" if bf16_auto else "–"
+    return "\n\n".join([
+        f"### Precision on CPU (32x32x3, batch {step_bench.BATCH}, median of {repeats}, interleaved)",
+        table(["student", "mode", "fp32 ms", "bf16 autocast ms", "fp32 / bf16"], out),
+        f"Reference exact (fp32) {res['ref_s'] * 1e3:.0f} ms; ref fp32 / ours default in bf16: {ratio}; "
+        f"parameter-gradient cosine of bf16 ours against fp32 ref: {res['cosine']:.4f}.",
+    ])
+
+
 # ----------------------------------------------------------------------------- demo
 
 
@@ -285,7 +303,7 @@ def case_threads(args, log) -> str:
 
 CASES: dict[str, Callable[..., str]] = {
     "step": case_step, "flops": case_flops, "attack": case_attack, "api": case_api, "layout": case_layout,
-    "threads": case_threads, "demo": case_demo,
+    "threads": case_threads, "demo": case_demo, "precision": case_precision,
 }
 DEFAULT_CASES = "step,flops,attack,api,layout,demo"
 

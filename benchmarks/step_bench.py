@@ -357,3 +357,49 @@ def threads_ablation(name: str, inputs: str, *, modes=("kd_cached", "auto_cached
     finally:
         torch.set_num_threads(before)
     return [(m, {n: statistics.median(samples[(m, n)]) for n in threads}) for m in modes]
+
+
+def precision_ablation(name: str = "resnet18", inputs: str = "32x32x3", *, modes=("kd_cached", "auto_cached"),
+                       repeats: int = 3, teacher_name: str = TEACHER, seed: int = 0) -> dict:
+    """fp32 vs bf16 autocast on CPU, interleaved: {"rows": [(mode, fp32_s, bf16_s)], "ref_s", "cosine"}.
+
+    `kdiga_core.train` autocasts to bf16 on CUDA only; this measures what it would buy on a CPU with
+    bf16 instructions, and how far a bf16 KDIGA gradient lands from the fp32 reference's
+    ("cosine": parameter-gradient cosine of bf16 `auto_cached` against fp32 `ref`).
+    """
+    in_chans, img_size = INPUTS[inputs]
+    torch.manual_seed(seed)
+    student0 = make_model(name, in_chans, img_size).train()
+    teacher = make_model(teacher_name, in_chans, img_size).eval().requires_grad_(False)
+    x = torch.rand(BATCH, in_chans, img_size, img_size)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+
+    def in_precision(step: Callable[[], None], precision: str) -> Callable[[], None]:
+        if precision == "fp32":
+            return step
+
+        def bf16_step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                step()
+        return bf16_step
+
+    steps = {}
+    for mode, precision in [(m, p) for m in modes for p in ("fp32", "bf16")] + [("ref", "fp32")]:
+        student = copy.deepcopy(student0)
+        steps[(mode, precision)] = in_precision(make_step(build_loss(mode, student, teacher, x, y), student), precision)
+        steps[(mode, precision)]()
+    samples: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    s_ref, s_bf = copy.deepcopy(student0), copy.deepcopy(student0)
+    g_ref = param_grads(build_loss("ref", s_ref, teacher, x, y), s_ref)
+    loss_bf = build_loss("auto_cached", s_bf, teacher, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g_bf = param_grads(loss_bf, s_bf)
+    cosine = float(torch.nn.functional.cosine_similarity(g_ref, g_bf.float(), dim=0))
+    return {"rows": [(m, med[(m, "fp32")], med[(m, "bf16")]) for m in modes], "ref_s": med[("ref", "fp32")],
+            "cosine": cosine}

@@ -64,7 +64,8 @@ def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, *, dataset: di
             model_dir: str | Path | None = None, on_step: StepFn | None = None,
             should_cancel: Callable[[], bool] | None = None,
             on_checkpoint: Callable[[Path], None] | None = None, resume: bool = False,
-            allow_torchscript: bool = False, teacher_cache_dir: str | Path | None = None) -> dict[str, Any]:
+            allow_torchscript: bool = False, teacher_cache_dir: str | Path | None = None,
+            student_path: str | Path | None = None, student_spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one job end to end in `workdir`; return artifacts (name -> path), metrics and the report.
 
     distill: teacher (teacher_path) -> student (spec["student"]) with spec["objective"].
@@ -73,6 +74,8 @@ def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, *, dataset: di
 
     `teacher_cache_dir`: where the teacher's evaluation is kept between jobs (the same teacher,
     points and settings give the same numbers, so a second student of one teacher skips it).
+    `student_path` / `student_spec`: weights (an uploaded model of the same architecture as
+    spec["student"]["arch"]) that initialise the student instead of a random draw.
     """
     if kind not in JOB_KINDS:
         raise KdigaError(f"Unknown job kind '{kind}'; valid names are: {', '.join(JOB_KINDS)}.")
@@ -86,8 +89,10 @@ def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, *, dataset: di
     if kind == "evaluate":
         result = _evaluate_only(spec, data, teacher, model_dir, workdir, notify, cache)
     else:
+        initial = _load_initial_student(student_path, student_spec, spec.get("student") or {}, data,
+                                        allow_torchscript)
         result = _train_and_report(kind, spec, data, teacher, workdir, notify,
-                                   should_cancel, on_checkpoint, resume, cache)
+                                   should_cancel, on_checkpoint, resume, cache, initial)
     result["metrics"]["wall_s"] = round(time.monotonic() - started, 2)
     return result
 
@@ -110,11 +115,12 @@ def _check_compatible(spec: ModelSpec, data: data_mod.DataBundle, role: str) -> 
         raise KdigaError(f"The {role} has {spec.num_classes} classes but the dataset has {data.num_classes}.")
 
 
-def _train_and_report(kind, spec, data, teacher, workdir, notify, should_cancel, on_checkpoint, resume, cache):
+def _train_and_report(kind, spec, data, teacher, workdir, notify, should_cancel, on_checkpoint, resume, cache,
+                      initial=None):
     objective = ObjectiveConfig.from_dict(spec.get("objective"))
     _check_method(kind, objective.method, teacher)
     train_cfg = TrainConfig.from_dict(spec.get("train"))
-    student = _build_student(spec.get("student") or {}, data)
+    student = initial if initial is not None else _build_student(spec.get("student") or {}, data)
     result = train(student, data, objective, train_cfg, teacher=teacher if kind == "distill" else None,
                    on_step=notify, should_cancel=should_cancel, checkpoint_dir=workdir / "checkpoint",
                    on_checkpoint=on_checkpoint, resume=resume)
@@ -151,6 +157,23 @@ def _build_student(student: dict[str, Any], data: data_mod.DataBundle):
                      img_size=data.img_size, mean=student.get("mean"), std=student.get("std"),
                      class_names=tuple(data.class_names) if data.class_names else None)
     return models.build_model(spec)
+
+
+def _load_initial_student(path, spec, student, data, allow_torchscript):
+    """The uploaded weights that start the student's training, checked against student.arch, or None."""
+    if path is None:
+        return None
+    model_spec = ModelSpec.from_dict(spec) if spec and spec.get("arch") else None
+    model = formats.load_model(path, model_spec, allow_torchscript=allow_torchscript)
+    arch = student.get("arch")
+    if arch and model.spec.arch != arch:
+        raise KdigaError(f"The student's initial weights (student.weights_id) are a '{model.spec.arch}' "
+                         f"model but student.arch is '{arch}'; give the same architecture.")
+    _check_compatible(model.spec, data, "student's initial model")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise KdigaError("The student's initial weights (student.weights_id) have no trainable parameters "
+                         "(an ONNX or TorchScript upload); upload safetensors weights instead.")
+    return model.train()
 
 
 def _evaluate_only(spec, data, teacher, model_dir, workdir, notify, cache):

@@ -20,7 +20,6 @@ never touches CUDA (pytorch#40403).
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import logging
 import math
@@ -226,11 +225,6 @@ def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Report
 
     extra: dict[str, Any] = {}
     if "student_path" in inputs:
-        from kdiga_core.errors import KdigaError
-
-        if "student_path" not in inspect.signature(core_jobs.run_job).parameters:
-            raise KdigaError("Initialising the student from uploaded weights (student.weights_id) "
-                             "is not supported by this worker yet.")
         extra = {"student_path": inputs["student_path"], "student_spec": inputs["student_spec"]}
     return core_jobs.run_job(
         job.kind, dict(job.spec or {}), workdir, dataset=inputs["dataset"],

@@ -41,6 +41,12 @@ def test_embedded_kdiga_job_end_to_end(tmp_path, teacher_file):
         assert done["attempts"] == 1 and done["progress"]["percent"] == 100.0
         assert any(p.get("phase") in ("train", "evaluate") for p in done["_seen_progress"]), done["_seen_progress"]
         flow.check_student(api, done, tmp_path / "download")
+
+        # A student initialised from uploaded weights (student.weights_id: a ready model of its arch).
+        warm = h.tiny_job_request(ids["dataset_id"], ids["teacher_id"], method="kd", name="warm start")
+        warm["student"] = {"arch": "cnn_tiny", "weights_id": ids["teacher_id"]}
+        warm_done = api.follow(api.submit(warm)["id"])
+        assert warm_done["status"] == "succeeded", warm_done["error"]
     finally:
         service.stop()
     assert not (home / "redis.sock").exists()  # the embedded Redis was shut down
