@@ -305,7 +305,7 @@ CASES: dict[str, Callable[..., str]] = {
     "step": case_step, "flops": case_flops, "attack": case_attack, "api": case_api, "layout": case_layout,
     "threads": case_threads, "demo": case_demo, "precision": case_precision,
 }
-DEFAULT_CASES = "step,flops,attack,api,layout,demo"
+DEFAULT_CASES = "step,flops,attack,api,layout,precision,threads,demo"
 
 
 # ----------------------------------------------------------------------------- main
