@@ -40,8 +40,9 @@ lint: install-dev
 reproduce: install
 	$(PY) benchmarks/reproduce_digits.py
 
-# One thread and a time budget per step case: on a shared 2-core machine two threads were
-# 4-20x slower (BENCHMARKS.md, "Intra-op threads"); the full zoo without a budget takes > 20 min.
+# One thread and a time budget for the step case: ratios at one thread are less sensitive to other
+# processes (on a shared 2-core machine two threads were 4-20x slower; on an idle one 1.2-1.8x
+# faster, BENCHMARKS.md "Intra-op threads"); the full zoo without a budget takes > 20 min.
 bench: install-dev
 	$(PY) -m benchmarks.run --threads 1 --step-budget-s 370
 
