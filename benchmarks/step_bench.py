@@ -403,3 +403,54 @@ def precision_ablation(name: str = "resnet18", inputs: str = "32x32x3", *, modes
     cosine = float(torch.nn.functional.cosine_similarity(g_ref, g_bf.float(), dim=0))
     return {"rows": [(m, med[(m, "fp32")], med[(m, "bf16")]) for m in modes], "ref_s": med[("ref", "fp32")],
             "cosine": cosine}
+
+
+def compile_ablation(name: str = "resnet18", inputs: str = "32x32x3", *, modes=("kd_cached", "auto_cached"),
+                     repeats: int = 3, teacher_name: str = TEACHER, seed: int = 0) -> list[dict]:
+    """Eager vs `torch.compile`d student forward (inductor, CPU), interleaved after the compile.
+
+    Returns one dict per mode: eager_s, compiled_s (None if compiling failed), compile_s (the first
+    compiled step, which compiles), cosine (parameter gradients, compiled vs eager) and error.
+    """
+    in_chans, img_size = INPUTS[inputs]
+    torch.manual_seed(seed)
+    student0 = make_model(name, in_chans, img_size).train()
+    teacher = make_model(teacher_name, in_chans, img_size).eval().requires_grad_(False)
+    x = torch.rand(BATCH, in_chans, img_size, img_size)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    rows = []
+    for mode in modes:
+        row: dict = {"mode": mode, "eager_s": None, "compiled_s": None, "compile_s": None, "cosine": None,
+                     "error": ""}
+        eager_student, compiled_student = copy.deepcopy(student0), copy.deepcopy(student0)
+        eager = make_step(build_loss(mode, eager_student, teacher, x, y), eager_student)
+        eager()
+        try:
+            torch._dynamo.reset()
+            compiled_student.forward = torch.compile(compiled_student.forward)
+            compiled_loss = build_loss(mode, compiled_student, teacher, x, y)
+            compiled = make_step(compiled_loss, compiled_student)
+            start = time.perf_counter()
+            compiled()
+            row["compile_s"] = time.perf_counter() - start
+        except Exception as exc:  # noqa: BLE001 - a failure to compile is a result to report
+            row["error"] = _short_error(exc)
+            compiled = None
+        samples: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for _ in range(repeats):
+            for key, step in (("eager", eager), ("compiled", compiled)):
+                if step is None:
+                    continue
+                start = time.perf_counter()
+                step()
+                samples[key].append(time.perf_counter() - start)
+        row["eager_s"] = statistics.median(samples["eager"])
+        if compiled is not None:
+            row["compiled_s"] = statistics.median(samples["compiled"])
+            a, b = copy.deepcopy(student0), copy.deepcopy(student0)
+            b.forward = torch.compile(b.forward)
+            g_eager = param_grads(build_loss(mode, a, teacher, x, y), a)
+            g_comp = param_grads(build_loss(mode, b, teacher, x, y), b)
+            row["cosine"] = float(torch.nn.functional.cosine_similarity(g_eager, g_comp, dim=0))
+        rows.append(row)
+    return rows

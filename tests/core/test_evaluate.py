@@ -265,3 +265,19 @@ def test_unreadable_cache_entry_is_a_miss(setup, tmp_path):
     report = E.evaluate(student, data, _cfg(), teacher=teacher, square_queries=30, teacher_cache=cache)
     assert report["teacher_evaluation"]["cached"] is False
     assert json.loads((tmp_path / f"{key}.json").read_text()) == report["models"]["teacher"]
+
+
+def test_pgd_attacks_only_the_correctly_classified_points(setup):
+    data, student, _ = setup
+    x, y = data.x_test[:24], data.y_test[:24].clone()
+    y[:10] = (y[:10] + 1) % 4  # ten points the model now gets wrong
+    correct = int((student(x).argmax(1) == y).sum())
+    sizes = []
+    hook = student.register_forward_hook(lambda _m, inp, _out: sizes.append(len(inp[0])))
+    try:
+        res = E.robust_accuracy(student, x, y, AttackSpec("pgd", eps=0.15, steps=3), batch_size=64)
+    finally:
+        hook.remove()
+    # one clean pass over all 24 points, then PGD's 3 steps and a prediction on the correct ones only
+    assert sizes[0] == 24 and set(sizes[1:]) == {correct} and len(sizes) == 1 + 3 + 1
+    assert res["accuracy"] <= correct / 24
