@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from kdiga_core.attacks import predict, run_autoattack
 from kdiga_core.config import AttackSpec
-from kdiga_core.evaluate import robust_accuracy
 from kdiga_core.data import load_builtin
+from kdiga_core.evaluate import robust_accuracy
 from kdiga_core.models import create_model
 
 EPS = 0.1  # pixel units on [0, 1] digits
