@@ -90,12 +90,18 @@ class EmbeddedRedis:
             return self
         self._remove_stale_files()
         self.conffile.write_text(self._config(), encoding="utf-8")
-        self._proc = subprocess.Popen(
-            [_redis_executable(), str(self.conffile)],
-            cwd=self.dir,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        # Not the launcher's stdout/stderr: the server can outlive it (a later launcher re-attaches),
+        # and an inherited pipe (`kdiga serve | tail`) would then never reach end-of-file. It logs to
+        # its logfile; what it prints before opening that (a bad config) is appended there too.
+        with open(self.logfile, "ab") as early_output:
+            self._proc = subprocess.Popen(
+                [_redis_executable(), str(self.conffile)],
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=early_output,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while not self._ping():
             if self._proc.poll() is not None or time.monotonic() > deadline:

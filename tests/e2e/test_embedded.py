@@ -126,6 +126,9 @@ def test_serve_reattaches_after_a_crash_and_stops_on_sigterm(tmp_path):
     try:
         h.wait_for(lambda: _healthy(url), 90, what="kdiga serve")
         redis_pid = int((home / "redis" / "redis.pid").read_text())
+        # The broker must not hold the launcher's stdout pipe (`kdiga serve | tail` would never end).
+        assert os.readlink(f"/proc/{redis_pid}/fd/1") == "/dev/null"
+        assert os.readlink(f"/proc/{redis_pid}/fd/2") == str(home / "redis" / "redis.log")
         os.kill(crashed.pid, signal.SIGKILL)  # the launcher dies without cleaning up
         crashed.wait(10)
         h.wait_for(lambda: not _healthy(url), 30, what="the API to follow its launcher")
