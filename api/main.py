@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from anyio import to_thread
 from fastapi import FastAPI
 
@@ -19,6 +20,7 @@ from api.routes import artifacts, catalog, datasets, health, jobs, teachers
 from api.settings import Settings, get_settings
 from api.status_reader import StatusReader
 from api.storage import get_storage
+from api.sweeper import resend_stale
 
 log = logging.getLogger("kdiga.api")
 
@@ -33,6 +35,17 @@ def _start_up(settings: Settings) -> None:
             admin.ensure_key(session, secret=settings.bootstrap_admin_key.get_secret_value())
 
 
+async def _sweep_forever(app: FastAPI) -> None:
+    """Every `requeue_check_s`, re-send the tasks that nobody took (api/sweeper.py)."""
+    settings = app.state.settings
+    while True:
+        await anyio.sleep(settings.requeue_check_s)
+        try:
+            await to_thread.run_sync(resend_stale, app.state.sessionmaker, settings)
+        except Exception:  # noqa: BLE001 - a failed sweep (database down) must not stop the next one
+            log.exception("sweeper: the sweep failed; trying again in %.0f s", settings.requeue_check_s)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app for `settings` (default: the environment's)."""
     settings = settings or get_settings()
@@ -41,15 +54,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await to_thread.run_sync(_start_up, settings)
         # Move everything loaded so far (FastAPI, SQLAlchemy, pydantic: ~10^5 objects) out of the
-        # collector's reach: a full collection scanning them paused the event loop for 100-250 ms
-        # under load, the whole p99 of status reads (BENCHMARKS.md).
+        # collector's reach, so that full collections under load do not rescan them (cheap; it made
+        # no measurable difference to the p99 of status reads, BENCHMARKS.md).
         gc.collect()
         gc.freeze()
         log.info("kdiga api ready (database %s)", settings.database_url.split("@")[-1])
-        try:
-            yield
-        finally:
-            app.state.status_reader.close()
+        async with anyio.create_task_group() as tasks:
+            if settings.requeue_after_s > 0:
+                tasks.start_soon(_sweep_forever, app)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+                app.state.status_reader.close()
 
     app = FastAPI(
         title="kdiga",

@@ -108,6 +108,9 @@ class Teacher(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     source_job_id: Mapped[str | None] = mapped_column(String(36), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When its task was last sent to the broker: the sweeper re-sends a task that nobody took
+    # (an API crash between commit and publish, a broker that lost its data).
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     validated_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
@@ -132,6 +135,9 @@ class Dataset(Base):
     test_size: Mapped[int | None] = mapped_column(Integer, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When its task was last sent to the broker: the sweeper re-sends a task that nobody took
+    # (an API crash between commit and publish, a broker that lost its data).
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     validated_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
@@ -165,6 +171,9 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When its task was last sent to the broker: the sweeper re-sends a task that nobody took
+    # (an API crash between commit and publish, a broker that lost its data).
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 

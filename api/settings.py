@@ -94,6 +94,14 @@ class Settings(BaseSettings):
         default=None, description="If set, this admin key is created at start-up (compose deployments)."
     )
 
+    requeue_after_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="Re-send a waiting job's or validation's task nobody took after this long; 0: never.",
+    )
+    requeue_check_s: float = Field(
+        default=60.0, gt=0, description="How often each API process looks for such tasks."
+    )
     api_workers: int = Field(
         default=2,
         ge=1,

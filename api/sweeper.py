@@ -1,0 +1,86 @@
+"""Re-send tasks that nobody took: jobs still `queued`, teachers and datasets still `validating`.
+
+The API commits a row, then publishes its task; a crash between the two, or a broker that lost
+its data (a Redis restarted without persistence), leaves a row that no worker will ever see.
+Every `KDIGA_REQUEUE_CHECK_S` each API process looks for rows whose task was last sent more than
+`KDIGA_REQUEUE_AFTER_S` ago and sends it again. A conditional UPDATE of `enqueued_at` decides which
+process re-sends a row, so several API processes send one message, not one each. A duplicate
+message is harmless: the worker claims the row conditionally and skips a row that is no longer
+waiting (worker/runner.py), so re-sending a task whose first message is merely waiting in a long
+queue costs one no-op delivery per period.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from api.models import QUEUED, VALIDATING, Dataset, Job, Teacher, utcnow
+from api.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER, QueueUnavailable, enqueue
+from api.settings import Settings
+
+log = logging.getLogger("kdiga.api.sweeper")
+
+BATCH = 100  # rows per table and sweep: a backlog drains over several sweeps, never in one burst
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A kind of row that waits for a worker: its model, the waiting status and its task."""
+
+    model: Any
+    status: str
+    task: str
+    queue: Callable[[Any, Settings], str]
+
+
+WAITING = (
+    Waiting(Job, QUEUED, RUN_JOB, lambda row, _s: row.queue),
+    Waiting(Teacher, VALIDATING, VALIDATE_TEACHER, lambda _row, s: s.queue_eval),
+    Waiting(Dataset, VALIDATING, VALIDATE_DATASET, lambda _row, s: s.queue_eval),
+)
+
+
+def resend_stale(session_factory: Callable[[], Session], settings: Settings, *,
+                 now: datetime | None = None) -> list[str]:
+    """One sweep: re-send every stale waiting row's task; returns the ids re-sent."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settings.requeue_after_s)
+    sent: list[str] = []
+    with session_factory() as session:
+        for kind in WAITING:
+            model = kind.model
+            last_sent = func.coalesce(model.enqueued_at, model.created_at)
+            rows = session.execute(
+                select(model).where(model.status == kind.status, last_sent < cutoff).order_by(last_sent).limit(BATCH)
+            ).scalars().all()
+            for row in rows:
+                if _take(session, model, row, kind.status, now):
+                    try:
+                        enqueue(settings, kind.task, row.id, queue=kind.queue(row, settings))
+                    except QueueUnavailable as exc:
+                        log.warning("sweeper: broker unavailable (%s); will retry next sweep", exc)
+                        return sent
+                    sent.append(row.id)
+                    log.warning("sweeper: re-sent a task nobody took",
+                                extra={"task": kind.task, "id": row.id, "waiting_since": str(row.enqueued_at)})
+    return sent
+
+
+def _take(session: Session, model: Any, row: Any, status: str, now: datetime) -> bool:
+    """Mark `row` as sent now, unless another process (or the worker) changed it meanwhile."""
+    same = model.enqueued_at.is_(None) if row.enqueued_at is None else model.enqueued_at == row.enqueued_at
+    result = session.execute(
+        update(model).where(model.id == row.id, model.status == status, same).values(enqueued_at=now)
+    )
+    session.commit()
+    return bool(result.rowcount == 1)
+
+
+__all__ = ["WAITING", "resend_stale"]
