@@ -187,13 +187,8 @@ def _short_error(exc: BaseException) -> str:
 def bench_row(name: str, inputs: str, *, modes=MODES, repeats: int = 5, warmup: int = 1,
               with_flops: bool = True, seed: int = 0, teacher_name: str = TEACHER) -> StepRow:
     """Measure every mode for one student and input shape (see the module docstring)."""
-    in_chans, img_size = INPUTS[inputs]
-    torch.manual_seed(seed)
-    student0 = make_model(name, in_chans, img_size).train()
-    teacher = make_model(teacher_name, in_chans, img_size).eval().requires_grad_(False)
-    x = torch.rand(BATCH, in_chans, img_size, img_size)
-    y = torch.randint(0, NUM_CLASSES, (BATCH,))
-    row = StepRow(model_label(name, img_size), inputs,
+    student0, teacher, x, y = bench_inputs(name, inputs, teacher_name, seed)
+    row = StepRow(model_label(name, INPUTS[inputs][1]), inputs,
                   sum(p.numel() for p in student0.parameters()) / 1e6, teacher=teacher_name)
 
     steps: dict[str, Callable[[], None]] = {}
@@ -291,6 +286,28 @@ def run(*, quick: bool = False, zoo=None, inputs=None, repeats: int | None = Non
     return sorted(rows, key=lambda r: rank[(r.student, r.inputs)])
 
 
+def bench_inputs(name: str, inputs: str, teacher_name: str, seed: int):
+    """(student in train mode, frozen teacher, a random batch, its labels) for one row or ablation."""
+    in_chans, img_size = INPUTS[inputs]
+    torch.manual_seed(seed)
+    student = make_model(name, in_chans, img_size).train()
+    teacher = make_model(teacher_name, in_chans, img_size).eval().requires_grad_(False)
+    x = torch.rand(BATCH, in_chans, img_size, img_size)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    return student, teacher, x, y
+
+
+def interleaved_medians(steps: dict, repeats: int) -> dict:
+    """Run each (already warmed-up) step once per round, `repeats` rounds; the median time of each."""
+    samples: dict = {k: [] for k in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def channels_last_ablation(name: str = "resnet18", inputs: str = "32x32x3", *, modes=("kd_cached", "auto_cached"),
                            repeats: int = 3, teacher_name: str = TEACHER, seed: int = 0) -> list[tuple[str, float, float]]:
     """Step time with NCHW vs channels_last student, teacher and batch (CPU): [(mode, nchw_s, cl_s)].
@@ -298,12 +315,7 @@ def channels_last_ablation(name: str = "resnet18", inputs: str = "32x32x3", *, m
     `kdiga_core.train` uses channels_last on CUDA only; this measures whether it pays on CPU too.
     Both layouts run interleaved, after one warm-up step each.
     """
-    in_chans, img_size = INPUTS[inputs]
-    torch.manual_seed(seed)
-    student0 = make_model(name, in_chans, img_size).train()
-    teacher0 = make_model(teacher_name, in_chans, img_size).eval().requires_grad_(False)
-    x = torch.rand(BATCH, in_chans, img_size, img_size)
-    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    student0, teacher0, x, y = bench_inputs(name, inputs, teacher_name, seed)
     steps = {}
     for mode in modes:
         for layout in ("nchw", "cl"):
@@ -314,13 +326,8 @@ def channels_last_ablation(name: str = "resnet18", inputs: str = "32x32x3", *, m
                     memory_format=fmt)
             steps[(mode, layout)] = make_step(build_loss(mode, student, teacher, xb, y), student)
             steps[(mode, layout)]()
-    samples: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[key].append(time.perf_counter() - start)
-    return [(m, statistics.median(samples[(m, "nchw")]), statistics.median(samples[(m, "cl")])) for m in modes]
+    med = interleaved_medians(steps, repeats)
+    return [(m, med[(m, "nchw")], med[(m, "cl")]) for m in modes]
 
 
 def threads_ablation(name: str, inputs: str, *, modes=("kd_cached", "auto_cached"), threads=(1, 2),
@@ -330,12 +337,7 @@ def threads_ablation(name: str, inputs: str, *, modes=("kd_cached", "auto_cached
 
     `kdiga_core.train` uses one thread per core on CPU; this shows what that buys on this machine.
     """
-    in_chans, img_size = INPUTS[inputs]
-    torch.manual_seed(seed)
-    student0 = make_model(name, in_chans, img_size).train()
-    teacher = make_model(teacher_name, in_chans, img_size).eval().requires_grad_(False)
-    x = torch.rand(BATCH, in_chans, img_size, img_size)
-    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    student0, teacher, x, y = bench_inputs(name, inputs, teacher_name, seed)
     before = torch.get_num_threads()
     steps = {}
     for mode in modes:
@@ -367,12 +369,7 @@ def precision_ablation(name: str = "resnet18", inputs: str = "32x32x3", *, modes
     bf16 instructions, and how far a bf16 KDIGA gradient lands from the fp32 reference's
     ("cosine": parameter-gradient cosine of bf16 `auto_cached` against fp32 `ref`).
     """
-    in_chans, img_size = INPUTS[inputs]
-    torch.manual_seed(seed)
-    student0 = make_model(name, in_chans, img_size).train()
-    teacher = make_model(teacher_name, in_chans, img_size).eval().requires_grad_(False)
-    x = torch.rand(BATCH, in_chans, img_size, img_size)
-    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    student0, teacher, x, y = bench_inputs(name, inputs, teacher_name, seed)
 
     def in_precision(step: Callable[[], None], precision: str) -> Callable[[], None]:
         if precision == "fp32":
@@ -388,13 +385,7 @@ def precision_ablation(name: str = "resnet18", inputs: str = "32x32x3", *, modes
         student = copy.deepcopy(student0)
         steps[(mode, precision)] = in_precision(make_step(build_loss(mode, student, teacher, x, y), student), precision)
         steps[(mode, precision)]()
-    samples: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    med = interleaved_medians(steps, repeats)
     s_ref, s_bf = copy.deepcopy(student0), copy.deepcopy(student0)
     g_ref = param_grads(build_loss("ref", s_ref, teacher, x, y), s_ref)
     loss_bf = build_loss("auto_cached", s_bf, teacher, x, y)
@@ -412,12 +403,7 @@ def compile_ablation(name: str = "resnet18", inputs: str = "32x32x3", *, modes=(
     Returns one dict per mode: eager_s, compiled_s (None if compiling failed), compile_s (the first
     compiled step, which compiles), cosine (parameter gradients, compiled vs eager) and error.
     """
-    in_chans, img_size = INPUTS[inputs]
-    torch.manual_seed(seed)
-    student0 = make_model(name, in_chans, img_size).train()
-    teacher = make_model(teacher_name, in_chans, img_size).eval().requires_grad_(False)
-    x = torch.rand(BATCH, in_chans, img_size, img_size)
-    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    student0, teacher, x, y = bench_inputs(name, inputs, teacher_name, seed)
     rows = []
     for mode in modes:
         row: dict = {"mode": mode, "eager_s": None, "compiled_s": None, "compile_s": None, "cosine": None,
