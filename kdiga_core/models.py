@@ -277,7 +277,41 @@ def _create_timm(name: str, num_classes: int, in_chans: int, img_size: int) -> n
             raise
         net = timm.create_model(name, **kwargs)  # CNNs take any size and refuse the keyword
     _disable_fused_attention(net)
+    _use_twice_differentiable_activations(net)
     return net
+
+
+class ClampHardsigmoid(nn.Module):
+    """hardsigmoid(x) = clamp(x + 3, 0, 6) / 6, from ops that have a double-backward kernel.
+
+    torch's own `hardsigmoid_backward` has none, so exact IGA (double backprop) failed on every
+    network using nn.Hardsigmoid / nn.Hardswish (timm's MobileNetV3) and fell back to finite
+    differences, whose gradient disagrees with the exact one on piecewise-linear networks
+    (BENCHMARKS.md). Same function, same (absent) parameters, so weights load unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+
+
+class ClampHardswish(nn.Module):
+    """hardswish(x) = x · clamp(x + 3, 0, 6) / 6 (see `ClampHardsigmoid`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+
+
+_TWICE_DIFFERENTIABLE = {nn.Hardsigmoid: ClampHardsigmoid, nn.Hardswish: ClampHardswish}
+
+
+def _use_twice_differentiable_activations(net: nn.Module) -> None:
+    """Swap nn.Hardsigmoid / nn.Hardswish for their clamp forms, in place (see `ClampHardsigmoid`)."""
+    for name, child in list(net.named_children()):
+        replacement = _TWICE_DIFFERENTIABLE.get(type(child))
+        if replacement is not None:
+            setattr(net, name, replacement())
+        else:
+            _use_twice_differentiable_activations(child)
 
 
 def build_model(spec: ModelSpec) -> NormalizedModel:

@@ -107,3 +107,44 @@ def test_build_model_from_spec_and_registry():
         assert count_parameters(model) == 16 * 3 + 3
     finally:  # other tests compare the registry with the API catalog
         models._REGISTRY.pop("_test_linear")
+
+
+def test_clamp_hard_activations_equal_torchs_and_differentiate_twice():
+    from kdiga_core.models import ClampHardsigmoid, ClampHardswish
+
+    x = torch.linspace(-5, 5, 1001, dtype=torch.float64).requires_grad_(True)
+    for ours, theirs in ((ClampHardsigmoid(), torch.nn.Hardsigmoid()), (ClampHardswish(), torch.nn.Hardswish())):
+        a, b = ours(x), theirs(x)
+        assert torch.allclose(a, b, atol=1e-12)
+        (ga,) = torch.autograd.grad(a.sum(), x, create_graph=True)
+        (gb,) = torch.autograd.grad(b.sum(), x)
+        away_from_kinks = (x.detach().abs() - 3).abs() > 1e-3
+        assert torch.allclose(ga[away_from_kinks], gb[away_from_kinks], atol=1e-12)
+        # double backprop through a weight, as exact IGA does: torch's hardsigmoid_backward has no
+        # derivative, ours has
+        w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        for act in (ours, theirs):
+            (g,) = torch.autograd.grad(act(w * x).sum(), x, create_graph=True)
+            if isinstance(act, torch.nn.Hardsigmoid):
+                with pytest.raises(RuntimeError, match="not implemented"):
+                    g.pow(2).sum().backward()
+            else:
+                w.grad = None
+                g.pow(2).sum().backward()
+                assert w.grad is not None and w.grad != 0
+
+
+def test_mobilenetv3_student_supports_exact_iga():
+    timm = pytest.importorskip("timm")
+    from kdiga_core.objectives import supports_double_backward
+
+    spec = ModelSpec(arch="mobilenetv3_small_100", num_classes=5, in_chans=1, img_size=32)
+    ours = build_model(spec).eval()
+    stock = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=5, in_chans=1).eval()
+    assert set(ours.net.state_dict()) == set(stock.state_dict())  # weights move between them unchanged
+    stock.load_state_dict(ours.net.state_dict())
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.allclose(ours.net(x), stock(x), atol=1e-5)
+    assert not any(isinstance(m, torch.nn.Hardswish | torch.nn.Hardsigmoid) for m in ours.modules())
+    assert supports_double_backward(ours, (1, 32, 32))
+    assert not supports_double_backward(stock, (1, 32, 32))
