@@ -12,11 +12,19 @@ from sqlalchemy.orm import Session
 
 from api import crud
 from api.catalog import check_name
-from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep, not_found
+from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep
 from api.errors import pydantic_sentence
 from api.models import Dataset
 from api.queue import VALIDATE_DATASET
-from api.routes._common import QueueUnavailable, log, parse_json_field, publish, queue_down
+from api.routes._common import (
+    QueueUnavailable,
+    delete_with_file,
+    log,
+    owned_or_404,
+    parse_json_field,
+    publish,
+    queue_down,
+)
 from api.schemas import DatasetBuiltinCreate, DatasetPublic, DatasetUploadMetadata, Page
 from api.settings import Settings
 from api.storage import ArtifactStore, new_key
@@ -176,29 +184,12 @@ def list_datasets(owner: CurrentOwner, session: SessionDep, page: PageDep) -> Pa
 @router.get("/{dataset_id}", response_model=DatasetPublic)
 def read_dataset(dataset_id: str, owner: CurrentOwner, session: SessionDep) -> Dataset:
     """Read one dataset (classes, input shape, split sizes once validated)."""
-    row = crud.get_owned(session, Dataset, owner_id=owner.id, id=dataset_id)
-    if row is None:
-        raise not_found("Dataset", dataset_id)
-    return row
+    return owned_or_404(session, Dataset, owner.id, dataset_id, "Dataset")
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_dataset(dataset_id: str, owner: CurrentOwner, session: SessionDep, store: StorageDep) -> Response:
     """Delete a dataset and its file (409 while an active job uses it)."""
-    row = crud.get_owned(session, Dataset, owner_id=owner.id, id=dataset_id)
-    if row is None:
-        raise not_found("Dataset", dataset_id)
-    if crud.dataset_in_use(session, dataset_id=dataset_id):
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"Dataset '{dataset_id}' is used by an active job; cancel the job or wait for it to finish.",
-        )
-    key = row.storage_key
-    session.delete(row)
-    session.commit()
-    if key:
-        try:
-            store.delete(key)
-        except Exception:  # noqa: BLE001 - the row is gone; a leftover file is logged, not fatal
-            log.exception("could not delete dataset file %s", key)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    row = owned_or_404(session, Dataset, owner.id, dataset_id, "Dataset")
+    return delete_with_file(session, store, row, what="Dataset",
+                            in_use=crud.dataset_in_use(session, dataset_id=dataset_id))

@@ -23,7 +23,7 @@ from api.catalog import check_name
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep, not_found, run_query
 from api.models import FINISHED_STATES, READY, SUCCEEDED, ApiKey, Dataset, Job, Teacher
 from api.queue import RUN_JOB
-from api.routes._common import QueueUnavailable, log, publish, queue_down
+from api.routes._common import QueueUnavailable, log, owned_or_404, publish, queue_down
 from api.schemas import (
     EvalConfigSchema,
     JobCreate,
@@ -281,10 +281,7 @@ def list_jobs(
 
 
 def _owned_job(session: Session, owner_id: str, job_id: str) -> Job:
-    job = crud.get_owned(session, Job, owner_id=owner_id, id=job_id)
-    if job is None:
-        raise not_found("Job", job_id)
-    return job
+    return owned_or_404(session, Job, owner_id, job_id, "Job")
 
 
 @router.get(

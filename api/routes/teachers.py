@@ -10,10 +10,18 @@ from sqlalchemy.orm import Session
 
 from api import crud
 from api.catalog import check_name
-from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep, not_found
+from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep
 from api.models import Teacher
 from api.queue import VALIDATE_TEACHER
-from api.routes._common import QueueUnavailable, log, parse_json_field, publish, queue_down
+from api.routes._common import (
+    QueueUnavailable,
+    delete_with_file,
+    log,
+    owned_or_404,
+    parse_json_field,
+    publish,
+    queue_down,
+)
 from api.schemas import Page, TeacherMetadata, TeacherPublic
 from api.settings import Settings
 from api.storage import ArtifactStore, StoredObject, new_key
@@ -145,32 +153,14 @@ def list_teachers(owner: CurrentOwner, session: SessionDep, page: PageDep) -> Pa
 @router.get("/{teacher_id}", response_model=TeacherPublic)
 def read_teacher(teacher_id: str, owner: CurrentOwner, session: SessionDep) -> Teacher:
     """Read one teacher."""
-    teacher = crud.get_owned(session, Teacher, owner_id=owner.id, id=teacher_id)
-    if teacher is None:
-        raise not_found("Teacher", teacher_id)
-    return teacher
+    return owned_or_404(session, Teacher, owner.id, teacher_id, "Teacher")
 
 
 @router.delete("/{teacher_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_teacher(teacher_id: str, owner: CurrentOwner, session: SessionDep, store: StorageDep) -> Response:
     """Delete a teacher and its file (409 while an active job uses it)."""
-    teacher = crud.get_owned(session, Teacher, owner_id=owner.id, id=teacher_id)
-    if teacher is None:
-        raise not_found("Teacher", teacher_id)
-    if crud.teacher_in_use(session, teacher_id=teacher_id):
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"Teacher '{teacher_id}' is used by an active job; cancel the job or wait for it to finish.",
-        )
-    key = teacher.storage_key
-    shared = crud.artifact_uses_key(
-        session, storage_key=key
-    )  # a job-made teacher may share its artifact's file
-    session.delete(teacher)
-    session.commit()
-    try:
-        if not shared:
-            store.delete(key)
-    except Exception:  # noqa: BLE001 - the row is gone; a leftover file is logged, not fatal
-        log.exception("could not delete teacher file %s", key)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    teacher = owned_or_404(session, Teacher, owner.id, teacher_id, "Teacher")
+    # A teacher made by an adversarial_train job shares its file with that job's artifact.
+    shared = crud.artifact_uses_key(session, storage_key=teacher.storage_key)
+    return delete_with_file(session, store, teacher, what="Teacher", keep_file=shared,
+                            in_use=crud.teacher_in_use(session, teacher_id=teacher_id))
