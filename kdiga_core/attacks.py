@@ -508,47 +508,28 @@ def _build_pgd(spec: AttackSpec, **kw: Any) -> Attack:
     return PGD(spec.eps, spec.norm, steps=spec.steps, step_size=spec.step_size, generator=kw.get("generator"))
 
 
+def _iterative(cls: type[Attack]) -> Callable[..., Attack]:
+    """A builder for APGD-CE, APGD-T and FAB-T: the same arguments, from the spec and the options."""
+
+    def build(spec: AttackSpec, **kw: Any) -> Attack:
+        return cls(spec.eps, spec.norm, steps=spec.steps, restarts=spec.restarts, seed=kw["seed"],
+                   n_classes=kw["n_classes"])
+
+    return build
+
+
 ATTACKS: dict[str, Callable[..., Attack]] = {
     "pgd": _build_pgd,
     "fgsm": lambda spec, **kw: FGSM(spec.eps, spec.norm),
-    "apgd-ce": lambda spec, **kw: APGDCE(
-        spec.eps,
-        spec.norm,
-        steps=spec.steps,
-        restarts=spec.restarts,
-        seed=kw["seed"],
-        n_classes=kw["n_classes"],
-    ),
-    "apgd-t": lambda spec, **kw: APGDT(
-        spec.eps,
-        spec.norm,
-        steps=spec.steps,
-        restarts=spec.restarts,
-        seed=kw["seed"],
-        n_classes=kw["n_classes"],
-    ),
-    "fab-t": lambda spec, **kw: FABT(
-        spec.eps,
-        spec.norm,
-        steps=spec.steps,
-        restarts=spec.restarts,
-        seed=kw["seed"],
-        n_classes=kw["n_classes"],
-    ),
+    "apgd-ce": _iterative(APGDCE),
+    "apgd-t": _iterative(APGDT),
+    "fab-t": _iterative(FABT),
     "square": lambda spec, **kw: Square(
-        spec.eps,
-        spec.norm,
-        n_queries=kw["n_queries"],
-        restarts=spec.restarts,
-        seed=kw["seed"],
+        spec.eps, spec.norm, n_queries=kw["n_queries"], restarts=spec.restarts, seed=kw["seed"],
         n_classes=kw["n_classes"],
     ),
     "autoattack": lambda spec, **kw: AutoAttack(
-        spec.eps,
-        spec.norm,
-        steps=spec.steps,
-        seed=kw["seed"],
-        n_classes=kw["n_classes"],
+        spec.eps, spec.norm, steps=spec.steps, seed=kw["seed"], n_classes=kw["n_classes"],
         n_queries=kw["n_queries"],
     ),
 }
