@@ -454,6 +454,15 @@ class _nullcontext:
         return None
 
 
+def _print_page(page: Any, table: Callable[[Any], Any], json_out: bool) -> None:
+    """One page of a list command: `{data, count}` as JSON, or a table and "n of count"."""
+    if json_out:
+        _print_json({"data": [item.to_dict() for item in page], "count": page.count})
+        return
+    console.print(table(page.data))
+    console.print(f"{len(page)} of {page.count}", style="dim")
+
+
 @teachers_app.command("list")
 @handle_errors
 def teachers_list(limit: int = 50, offset: int = 0, url: UrlOpt = None, api_key: KeyOpt = None,
@@ -461,10 +470,7 @@ def teachers_list(limit: int = 50, offset: int = 0, url: UrlOpt = None, api_key:
     """List your teachers."""
     with _client(url, api_key) as client:
         page = client.list_teachers(limit=limit, offset=offset)
-    if json_out:
-        return _print_json({"data": [t.to_dict() for t in page], "count": page.count})
-    console.print(_teacher_table(page.data))
-    console.print(f"{len(page)} of {page.count}", style="dim")
+    _print_page(page, _teacher_table, json_out)
 
 
 @teachers_app.command("show")
@@ -543,10 +549,7 @@ def datasets_list(limit: int = 50, offset: int = 0, url: UrlOpt = None, api_key:
     """List your datasets."""
     with _client(url, api_key) as client:
         page = client.list_datasets(limit=limit, offset=offset)
-    if json_out:
-        return _print_json({"data": [d.to_dict() for d in page], "count": page.count})
-    console.print(_dataset_table(page.data))
-    console.print(f"{len(page)} of {page.count}", style="dim")
+    _print_page(page, _dataset_table, json_out)
 
 
 @datasets_app.command("show")
@@ -726,10 +729,7 @@ def jobs_list(status: Annotated[str | None, typer.Option(help="Only jobs in this
     """List your jobs, newest first."""
     with _client(url, api_key) as client:
         page = client.list_jobs(limit=limit, offset=offset, status=status)
-    if json_out:
-        return _print_json({"data": [j.to_dict() for j in page], "count": page.count})
-    console.print(_job_table(page.data))
-    console.print(f"{len(page)} of {page.count}", style="dim")
+    _print_page(page, _job_table, json_out)
 
 
 @jobs_app.command("show")
