@@ -149,6 +149,11 @@ class PGD(Attack):
         random_start: Start uniformly in the L∞ ball, or at a random point of the L2 ball.
         loss: ``"ce"`` or ``"margin"`` (CW margin).
         generator: Generator for the random start (on the inputs' device).
+        stop_when_misclassified: For evaluation: keep the first iterate that the model
+            misclassifies and stop attacking that point (as AutoAttack's APGD keeps its best
+            iterate). Never weaker than the last iterate, and cheaper: later steps run on the
+            points still standing only. Off for training-time attacks, whose examples must take
+            every step.
     """
 
     name = "pgd"
@@ -162,8 +167,10 @@ class PGD(Attack):
         random_start: bool = True,
         loss: str = "ce",
         generator: torch.Generator | None = None,
+        stop_when_misclassified: bool = False,
     ):
         super().__init__(eps, norm)
+        self.stop_when_misclassified = stop_when_misclassified
         if steps < 1:
             raise KdigaError("steps must be at least 1.")
         if loss not in LOSSES:
@@ -172,6 +179,8 @@ class PGD(Attack):
         self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if self.stop_when_misclassified:
+            return self._perturb_until_misclassified(model, x, y)
         loss_fn = LOSSES[self.loss]
         x_adv = self._start(x)
         for _ in range(self.steps):
@@ -180,6 +189,23 @@ class PGD(Attack):
             (grad,) = torch.autograd.grad(loss, x_adv)
             x_adv = project(x_adv.detach() + self.step_size * self._direction(grad), x, self.eps, self.norm)
         return x_adv
+
+    def _perturb_until_misclassified(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        # The logits of each step's forward tell which points are already misclassified: those keep
+        # that iterate, and the next steps run on the others only. The last iterate is checked too.
+        loss_fn = LOSSES[self.loss]
+        out = self._start(x)
+        active = torch.arange(len(x), device=x.device)
+        for _ in range(self.steps):
+            xa = out[active].requires_grad_(True)
+            logits = model(xa)
+            standing = logits.argmax(1) == y[active]
+            if not bool(standing.any()):
+                return out
+            (grad,) = torch.autograd.grad(loss_fn(logits, y[active]).sum(), xa)
+            active, xa, grad = active[standing], xa.detach()[standing], grad[standing]
+            out[active] = project(xa + self.step_size * self._direction(grad), x[active], self.eps, self.norm)
+        return out
 
     def _start(self, x: Tensor) -> Tensor:
         if not self.random_start:
@@ -505,7 +531,8 @@ class AutoAttack(Attack):
 
 
 def _build_pgd(spec: AttackSpec, **kw: Any) -> Attack:
-    return PGD(spec.eps, spec.norm, steps=spec.steps, step_size=spec.step_size, generator=kw.get("generator"))
+    return PGD(spec.eps, spec.norm, steps=spec.steps, step_size=spec.step_size, generator=kw.get("generator"),
+               stop_when_misclassified=kw.get("stop_when_misclassified", False))
 
 
 def _iterative(cls: type[Attack]) -> Callable[..., Attack]:
@@ -547,15 +574,18 @@ def build_attack(
     seed: int = 0,
     n_queries: int = SQUARE_QUERIES,
     generator: torch.Generator | None = None,
+    stop_when_misclassified: bool = False,
 ) -> Attack:
     """Build the attack named by ``spec.name``.
 
     ``spec.steps`` is PGD's step count and the iteration count of APGD/FAB (AutoAttack's
-    standard version uses 100); Square uses ``n_queries`` instead.
+    standard version uses 100); Square uses ``n_queries`` instead. ``stop_when_misclassified``
+    (PGD only) is for measuring robust accuracy, never for training-time examples.
 
     Raises:
         UnknownNameError: the name is not registered (the message lists valid names).
     """
     if spec.name not in ATTACKS:
         raise UnknownNameError("attack", spec.name, list(ATTACKS))
-    return ATTACKS[spec.name](spec, n_classes=n_classes, seed=seed, n_queries=n_queries, generator=generator)
+    return ATTACKS[spec.name](spec, n_classes=n_classes, seed=seed, n_queries=n_queries, generator=generator,
+                              stop_when_misclassified=stop_when_misclassified)

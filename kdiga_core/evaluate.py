@@ -131,7 +131,8 @@ def robust_accuracy(
         )
         return {"accuracy": float(res["robust_accuracy"]), "breakdown": res["breakdown"]}
     attack = build_attack(
-        spec, n_classes=n_classes, seed=seed, n_queries=square_queries, generator=_generator(x.device, seed)
+        spec, n_classes=n_classes, seed=seed, n_queries=square_queries, generator=_generator(x.device, seed),
+        stop_when_misclassified=True,  # a point counts as broken by the first iterate that breaks it
     )
     with frozen_eval(model):
         clean = predict(model, x, batch_size) == y

@@ -158,3 +158,20 @@ def test_project_and_frozen_eval():
     with frozen_eval(net):
         assert not net.training and not net.weight.requires_grad
     assert net.training and net.weight.requires_grad
+
+
+def test_pgd_stopping_at_misclassification_is_never_weaker_and_stays_in_the_ball():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 4, (64,))
+    eps = 0.2
+    robust = {}
+    for stop in (False, True):
+        gen = torch.Generator().manual_seed(1)
+        attack = PGD(eps, "Linf", steps=10, generator=gen, stop_when_misclassified=stop)
+        x_adv = attack(model, x, y)
+        assert float((x_adv - x).abs().max()) <= eps + 1e-6 and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+        robust[stop] = (model(x_adv).argmax(1) == y)
+    # same random start: a point broken by the last iterate was broken by some iterate
+    assert not bool((robust[True] & ~robust[False]).any())
+    assert int(robust[True].sum()) <= int(robust[False].sum())

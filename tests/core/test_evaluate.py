@@ -278,6 +278,8 @@ def test_pgd_attacks_only_the_correctly_classified_points(setup):
         res = E.robust_accuracy(student, x, y, AttackSpec("pgd", eps=0.15, steps=3), batch_size=64)
     finally:
         hook.remove()
-    # one clean pass over all 24 points, then PGD's 3 steps and a prediction on the correct ones only
-    assert sizes[0] == 24 and set(sizes[1:]) == {correct} and len(sizes) == 1 + 3 + 1
+    # one clean pass over all 24 points, then PGD on the correct ones only (fewer as they break),
+    # then a prediction on the correct ones
+    assert sizes[0] == 24 and sizes[1] == correct and sizes[-1] == correct
+    assert sizes[1:-1] == sorted(sizes[1:-1], reverse=True) and len(sizes) <= 1 + 3 + 1
     assert res["accuracy"] <= correct / 24
