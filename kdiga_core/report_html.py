@@ -414,6 +414,10 @@ def _settings_section(context: dict[str, Any] | None, report: dict[str, Any]) ->
             items.append((f"threat_model.{key}", threat[key]))
     if report.get("n_points") is not None:
         items.append(("evaluated points", report["n_points"]))
+    models = _dict(report.get("models"))
+    if any(str(k).startswith("pgd") for m in models.values() for k in _dict(_dict(m).get("attacks"))):
+        items.append(("PGD robust accuracy", "a point counts as broken at the first PGD iterate that the "
+                      "model misclassifies"))
     cache = _dict(report.get("teacher_evaluation"))
     if "cached" in cache:
         items.append(("teacher numbers", "reused from an earlier job's evaluation (same weights, points and "

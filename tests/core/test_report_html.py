@@ -139,3 +139,8 @@ def test_report_says_when_teacher_numbers_were_reused():
     measured = render_report_html({**REPORT, "teacher_evaluation": {"cached": False, "key": "k"}}, "t", {})
     assert "reused from an earlier job" in reused and "reused from an earlier job" not in measured
     assert "measured in this job" in measured
+
+
+def test_report_states_how_pgd_robust_accuracy_counts():
+    page = render_report_html(REPORT, "t", {})
+    assert "first PGD iterate that the model misclassifies" in page
