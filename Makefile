@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(PY) -m kdiga_client.demo
+	$(PY) -m kdiga_launcher.demo
 
 services:
 	bash scripts/start-services.sh

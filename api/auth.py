@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from api import crud
-from api.models import ApiKey
-
-KEY_PREFIX = "kdg_"
-DISPLAY_PREFIX_LEN = 12
+from kdiga_service import crud
+from kdiga_service.admin import KEY_PREFIX, hash_key
+from kdiga_service.models import ApiKey
 
 MISSING_KEY = "Missing API key; send the header 'Authorization: Bearer <key>'."
 INVALID_KEY = "Invalid API key."
@@ -25,15 +21,6 @@ REVOKED_KEY = "This API key has been revoked."
 
 class AuthError(Exception):
     """Authentication failed; the message is the one sentence returned with the 401."""
-
-
-def generate_key() -> str:
-    """A new secret key, e.g. `kdg_Xy3...` (43 random url-safe characters)."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def parse_bearer(authorization: str | None) -> str:

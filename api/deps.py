@@ -12,8 +12,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.auth import MISSING_KEY, AuthCache, AuthError, Owner, authenticate
-from api.settings import Settings
-from api.storage import ArtifactStore
+from kdiga_service.settings import Settings
+from kdiga_service.storage import ArtifactStore
 
 T = TypeVar("T")
 

@@ -11,23 +11,23 @@ import anyio
 from anyio import to_thread
 from fastapi import FastAPI
 
-from api import admin
 from api.auth import AuthCache
-from api.db import get_engine, get_sessionmaker
 from api.errors import install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, catalog, datasets, health, jobs, teachers
-from api.settings import Settings, get_settings
 from api.status_reader import StatusReader
-from api.storage import get_storage
 from api.sweeper import resend_stale
+from kdiga_service import admin
+from kdiga_service.db import get_engine, get_sessionmaker
+from kdiga_service.settings import Settings, get_settings
+from kdiga_service.storage import get_storage
 
 log = logging.getLogger("kdiga.api")
 
 
 def _start_up(settings: Settings) -> None:
     if settings.run_migrations:
-        from api.migrate import upgrade_head  # alembic is only needed here
+        from kdiga_service.migrate import upgrade_head  # alembic is only needed here
 
         upgrade_head(settings)
     if settings.bootstrap_admin_key is not None:

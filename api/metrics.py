@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.models import Job
+from kdiga_service.models import Job
 
 JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 

@@ -295,6 +295,7 @@ class CatalogPublic(BaseModel):
     methods: list[str]
     datasets: list[str]
     job_kinds: list[str]
+    methods_by_kind: dict[str, list[str]] = Field(description="The methods each job kind accepts.")
 
 
 class ApiKeyPublic(_Public):

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from api import crud
+from kdiga_service import crud
 
 _JSON_FIELDS = frozenset({"spec", "progress", "metrics", "result"})
 _TIME_FIELDS = frozenset({"created_at", "started_at", "finished_at"})

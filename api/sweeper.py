@@ -21,9 +21,10 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from api.models import QUEUED, VALIDATING, Dataset, Job, Teacher, utcnow
-from api.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER, QueueUnavailable, enqueue
-from api.settings import Settings
+from api.publish import QueueUnavailable, enqueue
+from kdiga_service.models import QUEUED, VALIDATING, Dataset, Job, Teacher, utcnow
+from kdiga_service.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER, validation_queue
+from kdiga_service.settings import Settings
 
 log = logging.getLogger("kdiga.api.sweeper")
 
@@ -42,8 +43,8 @@ class Waiting:
 
 WAITING = (
     Waiting(Job, QUEUED, RUN_JOB, lambda row, _s: row.queue),
-    Waiting(Teacher, VALIDATING, VALIDATE_TEACHER, lambda _row, s: s.queue_eval),
-    Waiting(Dataset, VALIDATING, VALIDATE_DATASET, lambda _row, s: s.queue_eval),
+    Waiting(Teacher, VALIDATING, VALIDATE_TEACHER, lambda _row, s: validation_queue(s)),
+    Waiting(Dataset, VALIDATING, VALIDATE_DATASET, lambda _row, s: validation_queue(s)),
 )
 
 

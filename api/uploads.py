@@ -17,7 +17,7 @@ from anyio import to_thread
 from fastapi import HTTPException, Request, status
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from api.storage import ArtifactStore, StoredObject, StreamWriter, TooLargeError
+from kdiga_service.storage import ArtifactStore, StoredObject, StreamWriter, TooLargeError
 
 MAX_FIELD_BYTES = 1024 * 1024
 HEAD_BYTES = 64

@@ -1,6 +1,6 @@
 """API throughput and latency on the embedded default (design.md §8).
 
-Starts the service with `api.embedded.start_embedded` in a temporary KDIGA_HOME, on
+Starts the service with `kdiga_launcher.supervisor.start_embedded` in a temporary KDIGA_HOME, on
 loopback only, then measures two endpoints at 1, 16 and 64 concurrent connections:
 
 - job-status reads, ``GET /v1/jobs/{id}``;
@@ -69,7 +69,7 @@ class ApiRow:
 
 def start_service(home: Path):
     """The embedded default, with a training queue nobody consumes and no per-key job limit."""
-    from api.embedded import start_embedded
+    from kdiga_launcher.supervisor import start_embedded
 
     env = {"KDIGA_QUEUE_TRAIN": TRAIN_QUEUE, "KDIGA_MAX_CONCURRENT_JOBS_PER_KEY": str(10**9)}
     service = start_embedded(home, host="127.0.0.1", port=0, workers=0, env=env)

@@ -1,6 +1,6 @@
 """The demo's wall time, phase by phase (design.md §8: "the whole demo within a few minutes").
 
-Runs the README's demo exactly as a user would after `make install`: `python -m kdiga_client.demo`
+Runs the README's demo exactly as a user would after `make install`: `python -m kdiga_launcher.demo`
 in a fresh process (it starts its own embedded service in a temporary KDIGA_HOME, trains the PGD-AT
 teacher, the KD and KDIGA students, downloads the reports), and reads back the phase times and the
 results table it writes with `--timings`. Nothing is hard-coded: a failing demo fails the case.
@@ -23,7 +23,7 @@ def run(*, quick: bool = False, log=print) -> dict:
     """{"phases": [(name, s)], "total_s", "process_s", "results_header", "results"} of one demo run."""
     with tempfile.TemporaryDirectory(prefix="kdg-demo-bench-") as tmp:
         timings = Path(tmp) / "timings.json"
-        cmd = [sys.executable, "-m", "kdiga_client.demo", "--out", str(Path(tmp) / "out"), "--timings", str(timings)]
+        cmd = [sys.executable, "-m", "kdiga_launcher.demo", "--out", str(Path(tmp) / "out"), "--timings", str(timings)]
         if quick:
             cmd.append("--quick")
         start = time.perf_counter()

@@ -296,7 +296,7 @@ def case_demo(args, log) -> str:
     total = sum(s for _, s in phases)
     met = total < TARGET_DEMO_S and not args.quick
     return "\n\n".join([
-        f"### Demo wall time, phase by phase (`python -m kdiga_client.demo{' --quick' if args.quick else ''}`, "
+        f"### Demo wall time, phase by phase (`python -m kdiga_launcher.demo{' --quick' if args.quick else ''}`, "
         "after installation)",
         table(["phase", "seconds"], [[p, f"{s:.1f}"] for p, s in phases]
               + [["total of the phases", f"{total:.1f}"], ["whole process (incl. imports, shutdown)",

@@ -14,6 +14,7 @@ RUN pip install -r requirements-api.txt
 
 COPY alembic.ini ./
 COPY migrations/ migrations/
+COPY kdiga_service/ kdiga_service/
 COPY api/ api/
 COPY docker/entrypoint.sh docker/healthcheck.sh docker/wait_and_migrate.py docker/
 

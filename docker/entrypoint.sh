@@ -4,7 +4,7 @@
 #   api      the REST API under uvicorn (migrations are the `migrate` service's job)
 #   worker   one Celery worker process: concurrency 1, one per GPU (CUDA_VISIBLE_DEVICES per container)
 #   flower   the Celery monitor (when flower is installed in the image)
-# Anything else is run as a command. Configuration is the KDIGA_* environment (api/settings.py).
+# Anything else is run as a command. Configuration is the KDIGA_* environment (kdiga_service/settings.py).
 set -eu
 
 APP_DIR="$(CDPATH= cd -- "$(dirname -- "$0")/.." && pwd)"

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import text  # noqa: E402
 
-from api.db import make_engine  # noqa: E402
-from api.settings import Settings, get_settings  # noqa: E402
+from kdiga_service.db import make_engine  # noqa: E402
+from kdiga_service.settings import Settings, get_settings  # noqa: E402
 
 log = logging.getLogger("kdiga.migrate")
 
@@ -54,8 +54,8 @@ def _first_line(exc: Exception) -> str:
 def bootstrap_admin_key(settings: Settings) -> None:
     if settings.bootstrap_admin_key is None:
         return
-    from api.admin import ensure_key
-    from api.db import get_sessionmaker
+    from kdiga_service.admin import ensure_key
+    from kdiga_service.db import get_sessionmaker
 
     with get_sessionmaker(settings)() as session:
         row = ensure_key(session, secret=settings.bootstrap_admin_key.get_secret_value(), name="bootstrap-admin")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if not wait_for_database(settings, args.timeout):
         return 1
     try:
-        from api.migrate import upgrade_head
+        from kdiga_service.migrate import upgrade_head
 
         upgrade_head(settings)
         bootstrap_admin_key(settings)

@@ -21,9 +21,11 @@ RUN grep -vE '^(torch|torchvision)([<>=!~ ]|$)' requirements.txt > /tmp/requirem
 COPY pyproject.toml README.md alembic.ini ./
 COPY migrations/ migrations/
 COPY kdiga_core/ kdiga_core/
+COPY kdiga_service/ kdiga_service/
 COPY api/ api/
 COPY worker/ worker/
 COPY kdiga_client/ kdiga_client/
+COPY kdiga_launcher/ kdiga_launcher/
 COPY docker/entrypoint.sh docker/healthcheck.sh docker/wait_and_migrate.py docker/
 # The project itself (the `kdiga` command too); its dependencies are already installed above.
 RUN pip install --no-deps . && rm -rf build *.egg-info

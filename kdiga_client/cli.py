@@ -10,8 +10,9 @@
 
 Every command takes `--json` for scripts. The URL and key come from `--url`/`--api-key`, then
 KDIGA_URL/KDIGA_API_KEY, then the config file `kdiga login` writes. Errors are one line on stderr
-and exit code 1. This module is the only place that prints; it never imports torch (server-side
-modules are imported inside the commands that need them).
+and exit code 1. This module never imports server code or torch: `serve`, `worker` and `admin`
+are mounted from the server's `kdiga.commands` entry point when the server is installed
+(kdiga_launcher.cli).
 """
 
 from __future__ import annotations
@@ -46,14 +47,10 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 app = typer.Typer(name="kdiga", help="KDIGA model-compression service: distil robust teachers into small "
                   "students that stay robust.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
-admin_app = typer.Typer(help="Administration (talks to the database directly).", no_args_is_help=True)
-keys_app = typer.Typer(help="Create, revoke and list API keys.", no_args_is_help=True)
 teachers_app = typer.Typer(help="Upload and inspect teacher models.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload or register datasets.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Submit, watch and collect distillation/training/evaluation jobs.",
                        no_args_is_help=True)
-app.add_typer(admin_app, name="admin")
-admin_app.add_typer(keys_app, name="keys")
 app.add_typer(teachers_app, name="teachers")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
@@ -262,31 +259,7 @@ def _wait_one(client: Client, job: Job, json_out: bool, timeout: float | None = 
     return result
 
 
-# --------------------------------------------------------------------------- service commands
-
-
-@app.command()
-@handle_errors
-def serve(host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
-          home: Annotated[Path | None, typer.Option(help="KDIGA_HOME: database, broker and artifacts.")] = None,
-          workers: Annotated[int, typer.Option(help="Worker processes to start.")] = 1) -> None:
-    """Run the embedded service: API + worker + embedded Redis + SQLite (Ctrl-C stops it)."""
-    from api.embedded import serve as serve_embedded
-
-    code = serve_embedded(host=host, port=port, home=home, workers=workers)
-    if code:
-        raise typer.Exit(code)
-
-
-@app.command()
-@handle_errors
-def worker(queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: all).")] = None,
-           concurrency: Annotated[int, typer.Option(help="Worker processes (one per GPU).")] = 1) -> None:
-    """Run a Celery worker for the scale-out deployment (settings from KDIGA_* variables)."""
-    from worker.launcher import start_worker
-
-    start_worker(_csv(queues), concurrency)
+# --------------------------------------------------------------------------- account
 
 
 @app.command()
@@ -316,75 +289,6 @@ def catalog(url: UrlOpt = None, api_key: KeyOpt = None, json_out: JsonOpt = Fals
         return _print_json(data)
     for key, values in data.items():
         console.print(f"[bold]{key}[/]: {', '.join(map(str, values))}")
-
-
-# --------------------------------------------------------------------------- admin keys
-
-
-def _admin_session():  # type: ignore[no-untyped-def]
-    from api.db import get_sessionmaker
-    from api.settings import get_settings
-
-    return get_sessionmaker(get_settings())()
-
-
-def _key_dict(row: Any, secret: str | None = None) -> dict[str, Any]:
-    fields = ("id", "name", "prefix", "is_admin", "max_concurrent_jobs", "created_at", "revoked_at")
-    data = {f: getattr(row, f) for f in fields if hasattr(row, f)}
-    data = {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in data.items()}
-    if secret is not None:
-        data["key"] = secret
-    return data
-
-
-@keys_app.command("create")
-@handle_errors
-def keys_create(name: Annotated[str, typer.Option(help="Who the key is for.")] = "default",
-                admin: Annotated[bool, typer.Option("--admin", help="An admin key.")] = False,
-                max_concurrent_jobs: Annotated[int | None, typer.Option(help="Active-job cap for this key.")] = None,
-                json_out: JsonOpt = False) -> None:
-    """Create an API key and print it (only its hash is stored: copy it now)."""
-    from api.admin import create_key
-
-    with _admin_session() as session:
-        row, secret = create_key(session, name=name, is_admin=admin, max_concurrent_jobs=max_concurrent_jobs)
-        created = _key_dict(row, secret)
-    if json_out:
-        return _print_json(created)
-    console.print(f"Created key [bold]{created['id']}[/] ({name}). Copy it now, it is not shown again:")
-    typer.echo(secret)
-
-
-@keys_app.command("revoke")
-@handle_errors
-def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id or display prefix.")],
-                json_out: JsonOpt = False) -> None:
-    """Revoke an API key; requests with it get 401 from now on."""
-    from api.admin import revoke_key
-
-    with _admin_session() as session:
-        data = _key_dict(revoke_key(session, key_id=key_id))
-    if json_out:
-        return _print_json(data)
-    console.print(f"Revoked key [bold]{data.get('id', key_id)}[/].")
-
-
-@keys_app.command("list")
-@handle_errors
-def keys_list(json_out: JsonOpt = False) -> None:
-    """List API keys (never the secrets)."""
-    from api.admin import list_keys
-
-    with _admin_session() as session:
-        keys = [_key_dict(k) for k in list_keys(session)]
-    if json_out:
-        return _print_json(keys)
-    table = Table(_id_column(), "name", "prefix", "admin", "created", "revoked")
-    for k in keys:
-        table.add_row(str(k.get("id")), str(k.get("name")), str(k.get("prefix", "")),
-                      "yes" if k.get("is_admin") else "", str(k.get("created_at") or "")[:19],
-                      str(k.get("revoked_at") or "")[:19])
-    console.print(table)
 
 
 # --------------------------------------------------------------------------- teachers
@@ -852,8 +756,27 @@ def jobs_download(job_id: str,
 # --------------------------------------------------------------------------- entry point
 
 
+SERVER_COMMANDS = "kdiga.commands"  # entry-point group: the server distribution adds serve/worker/admin
+
+
+def mount_server_commands() -> None:
+    """Add the server-side commands (`serve`, `worker`, `admin`) when the server packages are installed.
+
+    They are found through an entry point, not an import: the client never imports server code,
+    and a client-only install simply has no such entry point.
+    """
+    from importlib.metadata import entry_points
+
+    if getattr(app, "_server_commands_mounted", False):
+        return
+    for entry in entry_points(group=SERVER_COMMANDS):
+        entry.load()(app)
+    app._server_commands_mounted = True  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `kdiga` console script."""
+    mount_server_commands()
     try:
         app(args=argv, prog_name="kdiga")
     except KeyboardInterrupt:

@@ -6,10 +6,14 @@ one-sentence `detail`, so `str(err)` is what a person should read.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from kdiga_client.client import Job
+
+class FinishedJob(Protocol):
+    """What the job errors need of a `kdiga_client.Job` (a protocol, so this module imports no client)."""
+
+    id: str
+    error: str | None
 
 
 class KdigaError(Exception):
@@ -63,7 +67,7 @@ class WaitTimeoutError(KdigaError):
 class JobFailedError(KdigaError):
     """wait_job found the job `failed`; `job` is the final Job and `job.error` says why."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: FinishedJob):
         super().__init__(f"Job {job.id} failed: {job.error or 'no reason was recorded'}")
         self.job = job
 
@@ -71,7 +75,7 @@ class JobFailedError(KdigaError):
 class JobCancelledError(KdigaError):
     """wait_job found the job `cancelled`; `job` is the final Job."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: FinishedJob):
         super().__init__(f"Job {job.id} was cancelled.")
         self.job = job
 

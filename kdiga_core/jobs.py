@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 JOB_KINDS = ("distill", "adversarial_train", "evaluate")
 DISTILL_METHODS = ("ce", "kd", "kdiga", "ard", "rslad")
 TEACHER_METHODS = ("pgd_at", "trades", "ce")
+METHODS_BY_KIND = {"distill": DISTILL_METHODS, "adversarial_train": TEACHER_METHODS, "evaluate": ()}
 
 StepFn = Callable[[dict[str, Any]], None]
 

@@ -1,5 +1,5 @@
-"""Alembic environment: the URL comes from api.settings (KDIGA_DATABASE_URL), or from a connection
-handed over by api.migrate; SQLite uses batch mode so ALTERs work."""
+"""Alembic environment: the URL comes from kdiga_service.settings (KDIGA_DATABASE_URL), or from a connection
+handed over by kdiga_service.migrate; SQLite uses batch mode so ALTERs work."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import context
 
-from api.db import make_engine
-from api.models import Base, UTCDateTime
-from api.settings import get_settings
+from kdiga_service.db import make_engine
+from kdiga_service.models import Base, UTCDateTime
+from kdiga_service.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,11 +1,11 @@
-"""Print the README's settings table from api.settings.Settings (so the two never drift).
+"""Print the README's settings table from kdiga_service.settings.Settings (so the two never drift).
 
 tests/test_readme.py checks that the README holds exactly this table.
 """
 
 from __future__ import annotations
 
-from api.settings import Settings
+from kdiga_service.settings import Settings
 
 DERIVED = {
     "database_url": "`sqlite:///$KDIGA_HOME/kdiga.db`",

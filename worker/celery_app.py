@@ -23,13 +23,11 @@ import logging
 from celery import Celery
 from celery.signals import setup_logging
 
-from api.settings import Settings, get_settings
+from kdiga_service.queue import task_routes
+from kdiga_service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-TASK_RUN_JOB = "kdiga.run_job"
-TASK_VALIDATE_TEACHER = "kdiga.validate_teacher"
-TASK_VALIDATE_DATASET = "kdiga.validate_dataset"
 DEFAULT_MAX_TASKS_PER_CHILD = 20
 
 
@@ -40,7 +38,7 @@ def restore_interval_s(visibility_timeout_s: float) -> int:
 
 def celery_config(settings: Settings) -> dict:
     """The Celery configuration derived from the service settings."""
-    hard = max(settings.job_hard_time_limit_s, settings.job_soft_time_limit_s + 30)
+    hard = settings.effective_hard_time_limit_s
     if settings.visibility_timeout_s <= hard:
         log.warning("visibility_timeout_s (%s) is not above the hard time limit (%s): a long job may be "
                     "delivered twice (the job row's claim keeps it from running twice)",
@@ -65,11 +63,7 @@ def celery_config(settings: Settings) -> dict:
         "task_soft_time_limit": settings.job_soft_time_limit_s,
         "task_time_limit": hard,
         "task_default_queue": settings.queue_eval,
-        "task_routes": {
-            TASK_RUN_JOB: {"queue": settings.queue_train},
-            TASK_VALIDATE_TEACHER: {"queue": settings.queue_eval},
-            TASK_VALIDATE_DATASET: {"queue": settings.queue_eval},
-        },
+        "task_routes": task_routes(settings),
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_send_task_events": True,  # flower

@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Sequence
 
-from api.settings import get_settings
+from kdiga_service.settings import get_settings
 
 log = logging.getLogger(__name__)
 

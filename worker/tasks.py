@@ -12,8 +12,9 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 from celery.signals import worker_process_init
 
-from worker import runner
-from worker.celery_app import TASK_RUN_JOB, TASK_VALIDATE_DATASET, TASK_VALIDATE_TEACHER, app
+from kdiga_service.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER
+from worker import runner, validation
+from worker.celery_app import app
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 @worker_process_init.connect
 def _after_fork(**_kwargs) -> None:
     """A forked pool process must not reuse the parent's database connections."""
-    from api.db import dispose_engines
+    from kdiga_service.db import dispose_engines
 
     dispose_engines()
 
@@ -34,7 +35,7 @@ class JobTask(Task):
             runner.fail_after_hard_time_limit(str(args[0]))
 
 
-@app.task(name=TASK_RUN_JOB, bind=True, base=JobTask, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=RUN_JOB, bind=True, base=JobTask, acks_late=True, reject_on_worker_lost=True)
 def run_job(self: Task, job_id: str) -> str:
     """Run a job to its end (safe to deliver twice)."""
     outcome = runner.run_job(job_id)
@@ -44,13 +45,13 @@ def run_job(self: Task, job_id: str) -> str:
     return outcome.status
 
 
-@app.task(name=TASK_VALIDATE_TEACHER, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=VALIDATE_TEACHER, acks_late=True, reject_on_worker_lost=True)
 def validate_teacher(teacher_id: str) -> str:
     """Load an uploaded teacher once and mark it ready or invalid."""
-    return runner.validate_teacher(teacher_id).status
+    return validation.validate_teacher(teacher_id).status
 
 
-@app.task(name=TASK_VALIDATE_DATASET, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=VALIDATE_DATASET, acks_late=True, reject_on_worker_lost=True)
 def validate_dataset(dataset_id: str) -> str:
     """Load a dataset once and record its summary, or why it is invalid."""
-    return runner.validate_dataset(dataset_id).status
+    return validation.validate_dataset(dataset_id).status

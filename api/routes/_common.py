@@ -10,12 +10,12 @@ from fastapi import HTTPException, Response, status
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
-from api import crud
 from api.deps import not_found
 from api.errors import pydantic_sentence
-from api.queue import QueueUnavailable, enqueue
-from api.settings import Settings
-from api.storage import ArtifactStore
+from api.publish import QueueUnavailable, enqueue
+from kdiga_service import crud
+from kdiga_service.settings import Settings
+from kdiga_service.storage import ArtifactStore
 
 log = logging.getLogger("kdiga.api")
 S = TypeVar("S", bound=BaseModel)

@@ -8,11 +8,11 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from api import crud
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep, not_found
-from api.models import Artifact
 from api.schemas import ArtifactPublic, Page
-from api.storage import StorageError
+from kdiga_service import crud
+from kdiga_service.models import Artifact
+from kdiga_service.storage import StorageError
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
 

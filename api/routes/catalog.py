@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.catalog import load_catalog
 from api.deps import CurrentOwner
 from api.schemas import CatalogPublic
+from kdiga_service.catalog import load_catalog, methods_by_kind
 
 router = APIRouter(prefix="/catalog", tags=["catalog"])
 
@@ -14,4 +14,4 @@ router = APIRouter(prefix="/catalog", tags=["catalog"])
 @router.get("", response_model=CatalogPublic)
 def read_catalog(owner: CurrentOwner) -> CatalogPublic:
     """Architectures, attacks, methods, built-in datasets and job kinds this service accepts."""
-    return CatalogPublic(**load_catalog())
+    return CatalogPublic(**load_catalog(), methods_by_kind=methods_by_kind())

@@ -10,12 +10,8 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from api import crud
-from api.catalog import check_name
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep
 from api.errors import pydantic_sentence
-from api.models import Dataset
-from api.queue import VALIDATE_DATASET
 from api.routes._common import (
     QueueUnavailable,
     delete_with_file,
@@ -26,9 +22,13 @@ from api.routes._common import (
     queue_down,
 )
 from api.schemas import DatasetBuiltinCreate, DatasetPublic, DatasetUploadMetadata, Page
-from api.settings import Settings
-from api.storage import ArtifactStore, new_key
 from api.uploads import check_dataset_zip, is_multipart, receive_upload
+from kdiga_service import crud
+from kdiga_service.catalog import check_name
+from kdiga_service.models import Dataset
+from kdiga_service.queue import VALIDATE_DATASET, validation_queue
+from kdiga_service.settings import Settings
+from kdiga_service.storage import ArtifactStore, new_key
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -101,7 +101,7 @@ def _undo(session: Session, store: ArtifactStore, row: Dataset) -> None:
 async def _publish_or_undo(session: Session, settings: Settings, store: ArtifactStore, row: Dataset) -> None:
     try:
         await to_thread.run_sync(
-            lambda: publish(settings, VALIDATE_DATASET, row.id, queue=settings.queue_eval)
+            lambda: publish(settings, VALIDATE_DATASET, row.id, queue=validation_queue(settings))
         )
     except QueueUnavailable:
         log.warning("broker unavailable; dataset %s removed", row.id)

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api.deps import SettingsDep
-from api.queue import ping_broker
+from api.publish import ping_broker
 from api.schemas import HealthPublic
 
 router = APIRouter(tags=["health"])

@@ -17,12 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api import crud
 from api.auth import Owner
-from api.catalog import check_name
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep, not_found, run_query
-from api.models import FINISHED_STATES, READY, SUCCEEDED, ApiKey, Dataset, Job, Teacher
-from api.queue import RUN_JOB
 from api.routes._common import QueueUnavailable, log, owned_or_404, publish, queue_down
 from api.schemas import (
     EvalConfigSchema,
@@ -32,13 +28,15 @@ from api.schemas import (
     Page,
     TrainConfigSchema,
 )
-from api.settings import Settings
-from api.storage import ArtifactStore, StorageError
+from kdiga_service import crud
+from kdiga_service.catalog import check_name, methods_by_kind
+from kdiga_service.models import FINISHED_STATES, READY, SUCCEEDED, ApiKey, Dataset, Job, Teacher
+from kdiga_service.queue import RUN_JOB, job_queue
+from kdiga_service.settings import Settings
+from kdiga_service.storage import ArtifactStore, StorageError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-DISTILL_METHODS = ("ard", "ce", "kd", "kdiga", "rslad")
-ADV_TRAIN_METHODS = ("ce", "pgd_at", "trades")
 MAX_REPORT_BYTES = 64 * 1024 * 1024
 KEEPALIVE_S = 15.0
 
@@ -98,11 +96,12 @@ def _check_names(kind: str, names: list[str]) -> None:
             raise unprocessable(message)
 
 
-def _objective(body: JobCreate, default_method: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+def _objective(body: JobCreate, default_method: str) -> dict[str, Any]:
     objective = body.objective or ObjectiveConfigSchema(method=default_method)  # type: ignore[arg-type]
     if "method" not in objective.model_fields_set:
         objective = objective.model_copy(update={"method": default_method})
     _check_names("methods", [objective.method])
+    allowed = methods_by_kind()[body.kind]
     if objective.method not in allowed:
         raise unprocessable(
             f"Method '{objective.method}' cannot be used by a {body.kind} job; "
@@ -127,13 +126,13 @@ def _plan_training(session: Session, owner_id: str, body: JobCreate) -> tuple[di
         if not body.teacher_id:
             raise unprocessable("A distill job needs 'teacher_id'.")
         _ready_teacher(session, owner_id, body.teacher_id)
-        objective = _objective(body, "kdiga", DISTILL_METHODS)
+        objective = _objective(body, "kdiga")
     else:
         if body.teacher_id:
             raise unprocessable(
                 "An adversarial_train job takes no 'teacher_id'; it trains 'student' from data."
             )
-        objective = _objective(body, "pgd_at", ADV_TRAIN_METHODS)
+        objective = _objective(body, "pgd_at")
     parts = {
         "student": _student(session, owner_id, body),
         "model": None,
@@ -180,7 +179,7 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         **parts,
         "evaluation": evaluation.model_dump(),
     }
-    queue = settings.queue_eval if body.kind == "evaluate" else settings.queue_train
+    queue = job_queue(settings, body.kind)
     return JobPlan(spec=spec, queue=queue, dataset_id=body.dataset_id, teacher_id=teacher_id)
 
 

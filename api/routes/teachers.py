@@ -8,11 +8,7 @@ from anyio import to_thread
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from sqlalchemy.orm import Session
 
-from api import crud
-from api.catalog import check_name
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep
-from api.models import Teacher
-from api.queue import VALIDATE_TEACHER
 from api.routes._common import (
     QueueUnavailable,
     delete_with_file,
@@ -23,8 +19,6 @@ from api.routes._common import (
     queue_down,
 )
 from api.schemas import Page, TeacherMetadata, TeacherPublic
-from api.settings import Settings
-from api.storage import ArtifactStore, StoredObject, new_key
 from api.uploads import (
     PICKLE_REFUSED,
     TORCHSCRIPT_REFUSED,
@@ -32,6 +26,12 @@ from api.uploads import (
     receive_upload,
     sniff_model_format,
 )
+from kdiga_service import crud
+from kdiga_service.catalog import check_name
+from kdiga_service.models import Teacher
+from kdiga_service.queue import VALIDATE_TEACHER, validation_queue
+from kdiga_service.settings import Settings
+from kdiga_service.storage import ArtifactStore, StoredObject, new_key
 
 router = APIRouter(prefix="/teachers", tags=["teachers"])
 
@@ -134,7 +134,7 @@ async def create_teacher(
         raise
     try:
         await to_thread.run_sync(
-            lambda: publish(settings, VALIDATE_TEACHER, teacher.id, queue=settings.queue_eval)
+            lambda: publish(settings, VALIDATE_TEACHER, teacher.id, queue=validation_queue(settings))
         )
     except QueueUnavailable:
         log.warning("broker unavailable; teacher %s removed", teacher.id)

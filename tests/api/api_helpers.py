@@ -9,8 +9,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from api import admin, crud
-from api.storage import get_storage
+from kdiga_service import admin, crud
+from kdiga_service.storage import get_storage
 
 MAX_UPLOAD = 64 * 1024
 REDIS_URL = os.environ.get("KDIGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -18,9 +18,9 @@ import redis
 from api_helpers import MAX_UPLOAD, REDIS_URL, new_key
 from fastapi.testclient import TestClient
 
-from api.db import dispose_engines
 from api.main import create_app
-from api.settings import Settings
+from kdiga_service.db import dispose_engines
+from kdiga_service.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("KDIGA_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 RUN_ID = uuid.uuid4().hex[:10]

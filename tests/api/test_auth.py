@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from api_helpers import new_key
 
-from api import admin
-from api.auth import INVALID_KEY, MISSING_KEY, REVOKED_KEY, hash_key
+from api.auth import INVALID_KEY, MISSING_KEY, REVOKED_KEY
+from kdiga_service import admin
+from kdiga_service.admin import hash_key
 
 
 @pytest.mark.parametrize(
@@ -59,11 +60,12 @@ def test_catalog(client, owner):
     r = client.get("/v1/catalog", headers=owner)
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"architectures", "attacks", "methods", "datasets", "job_kinds"}
+    assert set(body) == {"architectures", "attacks", "methods", "datasets", "job_kinds", "methods_by_kind"}
     assert {"cnn_tiny", "resnet18"} <= set(body["architectures"])
     assert {"pgd", "autoattack", "square"} <= set(body["attacks"])
     assert body["methods"] == ["ard", "ce", "kd", "kdiga", "pgd_at", "rslad", "trades"]
     assert body["job_kinds"] == ["adversarial_train", "distill", "evaluate"]
+    assert body["methods_by_kind"]["adversarial_train"] == ["ce", "pgd_at", "trades"]
 
 
 def test_auth_cache_expires(client):

@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 from api_helpers import new_key
 
-from api import crud
-from api.models import Job, utcnow
+from kdiga_service import crud
+from kdiga_service.models import Job, utcnow
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_attempt_cap_fails_the_job(session_job):
     assert job.status == "failed"
     assert (
         job.error
-        == "The job's worker stopped 2 times (for example out of memory), so it was not retried again."
+        == crud.interrupted_message(2)
     )
 
 

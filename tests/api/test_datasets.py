@@ -9,8 +9,8 @@ import zipfile
 import pytest
 from api_helpers import MAX_UPLOAD
 
-from api.catalog import unknown_name_message
 from api.routes.datasets import NOT_DATASET_BODY, NOT_ZIP
+from kdiga_service.catalog import unknown_name_message
 
 
 def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:

@@ -6,7 +6,7 @@ from api_helpers import new_key
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from api.settings import Settings
+from kdiga_service.settings import Settings
 
 
 def test_healthz_and_readyz(client):

@@ -11,10 +11,10 @@ import pytest
 from api_helpers import distill_body, finish, new_key, ready_dataset, ready_teacher, upload_teacher
 from fastapi.testclient import TestClient
 
-from api import crud
-from api.catalog import load_catalog, unknown_name_message
 from api.main import create_app
 from api.schemas import EvalConfigSchema, ObjectiveConfigSchema, TrainConfigSchema
+from kdiga_service import crud
+from kdiga_service.catalog import load_catalog, unknown_name_message
 
 
 @pytest.fixture
@@ -340,7 +340,7 @@ def test_report(client, owner, ready):
 def test_broker_down_creates_nothing(tmp_path):
     from api_helpers import MAX_UPLOAD
 
-    from api.settings import Settings
+    from kdiga_service.settings import Settings
 
     settings = Settings(home=tmp_path, broker_url="redis://127.0.0.1:1/0", max_upload_bytes=MAX_UPLOAD)
     with TestClient(create_app(settings)) as client:

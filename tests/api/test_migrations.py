@@ -12,8 +12,8 @@ import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect
 
-from api.migrate import alembic_config
-from api.settings import Settings
+from kdiga_service.migrate import alembic_config
+from kdiga_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"alembic_version", "api_keys", "artifacts", "datasets", "jobs", "teachers"}
@@ -48,7 +48,7 @@ def test_postgres(pg_url):
 
 
 def test_alembic_command_line(tmp_path):
-    """The CLI reads KDIGA_DATABASE_URL through api.settings (alembic.ini has no URL)."""
+    """The CLI reads KDIGA_DATABASE_URL through kdiga_service.settings (alembic.ini has no URL)."""
     env = {
         "KDIGA_DATABASE_URL": f"sqlite:///{tmp_path}/cli.db",
         "KDIGA_HOME": str(tmp_path),

@@ -12,10 +12,10 @@ from datetime import timedelta
 
 from api_helpers import new_key
 
-from api import crud
 from api.auth import AuthCache, Owner
-from api.models import Artifact, Job, utcnow
 from api.schemas import JobPublic
+from kdiga_service import crud
+from kdiga_service.models import Artifact, Job, utcnow
 
 
 def _make_job(client, owner_id: str, *, artifacts: int = 2) -> str:

@@ -7,8 +7,15 @@ import io
 
 import pytest
 
-from api.settings import Settings
-from api.storage import ArtifactStore, StorageError, TooLargeError, get_storage, new_key, validate_key
+from kdiga_service.settings import Settings
+from kdiga_service.storage import (
+    ArtifactStore,
+    StorageError,
+    TooLargeError,
+    get_storage,
+    new_key,
+    validate_key,
+)
 
 
 @pytest.fixture

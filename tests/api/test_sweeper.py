@@ -8,9 +8,9 @@ from datetime import timedelta
 from api_helpers import new_key
 from sqlalchemy import update
 
-from api.models import Dataset, Job, Teacher, utcnow
-from api.queue import RUN_JOB, VALIDATE_DATASET
 from api.sweeper import resend_stale
+from kdiga_service.models import Dataset, Job, Teacher, utcnow
+from kdiga_service.queue import RUN_JOB, VALIDATE_DATASET
 
 
 def _messages(redis_client, queue: str) -> list[dict]:

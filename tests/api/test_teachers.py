@@ -17,8 +17,8 @@ from api_helpers import (
     upload_teacher,
 )
 
-from api.catalog import unknown_name_message
 from api.uploads import NOT_MULTIPART, PICKLE_REFUSED, TORCHSCRIPT_REFUSED, UNKNOWN_MODEL_FORMAT
+from kdiga_service.catalog import unknown_name_message
 
 
 def _stored_files(client) -> list[Path]:
@@ -203,7 +203,7 @@ def test_torchscript_accepted_when_enabled(tmp_path, redis_client):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from api.settings import Settings
+    from kdiga_service.settings import Settings
 
     queue = f"kdiga_test_{tmp_path.name}_ts"
     settings = Settings(home=tmp_path, broker_url=REDIS_URL, allow_torchscript=True, queue_eval=queue)

@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture(scope="session")
 def live_service() -> Iterator[object]:
     """The embedded service in a short temporary KDIGA_HOME (unix socket paths are limited)."""
-    embedded = pytest.importorskip("api.embedded", reason="the embedded service (api.embedded) is not available")
+    embedded = pytest.importorskip("kdiga_launcher.supervisor", reason="the embedded service (kdiga_launcher.supervisor) is not available")
     home = Path(tempfile.mkdtemp(prefix="kdc", dir="/tmp"))
     service = embedded.start_embedded(home, port=0)
     try:

@@ -52,6 +52,7 @@ def env(live_service, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 
 def kdiga(*args: str):
+    cli.mount_server_commands()  # what `kdiga` (cli.main) does first
     return runner.invoke(cli.app, list(args))
 
 
@@ -138,7 +139,7 @@ def test_cli_json_outputs(env, digits, finished_job, tmp_path: Path):
 
 
 def test_cli_admin_keys_against_the_service_database(env, monkeypatch: pytest.MonkeyPatch):
-    from api.settings import reset_settings
+    from kdiga_service.settings import reset_settings
 
     monkeypatch.setenv("KDIGA_HOME", str(env.home))
     monkeypatch.setenv("KDIGA_DATABASE_URL", env.database_url)

@@ -5,13 +5,10 @@ real embedded service in test_client_live.py (no fake of our own API)."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 
 import pytest
-from rich.console import Console
 
-from kdiga_client import Job, KdigaError, ServerUnreachableError, cli, demo
+from kdiga_client import Job, KdigaError, ServerUnreachableError, cli
 from kdiga_client.client import Client, _parse_sse
 
 KEY = "kdg_not_a_real_key"
@@ -45,21 +42,3 @@ def test_build_job_spec_evaluate_model_ref():
     spec = cli.build_job_spec(kind="evaluate", dataset="d", model_job="j1", eval_attacks=["pgd"], eval_norm="L2")
     assert spec == {"kind": "evaluate", "dataset_id": "d", "model": {"job_id": "j1"},
                     "evaluation": {"attacks": [{"name": "pgd", "norm": "L2"}]}}
-
-
-def test_results_table_has_teacher_and_both_students():
-    report = {"models": {"teacher": {"clean_accuracy": 0.98, "attacks": {"pgd-20": 0.8, "autoattack": 0.78},
-                                     "stats": {"params": 100000, "latency_ms": 0.5}},
-                         "student": {"clean_accuracy": 0.95, "attacks": {"pgd-20": 0.7, "autoattack": 0.69},
-                                     "stats": {"params": 20000, "latency_ms": 0.1}}}}
-    console = Console(record=True, width=140)
-    console.print(demo.results_table({"kd": report, "kdiga": report}))
-    text = console.export_text()
-    assert "teacher" in text and "cnn_medium" in text and "KD student" in text and "KDIGA student" in text
-    assert "78.0%" in text and "69.0%" in text and "100,000" in text
-
-
-def test_demo_help_runs_without_starting_anything():
-    out = subprocess.run([sys.executable, "-m", "kdiga_client.demo", "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    assert "--url" in out and "--quick" in out

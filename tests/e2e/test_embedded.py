@@ -15,7 +15,7 @@ import httpx
 import kdiga_svc_helpers as h
 import pytest
 
-from api.embedded import ADMIN_KEY_FILE, start_embedded
+from kdiga_launcher.supervisor import ADMIN_KEY_FILE, start_embedded
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -67,7 +67,7 @@ def test_embedded_restart_keeps_key_and_queued_work(tmp_path, caplog):
         assert orphan["status"] == waiting["status"] == "validating"
     finally:
         first.stop()
-    caplog.set_level(logging.INFO, logger="api.embedded")
+    caplog.set_level(logging.INFO, logger="kdiga_launcher")
     second = start_embedded(home, port=0)
     try:
         assert second.admin_key == key
@@ -106,7 +106,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _serve(home: Path, port: int) -> subprocess.Popen:
-    code = ("import sys; from api.embedded import serve; "
+    code = ("import sys; from kdiga_launcher.supervisor import serve; "
             f"sys.exit(serve('127.0.0.1', {port}, {str(home)!r}, console=False))")
     return subprocess.Popen([sys.executable, "-c", code], cwd=h.ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -15,8 +15,8 @@ import e2e_flow as flow
 import kdiga_svc_helpers as h
 import pytest
 
-from api.embedded import start_embedded
-from api.storage import get_storage
+from kdiga_launcher.supervisor import start_embedded
+from kdiga_service.storage import get_storage
 from worker.runner import checkpoint_prefix
 
 pytestmark = [

@@ -17,7 +17,7 @@ def settings(tmp_path):
     s = h.make_settings(tmp_path / "home", progress_interval_s=0.2, heartbeat_stale_s=4.0, task_max_retries=2)
     h.migrate(s)
     yield s
-    from api.db import dispose_engines
+    from kdiga_service.db import dispose_engines
 
     dispose_engines()
 

@@ -72,7 +72,7 @@ def postgres_database() -> Iterator[str]:
     try:
         yield f"{base}/{name}"
     finally:
-        from api.db import dispose_engines
+        from kdiga_service.db import dispose_engines
 
         dispose_engines()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
@@ -104,7 +104,7 @@ def unique_queues() -> dict[str, str]:
 
 def make_settings(home: Path, **overrides: Any):
     """A Settings object for a test (no environment variables needed)."""
-    from api.settings import Settings
+    from kdiga_service.settings import Settings
 
     return Settings(home=home, **overrides)
 
@@ -128,15 +128,15 @@ def settings_env(settings, **extra: str) -> dict[str, str]:
 
 
 def migrate(settings) -> None:
-    from api.migrate import upgrade_head
+    from kdiga_service.migrate import upgrade_head
 
     upgrade_head(settings)
 
 
 def create_owner(settings) -> tuple[str, str]:
     """A fresh API key: (key id, secret)."""
-    from api.admin import create_key
-    from api.db import get_sessionmaker
+    from kdiga_service.admin import create_key
+    from kdiga_service.db import get_sessionmaker
 
     with get_sessionmaker(settings)() as session:
         row, secret = create_key(session, name=f"test-{uuid.uuid4().hex[:6]}")
@@ -161,10 +161,10 @@ TEACHER_META = {"name": "tiny teacher", "arch": "cnn_tiny", "num_classes": 10, "
 
 def seed_rows(settings, owner_id: str, teacher_file: Path) -> dict[str, str]:
     """A ready digits dataset and a ready teacher, written straight to the database and store."""
-    from api import crud
-    from api.db import get_sessionmaker
-    from api.models import READY, Dataset
-    from api.storage import get_storage
+    from kdiga_service import crud
+    from kdiga_service.db import get_sessionmaker
+    from kdiga_service.models import READY, Dataset
+    from kdiga_service.storage import get_storage
 
     store = get_storage(settings)
     stored = store.upload_file(teacher_file, f"teachers/{uuid.uuid4().hex}.safetensors")
@@ -181,8 +181,8 @@ def seed_rows(settings, owner_id: str, teacher_file: Path) -> dict[str, str]:
 
 def create_job_row(settings, owner_id: str, request: dict[str, Any]) -> str:
     """A queued job row shaped like the API's (spec = the request plus defaults)."""
-    from api.db import get_sessionmaker
-    from api.models import Job
+    from kdiga_service.db import get_sessionmaker
+    from kdiga_service.models import Job
 
     spec = {**request, "model": request.get("model")}
     with get_sessionmaker(settings)() as session:
@@ -195,8 +195,8 @@ def create_job_row(settings, owner_id: str, request: dict[str, Any]) -> str:
 
 
 def job_row(settings, job_id: str):
-    from api.db import get_sessionmaker
-    from api.models import Job
+    from kdiga_service.db import get_sessionmaker
+    from kdiga_service.models import Job
 
     with get_sessionmaker(settings)() as session:
         job = session.get(Job, job_id)
@@ -207,8 +207,8 @@ def job_row(settings, job_id: str):
 def artifacts_of(settings, job_id: str) -> list[Any]:
     from sqlalchemy import select
 
-    from api.db import get_sessionmaker
-    from api.models import Artifact
+    from kdiga_service.db import get_sessionmaker
+    from kdiga_service.models import Artifact
 
     with get_sessionmaker(settings)() as session:
         rows = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()

@@ -14,10 +14,11 @@ import kdiga_svc_helpers as h
 import pytest
 from sqlalchemy import update
 
-from api.db import get_sessionmaker
-from api.models import Job, utcnow
-from api.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER, close_all, enqueue
-from api.storage import get_storage
+from api.publish import close_all, enqueue
+from kdiga_service.db import get_sessionmaker
+from kdiga_service.models import Job, utcnow
+from kdiga_service.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER
+from kdiga_service.storage import get_storage
 from worker.runner import checkpoint_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +88,8 @@ def _enqueue(s, task, object_id, queue=None):
 @pytest.mark.redis
 @needs_services
 def test_validation_and_bookkeeping_through_a_worker(backend, teacher_file):
-    from api import crud
-    from api.models import Dataset, Teacher
+    from kdiga_service import crud
+    from kdiga_service.models import Dataset, Teacher
 
     s = backend["settings"]
     store = get_storage(s)

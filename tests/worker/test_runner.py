@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from sqlalchemy import update
 
-from api.db import get_sessionmaker
-from api.models import Job, utcnow
-from api.storage import get_storage
-from worker import runner
+from kdiga_service.db import get_sessionmaker
+from kdiga_service.models import Job, utcnow
+from kdiga_service.storage import get_storage
+from worker import checkpoints, outputs, ownership, progress, runner, validation
 
 DEAD_PID = 4_000_000  # above pid_max's default: never a live process
 
@@ -34,7 +34,7 @@ def _job(settings, seeded):
 def _claim(settings, job_id):
     with get_sessionmaker(settings)() as session:
         job = session.get(Job, job_id)
-        return runner._claim(session, job, runner.worker_identity(), settings)
+        return runner._claim(session, job, ownership.worker_identity(), settings)
 
 
 def test_claim_twice_second_is_a_noop(settings, seeded):
@@ -103,9 +103,9 @@ def test_cancel_requested_before_start(settings, seeded):
 
 def test_reporter_throttles_writes_and_sees_cancel(settings, seeded):
     job_id = _job(settings, seeded)
-    me = runner.worker_identity()
+    me = ownership.worker_identity()
     claimed, _ = _claim(settings, job_id)
-    reporter = runner.Reporter(job_id, me, settings)
+    reporter = progress.Reporter(job_id, me, settings)
     writes = []
     original = runner.crud.update_progress
 
@@ -134,7 +134,7 @@ def test_reporter_throttles_writes_and_sees_cancel(settings, seeded):
 def test_reporter_notices_a_lost_claim(settings, seeded):
     job_id = _job(settings, seeded)
     claimed, _ = _claim(settings, job_id)
-    reporter = runner.Reporter(job_id, runner.worker_identity(), settings)
+    reporter = progress.Reporter(job_id, ownership.worker_identity(), settings)
     _set(settings, job_id, worker_id="someone-else:1")
     reporter.beat()
     assert reporter.lost and reporter.should_cancel()
@@ -147,13 +147,13 @@ def test_checkpoint_upload_points_to_the_latest_epoch(settings, tmp_path):
     for epoch in (1, 2):
         (ckpt / "last.json").write_text(json.dumps({"epoch": epoch}))
         (ckpt / "last.safetensors").write_bytes(b"weights-%d" % epoch)
-        runner.upload_checkpoint(store, "job-1", ckpt)
+        checkpoints.upload_checkpoint(store, "job-1", ckpt)
     assert not store.exists("jobs/job-1/checkpoint/e00001/last.json")  # the older one is gone
     dest = tmp_path / "restored"
-    assert runner.download_checkpoint(store, "job-1", dest)
+    assert checkpoints.download_checkpoint(store, "job-1", dest)
     assert (dest / "last.safetensors").read_bytes() == b"weights-2"
     assert json.loads((dest / "last.json").read_text())["epoch"] == 2
-    assert not runner.download_checkpoint(store, "job-2", tmp_path / "none")
+    assert not checkpoints.download_checkpoint(store, "job-2", tmp_path / "none")
 
 
 def test_storing_artifacts_twice_replaces_them(settings, seeded, tmp_path):
@@ -165,9 +165,9 @@ def test_storing_artifacts_twice_replaces_them(settings, seeded, tmp_path):
     store = get_storage(settings)
     with get_sessionmaker(settings)() as session:
         job = session.get(Job, job_id)
-        first = {a.name: a.id for a in runner.store_artifacts(session, store, job, files)}
+        first = {a.name: a.id for a in outputs.store_artifacts(session, store, job, files)}
         files["report.json"].write_bytes(b"newer")
-        second = {a.name: (a.id, a.kind, a.sha256) for a in runner.store_artifacts(session, store, job, files)}
+        second = {a.name: (a.id, a.kind, a.sha256) for a in outputs.store_artifacts(session, store, job, files)}
     assert {k: v[0] for k, v in second.items()} == first
     rows = h.artifacts_of(settings, job_id)
     assert sorted(a.name for a in rows) == sorted(files)
@@ -177,7 +177,7 @@ def test_storing_artifacts_twice_replaces_them(settings, seeded, tmp_path):
 
 
 def test_validate_teacher_ready_and_invalid(settings, owner, teacher_file, tmp_path):
-    from api import crud
+    from kdiga_service import crud
 
     store = get_storage(settings)
     good = store.upload_file(teacher_file, "teachers/good.safetensors")
@@ -190,10 +190,10 @@ def test_validate_teacher_ready_and_invalid(settings, owner, teacher_file, tmp_p
         t_bad = crud.create_teacher(session, owner_id=owner, name="b", format="unknown", stored=bad, spec=spec)
         session.commit()
         ids = (t_good.id, t_bad.id)
-    assert runner.validate_teacher(ids[0], settings=settings).status == "succeeded"
-    assert runner.validate_teacher(ids[0], settings=settings).status == "skipped"  # already ready
-    assert runner.validate_teacher(ids[1], settings=settings).status == "failed"
-    from api.models import Teacher
+    assert validation.validate_teacher(ids[0], settings=settings).status == "succeeded"
+    assert validation.validate_teacher(ids[0], settings=settings).status == "skipped"  # already ready
+    assert validation.validate_teacher(ids[1], settings=settings).status == "failed"
+    from kdiga_service.models import Teacher
 
     with get_sessionmaker(settings)() as session:
         good_row, bad_row = session.get(Teacher, ids[0]), session.get(Teacher, ids[1])
@@ -202,7 +202,7 @@ def test_validate_teacher_ready_and_invalid(settings, owner, teacher_file, tmp_p
 
 
 def test_validate_datasets(settings, owner, tmp_path):
-    from api.models import Dataset
+    from kdiga_service.models import Dataset
 
     store = get_storage(settings)
     npz = tmp_path / "d.npz"
@@ -222,7 +222,7 @@ def test_validate_datasets(settings, owner, tmp_path):
         session.add_all(rows)
         session.commit()
         ids = [r.id for r in rows]
-    assert [runner.validate_dataset(i, settings=settings).status for i in ids] == ["succeeded", "succeeded", "failed"]
+    assert [validation.validate_dataset(i, settings=settings).status for i in ids] == ["succeeded", "succeeded", "failed"]
     with get_sessionmaker(settings)() as session:
         digits, small, junk_row = (session.get(Dataset, i) for i in ids)
         assert digits.status == "ready" and digits.num_classes == 10 and digits.input_shape == [1, 8, 8]
@@ -240,33 +240,33 @@ def test_run_job_end_to_end_then_again(settings, seeded):
     names = sorted(a.name for a in h.artifacts_of(settings, job_id))
     assert names == ["model_card.json", "report.html", "report.json", "student.onnx", "student.safetensors"]
     assert row.result["metrics"]["student_clean_accuracy"] is not None
-    assert not get_storage(settings).exists(f"{runner.checkpoint_prefix(job_id)}/latest.json")
+    assert not get_storage(settings).exists(f"{checkpoints.checkpoint_prefix(job_id)}/latest.json")
     assert runner.run_job(job_id, settings=settings).status == "skipped"  # a second delivery does nothing
     assert sorted(a.name for a in h.artifacts_of(settings, job_id)) == names
 
 
 def test_owner_is_dead():
     host = socket.gethostname()
-    assert runner.owner_is_dead(f"{host}:{DEAD_PID}:1")
-    assert not runner.owner_is_dead(f"{host}:{os.getppid()}:1")  # a live process
-    assert not runner.owner_is_dead(f"other-host:{DEAD_PID}:1")  # cannot tell: rely on the heartbeat
-    assert runner.owner_is_dead(runner.worker_identity())  # our own earlier attempt
+    assert ownership.owner_is_dead(f"{host}:{DEAD_PID}:1")
+    assert not ownership.owner_is_dead(f"{host}:{os.getppid()}:1")  # a live process
+    assert not ownership.owner_is_dead(f"other-host:{DEAD_PID}:1")  # cannot tell: rely on the heartbeat
+    assert ownership.owner_is_dead(ownership.worker_identity())  # our own earlier attempt
     import threading
 
     done = threading.Event()
     sibling = threading.Thread(target=done.wait)
     sibling.start()
     try:
-        assert not runner.owner_is_dead(f"{host}:{os.getpid()}:{sibling.ident}")  # a live sibling thread
+        assert not ownership.owner_is_dead(f"{host}:{os.getpid()}:{sibling.ident}")  # a live sibling thread
     finally:
         done.set()
         sibling.join()
-    assert not runner.owner_is_dead(None) and not runner.owner_is_dead("garbage")
+    assert not ownership.owner_is_dead(None) and not ownership.owner_is_dead("garbage")
 
 
 @pytest.mark.slow
 def test_adversarial_train_registers_a_teacher_then_evaluate_it(settings, seeded):
-    from api.models import Teacher
+    from kdiga_service.models import Teacher
 
     request = {"kind": "adversarial_train", "name": "robust", "dataset_id": seeded["dataset_id"],
                "student": {"arch": "cnn_tiny"}, "objective": {"method": "pgd_at", "attack_steps": 1},
@@ -281,7 +281,7 @@ def test_adversarial_train_registers_a_teacher_then_evaluate_it(settings, seeded
         assert teacher.spec["arch"] == "cnn_tiny" and teacher.owner_id == seeded["owner_id"]
     with get_sessionmaker(settings)() as session:  # a rerun finds the same deterministic teacher
         job = session.get(Job, trained)
-        assert runner.register_teacher(session, get_storage(settings), job, {}) == teacher_id
+        assert outputs.register_teacher(session, get_storage(settings), job, {}) == teacher_id
 
     evaluate = {"kind": "evaluate", "dataset_id": seeded["dataset_id"], "teacher_id": seeded["teacher_id"],
                 "model": {"job_id": trained, "teacher_id": None}, "evaluation": h.TINY_EVAL}

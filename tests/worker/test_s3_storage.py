@@ -7,10 +7,10 @@ import json
 import kdiga_svc_helpers as h
 import pytest
 
-from api.db import get_sessionmaker
-from api.models import Job
-from api.storage import ArtifactStore
-from worker import runner
+from kdiga_service.db import get_sessionmaker
+from kdiga_service.models import Job
+from kdiga_service.storage import ArtifactStore
+from worker import checkpoints, outputs
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def test_checkpoints_and_artifacts_on_s3(s3_settings, tmp_path):
     for epoch in (1, 2, 3):
         (ckpt / "last.json").write_text(json.dumps({"epoch": epoch}))
         (ckpt / "last.safetensors").write_bytes(b"w%d" % epoch)
-        runner.upload_checkpoint(store, "job-s3", ckpt)
-    assert runner.download_checkpoint(store, "job-s3", tmp_path / "back")
+        checkpoints.upload_checkpoint(store, "job-s3", ckpt)
+    assert checkpoints.download_checkpoint(store, "job-s3", tmp_path / "back")
     assert (tmp_path / "back" / "last.safetensors").read_bytes() == b"w3"
     assert not store.exists("jobs/job-s3/checkpoint/e00002/last.json")
 
@@ -58,10 +58,10 @@ def test_checkpoints_and_artifacts_on_s3(s3_settings, tmp_path):
     files["student.safetensors"].write_bytes(b"weights")
     with get_sessionmaker(s3_settings)() as session:
         job = session.get(Job, job_id)
-        runner.store_artifacts(session, store, job, files)
-        rows = runner.store_artifacts(session, store, job, files)  # a rerun replaces
+        outputs.store_artifacts(session, store, job, files)
+        rows = outputs.store_artifacts(session, store, job, files)  # a rerun replaces
     assert len(h.artifacts_of(s3_settings, job_id)) == 2
     weights = next(r for r in rows if r.name == "student.safetensors")
     assert store.read_bytes(weights.storage_key) == b"weights"
-    store.delete_prefix(runner.checkpoint_prefix("job-s3"))
-    assert not runner.download_checkpoint(store, "job-s3", tmp_path / "none")
+    store.delete_prefix(checkpoints.checkpoint_prefix("job-s3"))
+    assert not checkpoints.download_checkpoint(store, "job-s3", tmp_path / "none")

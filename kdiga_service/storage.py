@@ -23,7 +23,7 @@ from typing import IO, Any, BinaryIO
 import fsspec
 from anyio import to_thread
 
-from api.settings import Settings, get_settings
+from kdiga_service.settings import Settings, get_settings
 
 CHUNK = 1024 * 1024
 _KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,200}(/[A-Za-z0-9_][A-Za-z0-9._-]{0,200}){0,15}$")

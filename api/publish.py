@@ -1,4 +1,4 @@
-"""Enqueue work by Celery task name; the api never imports worker code (style.md habit 6).
+"""Publish tasks by name (kdiga_service.queue); the api never imports worker code (style.md habit 6).
 
 The Celery app here only publishes: it has the broker URL and transport options, no tasks.
 """
@@ -9,11 +9,7 @@ import threading
 
 from celery import Celery
 
-from api.settings import Settings, get_settings
-
-RUN_JOB = "kdiga.run_job"
-VALIDATE_TEACHER = "kdiga.validate_teacher"
-VALIDATE_DATASET = "kdiga.validate_dataset"
+from kdiga_service.settings import Settings, get_settings
 
 _lock = threading.Lock()
 _apps: dict[str, Celery] = {}

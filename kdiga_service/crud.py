@@ -8,14 +8,16 @@ can never overwrite a newer state.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, bindparam, func, or_, select, update
+from sqlalchemy import Engine, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.models import (
+from kdiga_service.models import (
     ACTIVE_STATES,
     CANCELLED,
     CANCELLING,
@@ -34,9 +36,18 @@ from api.models import (
     Teacher,
     utcnow,
 )
-from api.storage import StoredObject
+from kdiga_service.storage import StoredObject
 
 M = TypeVar("M", bound=Base)
+
+# Ids derived from the job make a rerun of a job replace its rows instead of duplicating them.
+ID_NAMESPACE = uuid.UUID("6b646967-612d-4b44-8000-000000000001")
+CONTENT_TYPES = {".json": "application/json", ".html": "text/html; charset=utf-8"}
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic id for a row made by a job (e.g. `derived_id("artifact", job_id, name)`)."""
+    return str(uuid.uuid5(ID_NAMESPACE, ":".join(parts)))
 
 
 # -- generic owner-scoped reads ------------------------------------------------------------------
@@ -245,11 +256,15 @@ def claim_job(
     return job
 
 
+def interrupted_message(attempts: int) -> str:
+    """The one sentence a job (or validation) gets when its worker died on every attempt."""
+    return (f"The job was interrupted {attempts} times (the worker died each time, e.g. out of memory); "
+            "giving up.")
+
+
 def _fail_exhausted(session: Session, job_id: str, stale: Any, max_attempts: int) -> None:
-    error = (
-        f"The job's worker stopped {max_attempts} times (for example out of memory), "
-        "so it was not retried again."
-    )
+    job = session.get(Job, job_id)
+    attempts = job.attempts if job is not None else max_attempts
     session.execute(
         update(Job)
         .where(
@@ -258,7 +273,7 @@ def _fail_exhausted(session: Session, job_id: str, stale: Any, max_attempts: int
             Job.attempts >= max_attempts,
             stale,
         )
-        .values(status=FAILED, error=error, finished_at=utcnow())
+        .values(status=FAILED, error=interrupted_message(attempts), finished_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     session.commit()
@@ -372,20 +387,20 @@ def add_artifact(
     name: str,
     kind: str,
     stored: StoredObject,
-    content_type: str = "application/octet-stream",
+    content_type: str | None = None,
 ) -> Artifact:
-    """Worker: record a file already written to the store as an artifact of `job`; commits."""
-    artifact = Artifact(
-        owner_id=job.owner_id,
-        job_id=job.id,
-        name=name,
-        kind=kind,
-        storage_key=stored.key,
-        content_type=content_type,
-        size_bytes=stored.size_bytes,
-        sha256=stored.sha256,
-    )
-    session.add(artifact)
+    """Worker: record a file already in the store as `job`'s artifact `name`; a rerun replaces it. Commits.
+
+    The id is derived from (job, name), so a redelivered job overwrites its own rows in place.
+    """
+    artifact_id = derived_id("artifact", job.id, name)
+    session.execute(delete(Artifact).where(Artifact.job_id == job.id, Artifact.name == name,
+                                           Artifact.id != artifact_id))
+    artifact = session.merge(Artifact(
+        id=artifact_id, owner_id=job.owner_id, job_id=job.id, name=name, kind=kind,
+        storage_key=stored.key, size_bytes=stored.size_bytes, sha256=stored.sha256,
+        content_type=content_type or CONTENT_TYPES.get(PurePosixPath(name).suffix, "application/octet-stream"),
+    ))
     session.commit()
     return artifact
 

@@ -1,14 +1,28 @@
-"""API key administration, called by `kdiga admin keys create|revoke|list` and at start-up."""
+"""API keys: `kdg_` + secrets.token_urlsafe, stored as sha256; created by `kdiga admin keys` and at start-up."""
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.auth import DISPLAY_PREFIX_LEN, KEY_PREFIX, generate_key, hash_key
-from api.models import ApiKey, utcnow
+from kdiga_service.models import ApiKey, utcnow
+
+KEY_PREFIX = "kdg_"
+DISPLAY_PREFIX_LEN = 12
+
+
+def generate_key() -> str:
+    """A new secret key, e.g. `kdg_Xy3...` (43 random url-safe characters)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """What is stored for a key: its sha256 (the secret itself never is)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class AdminError(ValueError):

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def effective_hard_time_limit_s(self) -> int:
+        """The hard limit a worker enforces: never less than 30 s after the soft one (time to clean up)."""
+        return max(self.job_hard_time_limit_s, self.job_soft_time_limit_s + 30)
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 

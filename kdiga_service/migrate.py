@@ -8,7 +8,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from api.settings import Settings, get_settings
+from kdiga_service.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,7 @@
-"""The names users pick from (architectures, attacks, methods, built-in datasets, job kinds).
+"""The names users pick from (architectures, attacks, methods, built-in datasets, job kinds), and
+which methods each job kind accepts.
 
-Read from `api/catalog.json`, which `scripts/gen_catalog.py` generates from kdiga_core's
+Read from `kdiga_service/catalog.json`, which `scripts/gen_catalog.py` generates from kdiga_core's
 registries (the api never imports kdiga_core); a test keeps the two equal.
 """
 
@@ -25,9 +26,16 @@ MAX_LISTED = 60
 
 @lru_cache(maxsize=1)
 def load_catalog() -> dict[str, list[str]]:
-    """The catalog as sorted lists of names."""
+    """The catalog as sorted lists of names (`methods_by_kind` has its own reader)."""
     raw = json.loads(CATALOG_PATH.read_text())
     return {kind: sorted(set(raw.get(kind, []))) for kind in KINDS}
+
+
+@lru_cache(maxsize=1)
+def methods_by_kind() -> dict[str, list[str]]:
+    """The methods each job kind accepts (kdiga_core.jobs.METHODS_BY_KIND, through the file)."""
+    raw = json.loads(CATALOG_PATH.read_text())
+    return {kind: list(methods) for kind, methods in raw.get("methods_by_kind", {}).items()}
 
 
 @lru_cache(maxsize=len(KINDS))

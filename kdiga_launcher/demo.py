@@ -1,7 +1,7 @@
 """The README's first command: robust teacher -> KD and KDIGA students -> report, over the REST API only.
 
-    python -m kdiga_client.demo                   # starts the embedded service in a temporary home
-    python -m kdiga_client.demo --url URL --api-key KEY   # uses a running service instead
+    python -m kdiga_launcher.demo                   # starts the embedded service in a temporary home
+    python -m kdiga_launcher.demo --url URL --api-key KEY   # uses a running service instead
 
 Steps: register the built-in 8x8 digits; an `adversarial_train` job makes a robust teacher
 (cnn_medium, PGD-AT, eps 0.1 Linf); two `distill` jobs (cnn_small, methods `kd` and `kdiga`) run
@@ -184,7 +184,7 @@ def _service(args: argparse.Namespace, timer: Timer) -> Iterator[tuple[str, str]
             raise SystemExit("--url needs --api-key (or KDIGA_API_KEY).")
         yield args.url, args.api_key
         return
-    from api.embedded import start_embedded  # only when we start the service ourselves
+    from kdiga_launcher.supervisor import start_embedded  # only when we start the service ourselves
 
     # A short home: the embedded Redis listens on a unix socket inside it (paths are limited to ~100 bytes).
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="kdiga-demo-", dir="/tmp"))
@@ -204,7 +204,7 @@ def _service(args: argparse.Namespace, timer: Timer) -> Iterator[tuple[str, str]
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    parser = argparse.ArgumentParser(prog="python -m kdiga_client.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kdiga_launcher.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=None, help="Use a running service instead of starting one.")
     parser.add_argument("--api-key", default=os.environ.get("KDIGA_API_KEY"), help="Key for --url.")
     parser.add_argument("--out", default="demo-output", help="Where students and reports go.")

@@ -1,0 +1,32 @@
+"""Task and queue names: the one place the API (which publishes) and the worker (which consumes) agree on.
+
+Tasks are sent by name so the API never imports worker code (style.md habit 6); the row id is the
+only argument. No Celery here: the API's publisher (`api.publish`) and the worker's app
+(`worker.celery_app`) both read these names.
+"""
+
+from __future__ import annotations
+
+from kdiga_service.settings import Settings
+
+RUN_JOB = "kdiga.run_job"
+VALIDATE_TEACHER = "kdiga.validate_teacher"
+VALIDATE_DATASET = "kdiga.validate_dataset"
+VALIDATION_TASKS = (VALIDATE_TEACHER, VALIDATE_DATASET)
+
+
+def job_queue(settings: Settings, kind: str) -> str:
+    """The queue a job of `kind` is published on (stored on the row, so a re-send uses the same)."""
+    return settings.queue_eval if kind == "evaluate" else settings.queue_train
+
+
+def validation_queue(settings: Settings) -> str:
+    """The queue teacher and dataset validations are published on."""
+    return settings.queue_eval
+
+
+def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
+    """Celery's default `task_routes` (every publish also names its queue explicitly)."""
+    routes = {RUN_JOB: {"queue": settings.queue_train}}
+    routes.update({name: {"queue": validation_queue(settings)} for name in VALIDATION_TASKS})
+    return routes

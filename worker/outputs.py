@@ -1,0 +1,60 @@
+"""A finished job's outputs: artifacts in the store and rows (crud.add_artifact), and the teacher an
+adversarial_train job makes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from kdiga_service import crud
+from kdiga_service.models import (
+    READY,
+    Artifact,
+    Job,
+    Teacher,
+)
+from kdiga_service.storage import ArtifactStore
+from worker.common import jsonable
+
+log = logging.getLogger(__name__)
+
+
+ARTIFACT_KINDS = {".safetensors": "student_weights", ".onnx": "onnx", "model_card.json": "model_card",
+                  "report.json": "report_json", "report.html": "report_html"}
+
+
+
+
+
+
+def artifact_kind(name: str) -> str:
+    if name in ARTIFACT_KINDS:
+        return ARTIFACT_KINDS[name]
+    return ARTIFACT_KINDS.get(Path(name).suffix, "file")
+
+
+def store_artifacts(session: Session, store: ArtifactStore, job: Job, files: dict[str, Any]) -> list[Artifact]:
+    """Upload the job's output files and record them (crud.add_artifact: a rerun replaces in place)."""
+    rows = []
+    for name, path in sorted(files.items()):
+        stored = store.upload_file(path, f"jobs/{job.id}/artifacts/{name}")
+        rows.append(crud.add_artifact(session, job=job, name=name, kind=artifact_kind(name), stored=stored))
+    return rows
+
+
+def register_teacher(session: Session, store: ArtifactStore, job: Job, result: dict[str, Any]) -> str:
+    """An adversarial_train job's model becomes a ready teacher (once, whatever the reruns)."""
+    teacher_id = crud.derived_id("teacher", job.id)
+    if session.get(Teacher, teacher_id) is not None:
+        return teacher_id
+    weights = Path(result["artifacts"][result.get("model_file") or "model.safetensors"])
+    stored = store.upload_file(weights, f"teachers/{teacher_id}.safetensors")
+    spec = jsonable(result.get("model_spec") or {})
+    name = job.name or f"{spec.get('arch', 'model')} (robust, job {job.id[:8]})"
+    crud.create_teacher(session, owner_id=job.owner_id, name=name, format="safetensors", stored=stored,
+                        spec=spec, status=READY, source_job_id=job.id, id=teacher_id)
+    session.commit()
+    return teacher_id

@@ -1,0 +1,111 @@
+"""Progress, cancellation and heartbeat for one running job, all through its row.
+
+Progress goes to the row at most once per `progress_interval_s`; a background thread refreshes the
+heartbeat so long phases without progress (evaluation, export) do not look dead; cancellation is
+cooperative (`should_cancel`, throttled like progress).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+from kdiga_service import crud
+from kdiga_service.settings import Settings
+from worker.common import scalar, session_for
+
+log = logging.getLogger(__name__)
+
+
+PROGRESS_KEYS = ("phase", "epoch", "epochs", "step", "steps_per_epoch", "global_step", "total_steps",
+                 "percent", "eta_s")
+
+
+
+
+class Reporter:
+    """Throttled progress writes, throttled cancel checks and a heartbeat thread for one job."""
+
+    def __init__(self, job_id: str, worker_id: str, settings: Settings):
+        self.job_id, self.worker_id, self.settings = job_id, worker_id, settings
+        self.interval = settings.progress_interval_s
+        self.beat_every = max(0.2, min(10.0, settings.heartbeat_stale_s / 4))
+        self.lost = False
+        self._cancel = False
+        self._last_write = self._last_check = -math.inf
+        self._phase: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._beat_loop, name=f"heartbeat-{self.job_id[:8]}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def on_step(self, progress: dict[str, Any]) -> None:
+        """kdiga_core's `on_step`: called every step; writes at most once per interval (or on a new phase)."""
+        now = time.monotonic()
+        phase = progress.get("phase")
+        if now - self._last_write < self.interval and phase == self._phase:
+            return
+        self._last_write, self._phase = now, phase
+        clean = {k: scalar(progress[k]) for k in PROGRESS_KEYS if k in progress}
+        extra = {k: scalar(v) for k, v in progress.items()
+                 if k not in PROGRESS_KEYS and isinstance(v, (int, float, str, bool))}
+        metrics = {"live": extra} if extra else None
+        try:
+            with session_for(self.settings) as session:
+                ours = crud.update_progress(session, self.job_id, progress=clean, metrics=metrics,
+                                            worker_id=self.worker_id)
+        except Exception:  # noqa: BLE001 - progress is best effort; the job goes on
+            log.warning("progress write failed", extra={"job_id": self.job_id}, exc_info=True)
+            return
+        if not ours:
+            self._lose()
+        if phase != "train" and self.should_cancel():
+            # Training checks `should_cancel` itself; the later phases (evaluation, export) only
+            # report progress, so a cancel is honoured here, between two of their stages.
+            from kdiga_core.errors import CancelledError
+
+            raise CancelledError("The job was cancelled.")
+
+    def should_cancel(self, *, force: bool = False) -> bool:
+        """kdiga_core's `should_cancel`: reads the row at most once per interval."""
+        if self.lost or self._cancel:
+            return True
+        now = time.monotonic()
+        if force or now - self._last_check >= self.interval:
+            self._last_check = now
+            try:
+                with session_for(self.settings) as session:
+                    self._cancel = crud.is_cancel_requested(session, self.job_id)
+            except Exception:  # noqa: BLE001 - try again next time
+                log.warning("cancel check failed", extra={"job_id": self.job_id}, exc_info=True)
+        return self._cancel
+
+    def beat(self) -> None:
+        try:
+            with session_for(self.settings) as session:
+                ours = crud.heartbeat(session, self.job_id, worker_id=self.worker_id)
+        except Exception:  # noqa: BLE001 - a missed beat is not fatal
+            log.warning("heartbeat failed", extra={"job_id": self.job_id}, exc_info=True)
+            return
+        if not ours:
+            self._lose()
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.beat_every):
+            self.beat()
+
+    def _lose(self) -> None:
+        if not self.lost:
+            log.warning("the job row is no longer ours; stopping", extra={"job_id": self.job_id})
+        self.lost = True
