@@ -30,35 +30,27 @@ from kdiga_client.errors import KdigaError
 
 console = Console(highlight=False)
 
-EPS = 0.1  # L-infinity radius in pixel units ([0, 1] inputs)
+RECIPES = Path(__file__).resolve().parents[1] / "examples" / "digits"
 DATASET = "digits"
-TEACHER_ARCH, STUDENT_ARCH = "cnn_medium", "cnn_small"
 
-# Settings from REPRODUCTION.md / benchmarks/reproduce_digits.py, shortened to fit a demo: AdamW
-# (these small batch-norm-free CNNs barely move with SGD in a few hundred steps), PGD-7 with step
-# 2.5ε/7 for the teacher, and the KDIGA settings of the reproduction (γ = 5 warmed up over half the
-# steps, input gradients at x + U(-ε, ε)). REPRODUCTION.md trains longer (15-epoch teacher,
-# 60-100-epoch students) for the numbers behind the claim. The teacher job's own report is kept
-# small: each distill report measures the teacher again, on the same points as its student.
-TEACHER_OBJECTIVE = {"method": "pgd_at", "attack_eps": EPS, "attack_step": 2.5 * EPS / 7, "attack_steps": 7}
-TEACHER_TRAIN = {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05,
-                 "schedule": "cosine", "seed": 0}
-TEACHER_EVAL = {"attacks": [{"name": "pgd", "norm": "Linf", "eps": EPS, "steps": 10}], "max_points": 100,
-                "eps_curve": [0.0, EPS], "curve_attack_steps": 5, "alignment": False,
-                "smoothing_sigma": 0.0, "latency": False}
-STUDENT_OBJECTIVES: dict[str, dict[str, Any]] = {  # KD: alpha 0.5, tau 1 (library defaults), as in REPRODUCTION.md
-    "kd": {"method": "kd"},
-    "kdiga": {"method": "kdiga", "gamma": 5.0, "gamma_warmup": 0.5, "iga_noise_eps": EPS},
-}
-STUDENT_TRAIN = {**TEACHER_TRAIN, "epochs": 40}
-STUDENT_EVAL: dict[str, Any] = {"attacks": [{"name": "pgd", "norm": "Linf", "eps": EPS, "steps": 20},
-                            {"name": "autoattack", "norm": "Linf", "eps": EPS, "steps": 20}],
-                "max_points": 100, "eps_curve": [0.0, EPS / 2, EPS, 2 * EPS, 3 * EPS],
-                "curve_attack_steps": 5, "alignment": True, "linearity_steps": 10,
-                "smoothing_sigma": 0.25, "smoothing_samples": 50, "smoothing_points": 30, "latency": True}
-# AutoAttack's Square uses 5000 queries as standard; on a small CPU that dominates the whole demo,
-# so the demo asks for fewer (the table's title says so).
-DEMO_SQUARE_QUERIES = 1000
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A job recipe of examples/digits (the same files the README and REPRODUCTION.md point to)."""
+    return json.loads((RECIPES / f"{name}.json").read_text(encoding="utf-8"))
+
+
+# The recipes' settings come from REPRODUCTION.md / benchmarks/reproduce_digits.py, shortened to fit a
+# demo: AdamW (these small batch-norm-free CNNs barely move with SGD in a few hundred steps), PGD-7
+# with step 2.5ε/7 for the teacher, and the KDIGA settings of the reproduction (γ = 5 warmed up over
+# half the steps, input gradients at x + U(-ε, ε)). The teacher job's own report is kept small: each
+# distill report measures the teacher again, on the same points as its student. AutoAttack's Square
+# uses 5000 queries as standard; on a small CPU that dominates the whole demo, so the students'
+# recipes ask for 1000 (the table's title says so).
+TEACHER = load_recipe("robust_teacher")
+STUDENTS = {"kd": load_recipe("student_kd"), "kdiga": load_recipe("student_kdiga")}
+TEACHER_ARCH, STUDENT_ARCH = TEACHER["student"]["arch"], STUDENTS["kdiga"]["student"]["arch"]
+EPS = STUDENTS["kdiga"]["evaluation"]["attacks"][0]["eps"]
+DEMO_SQUARE_QUERIES = STUDENTS["kdiga"]["evaluation"]["square_queries"]
 
 
 class Timer:
@@ -125,16 +117,31 @@ def _check(results: list[Job | KdigaError], what: str) -> list[Job]:
     return results  # type: ignore[return-value]
 
 
+def _with_overrides(recipe: dict[str, Any], *, epochs: int | None = None, points: int | None = None,
+                    autoattack: bool = True) -> dict[str, Any]:
+    """A copy of a recipe with the demo's command-line overrides applied."""
+    job = json.loads(json.dumps(recipe))
+    if epochs:
+        job["train"]["epochs"] = epochs
+    if points:
+        job["evaluation"]["max_points"] = points
+    if not autoattack:
+        job["evaluation"]["attacks"] = [a for a in job["evaluation"]["attacks"] if a["name"] != "autoattack"]
+    return job
+
+
+def _submit(client: Client, recipe: dict[str, Any], dataset_id: str, teacher_id: str | None = None) -> Job:
+    ids = {"dataset_id": dataset_id} | ({"teacher_id": teacher_id} if teacher_id else {})
+    return client.submit_job({**recipe, **ids})
+
+
 def run_demo(client: Client, out_dir: Path, timer: Timer, *, teacher_epochs: int | None = None,
              student_epochs: int | None = None, points: int | None = None,
              autoattack: bool = True) -> dict[str, Any]:
     """The three phases over REST; returns the reports and downloaded paths."""
-    teacher_train = {**TEACHER_TRAIN, "epochs": teacher_epochs or TEACHER_TRAIN["epochs"]}
-    student_train = {**STUDENT_TRAIN, "epochs": student_epochs or STUDENT_TRAIN["epochs"]}
-    student_eval = {**STUDENT_EVAL, "max_points": points or STUDENT_EVAL["max_points"]}
-    if not autoattack:
-        student_eval["attacks"] = [a for a in student_eval["attacks"] if a["name"] != "autoattack"]
-    student_eval["square_queries"] = DEMO_SQUARE_QUERIES
+    teacher_recipe = _with_overrides(TEACHER, epochs=teacher_epochs)
+    students = {m: _with_overrides(r, epochs=student_epochs, points=points, autoattack=autoattack)
+                for m, r in STUDENTS.items()}
     with timer.phase("1. dataset"):
         dataset = client.wait_dataset(client.register_builtin_dataset(DATASET, DATASET).id, timeout=300)
         if dataset.status != "ready":
@@ -142,23 +149,19 @@ def run_demo(client: Client, out_dir: Path, timer: Timer, *, teacher_epochs: int
         console.print(f"{DATASET}: {dataset.train_size} train / {dataset.test_size} test images, "
                       f"input {dataset.input_shape}")
     with timer.phase("2. robust teacher (adversarial_train, PGD-AT)"):
-        job = client.create_job("adversarial_train", dataset.id, name=f"robust {TEACHER_ARCH} teacher",
-                                student={"arch": TEACHER_ARCH}, objective=TEACHER_OBJECTIVE,
-                                train=teacher_train, evaluation=TEACHER_EVAL)
+        job = _submit(client, teacher_recipe, dataset.id)
         (teacher_job,) = _check(watch_jobs(client, [job], labels=["teacher pgd_at"], out=console), "teacher")
         teacher_id = (teacher_job.result or {}).get("teacher_id")
         if not teacher_id:
             raise KdigaError(f"Job {teacher_job.id} finished without a teacher_id in its result.")
         console.print(f"teacher: {teacher_id}")
     with timer.phase("3. students (distill: KD and KDIGA)"):
-        jobs = [client.create_job("distill", dataset.id, teacher_id=teacher_id, name=f"{method} {STUDENT_ARCH} student",
-                                  student={"arch": STUDENT_ARCH}, objective=objective, train=student_train,
-                                  evaluation=student_eval)
-                for method, objective in STUDENT_OBJECTIVES.items()]
-        finished = _check(watch_jobs(client, jobs, labels=[f"student {m}" for m in STUDENT_OBJECTIVES], out=console), "students")
+        jobs = [_submit(client, recipe, dataset.id, teacher_id) for recipe in students.values()]
+        finished = _check(watch_jobs(client, jobs, labels=[f"student {m}" for m in students], out=console),
+                          "students")
     with timer.phase("4. reports and downloads"):
         reports, paths = {}, {}
-        for method, job in zip(STUDENT_OBJECTIVES, finished, strict=True):
+        for method, job in zip(students, finished, strict=True):
             reports[method] = client.get_report(job.id)
             paths[method] = client.download_job(job.id, out_dir / method)
         (out_dir / "teacher_job.json").write_text(json.dumps(teacher_job.to_dict(), indent=2, default=str))
@@ -211,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", default=None, help="KDIGA_HOME for the embedded service (default: a temp dir).")
     parser.add_argument("--keep-home", action="store_true", help="Keep the temporary KDIGA_HOME.")
     parser.add_argument("--teacher-epochs", type=int, default=None,
-                        help=f"Teacher training epochs (default {TEACHER_TRAIN['epochs']}).")
+                        help=f"Teacher training epochs (default {TEACHER['train']['epochs']}).")
     parser.add_argument("--student-epochs", type=int, default=None,
-                        help=f"Student training epochs (default {STUDENT_TRAIN['epochs']}).")
+                        help=f"Student training epochs (default {STUDENTS['kdiga']['train']['epochs']}).")
     parser.add_argument("--points", type=int, default=None,
-                        help=f"Test points in the students' reports (default {STUDENT_EVAL['max_points']}).")
+                        help=f"Test points in the students' reports (default {STUDENTS['kdiga']['evaluation']['max_points']}).")
     parser.add_argument("--no-autoattack", action="store_true",
                         help="Skip AutoAttack in the students' reports (PGD-20 only; much faster on a CPU).")
     parser.add_argument("--quick", action="store_true", help="A smoke test: one epoch each, 30 points.")
