@@ -29,9 +29,10 @@ from kdiga_core.attacks import (
     PGD,
     SQUARE_QUERIES,
     build_attack,
-    frozen_eval,
+    model_mode,
+    pgd,
     predict,
-    project,
+    random_start,
     run_autoattack,
 )
 from kdiga_core.config import AttackSpec, EvalConfig, Norm
@@ -81,7 +82,7 @@ def _mean(values: Tensor) -> float:
 def clean_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500) -> float:
     """Fraction of ``x`` classified correctly (no-grad batches, eval mode)."""
     x, y = _on(model, x, y)
-    with frozen_eval(model):
+    with model_mode(model):
         return _mean(predict(model, x, batch_size) == y)
 
 
@@ -134,7 +135,7 @@ def robust_accuracy(
         spec, n_classes=n_classes, seed=seed, n_queries=square_queries, generator=_generator(x.device, seed),
         stop_when_misclassified=True,  # a point counts as broken by the first iterate that breaks it
     )
-    with frozen_eval(model):
+    with model_mode(model):
         clean = predict(model, x, batch_size) == y
         robust = clean.clone()
         # Only points classified correctly count, so only they are attacked (as AutoAttack does):
@@ -284,7 +285,7 @@ def input_gradients(
     """
     x, y = _on(model, x, y)
     losses, grads = [], []
-    with frozen_eval(model), torch.enable_grad():
+    with model_mode(model), torch.enable_grad():
         for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
             xb = xb.clone().requires_grad_(True)
             loss = F.cross_entropy(model(xb), yb, reduction="none")
@@ -342,7 +343,7 @@ def local_linearity(
     starts = x_start.to(x.device) if x_start is not None else None
     gen = _generator(x.device, seed)
     out = []
-    with frozen_eval(model), torch.enable_grad():
+    with model_mode(model), torch.enable_grad():
         for i, (xb, yb) in enumerate(zip(x.split(batch_size), y.split(batch_size), strict=True)):
             extra = starts[i * batch_size : i * batch_size + len(xb)] if starts is not None else None
             out.append(
@@ -358,24 +359,25 @@ def _linearity_batch(model: nn.Module, x: Tensor, y: Tensor, rule: PGD, x_start:
     x0 = x.clone().requires_grad_(True)
     loss0 = F.cross_entropy(model(x0), y, reduction="none")
     (g0,) = torch.autograd.grad(loss0.sum(), x0)
-    starts = [rule._start(x)] + ([project(x_start, x, rule.eps, rule.norm)] if x_start is not None else [])
+    starts = [random_start(x, rule.eps, rule.norm, rule.generator)] + ([x_start] if x_start is not None else [])
     return torch.stack([_ascend_gap(model, x, y, loss0.detach(), g0, s, rule) for s in starts]).amax(0)
 
 
 def _ascend_gap(
-    model: nn.Module, x: Tensor, y: Tensor, loss0: Tensor, g0: Tensor, x_adv: Tensor, rule: PGD
+    model: nn.Module, x: Tensor, y: Tensor, loss0: Tensor, g0: Tensor, start: Tensor, rule: PGD
 ) -> Tensor:
-    """Signed-gradient ascent of |ℓ(x+δ) − ℓ(x) − δᵀg0| from ``x_adv``; the largest value seen."""
+    """`pgd` ascent of |ℓ(x+δ) − ℓ(x) − δᵀg0| from ``start``; the largest value seen at any iterate."""
     best = torch.zeros_like(loss0)
-    for i in range(rule.steps + 1):
-        x_adv.requires_grad_(True)
-        delta = x_adv - x
-        gap = F.cross_entropy(model(x_adv), y, reduction="none") - loss0 - (delta * g0).flatten(1).sum(1)
-        best = torch.maximum(best, gap.detach().abs())
-        if i == rule.steps:
-            break
-        (grad,) = torch.autograd.grad(gap.abs().sum(), x_adv)
-        x_adv = project(x_adv.detach() + rule.step_size * rule._direction(grad), x, rule.eps, rule.norm)
+
+    def gap(x_adv: Tensor, _active: Tensor | None) -> tuple[Tensor, None]:
+        nonlocal best
+        value = (F.cross_entropy(model(x_adv), y, reduction="none") - loss0
+                 - ((x_adv - x) * g0).flatten(1).sum(1)).abs()
+        best = torch.maximum(best, value.detach())
+        return value.sum(), None
+
+    last = pgd(gap, x, start, eps=rule.eps, norm=rule.norm, step_size=rule.step_size, steps=rule.steps)
+    gap(last, None)  # the last iterate counts too
     return best
 
 
@@ -401,7 +403,7 @@ def adversarial_examples(
 def per_sample_loss(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500) -> Tensor:
     """Per-sample cross-entropy with the true labels (CPU tensor of shape (N,))."""
     x, y = _on(model, x, y)
-    with frozen_eval(model), torch.no_grad():
+    with model_mode(model), torch.no_grad():
         return torch.cat(
             [
                 F.cross_entropy(model(xb), yb, reduction="none").cpu()
@@ -480,7 +482,7 @@ def certify_smoothing(
     x, y = _on(model, x, y)
     gen = _generator(x.device, seed)
     radii = []
-    with frozen_eval(model), torch.no_grad():
+    with model_mode(model), torch.no_grad():
         for xi, yi in zip(x, y, strict=True):
             guess = int(_noisy_counts(model, xi, sigma, n0, num_classes, batch_size, gen).argmax())
             n_a = int(_noisy_counts(model, xi, sigma, n, num_classes, batch_size, gen)[guess].item())
@@ -547,7 +549,7 @@ def model_stats(
 
     params = sum(p.numel() for p in model.parameters())
     x = torch.rand((1, *input_shape), device=model_device(model))
-    with frozen_eval(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with model_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     stats: dict[str, Any] = {
         "params": int(params),
@@ -574,7 +576,7 @@ def cpu_latency_ms(
     cpu_model = model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
     x = torch.rand((1, *input_shape))
     times: list[float] = []
-    with frozen_eval(cpu_model), torch.inference_mode():
+    with model_mode(cpu_model), torch.inference_mode():
         for _ in range(warmup):
             cpu_model(x)
         deadline = time.perf_counter() + max_seconds
