@@ -31,6 +31,8 @@ AUTOATTACK_ORDER: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 SQUARE_QUERIES = 5000
 AUTOATTACK_TARGETS = 9  # AutoAttack's standard version attacks at most 9 target classes
 
+AttackProgress = Callable[[str, int, int], None]  # (attack name, points done, points total)
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -486,6 +488,7 @@ def run_autoattack(
     steps: int = 100,
     n_queries: int = SQUARE_QUERIES,
     batch_size: int | None = None,
+    progress: AttackProgress | None = None,
 ) -> dict[str, Any]:
     """AutoAttack, standard version: APGD-CE, APGD-T, FAB-T, Square (Croce & Hein 2020).
 
@@ -502,6 +505,8 @@ def run_autoattack(
         steps: Iterations of APGD and FAB (the standard version uses 100).
         n_queries: Square's query budget (the standard version uses 5000).
         batch_size: Attack at most this many points at once (None: all).
+        progress: Called with (attack name, points done, points total) as each attack starts
+            and after each of its batches; the total is the number of survivors it runs on.
 
     Returns:
         ``{"robust": bool mask, "x_adv": adversarial inputs (x where no attack
@@ -519,7 +524,7 @@ def run_autoattack(
         for attack in _autoattack_members(
             eps, norm, steps=steps, seed=seed, n_classes=n_classes, n_queries=n_queries
         ):
-            _attack_survivors(attack, model, x, y, robust, x_adv, batch_size)
+            _attack_survivors(attack, model, x, y, robust, x_adv, batch_size, progress)
             breakdown.append(_stage(attack, robust, n_classes))
     return {
         "robust": robust,
@@ -551,14 +556,21 @@ def _attack_survivors(
     robust: Tensor,
     x_adv: Tensor,
     batch_size: int | None,
+    progress: AttackProgress | None,
 ) -> None:
     """Attack the still-robust points; update ``robust`` and ``x_adv`` in place."""
     idx = robust.nonzero().squeeze(1)
+    done = 0
+    if progress is not None:
+        progress(attack.name, 0, len(idx))
     for chunk in idx.split(batch_size or max(len(idx), 1)):
         adv = attack(model, x[chunk], y[chunk])
         fooled = predict(model, adv) != y[chunk]
         robust[chunk[fooled]] = False
         x_adv[chunk[fooled]] = adv[fooled]
+        done += len(chunk)
+        if progress is not None:
+            progress(attack.name, done, len(idx))
 
 
 class AutoAttack(Attack):
