@@ -32,7 +32,13 @@ from kdiga_core.evaluate.curves import LARGE_EPS, curve_grid, default_eps_grid, 
 from kdiga_core.evaluate.plan import MEASURED_LOSS_STEPS
 from kdiga_core.evaluate.points import EvalPoints, evaluation_points, stratified_order
 from kdiga_core.evaluate.progress import Progress, Tracker
-from kdiga_core.evaluate.report import evaluate, evaluate_model, evaluation_plan, threat_model
+from kdiga_core.evaluate.report import (
+    evaluate,
+    evaluate_model,
+    evaluation_plan,
+    expected_seconds,
+    threat_model,
+)
 from kdiga_core.evaluate.sanity import sanity_flags
 from kdiga_core.evaluate.smoothing import certify_smoothing, smoothing_sample
 from kdiga_core.evaluate.stats import Speed, cpu_latency_ms, forward_macs, forward_speed, model_stats
@@ -61,6 +67,7 @@ __all__ = [
     "evaluate_model",
     "evaluation_plan",
     "evaluation_points",
+    "expected_seconds",
     "forward_macs",
     "forward_speed",
     "gradient_alignment",

@@ -85,6 +85,16 @@ def evaluation_plan(roles: dict[str, nn.Module], points: EvalPoints, cfg: EvalCo
     return plan | (alignment_plan(cfg, len(points), speeds) if alignment else {})
 
 
+def expected_seconds(model: nn.Module, data: DataBundle, cfg: EvalConfig, *,
+                     teacher: nn.Module | None = None) -> float:
+    """What `evaluate` should take with these models where they are now: its plan's total (a worst
+    case: it counts every point in every attack, and a teacher measured again)."""
+    roles = {"student": model} | ({"teacher": teacher} if teacher is not None else {})
+    points = evaluation_points(data, cfg.max_points, seed=cfg.seed)
+    plan = evaluation_plan(roles, points, cfg, data.num_classes, teacher is not None and cfg.alignment)
+    return sum(cost.seconds() for cost in plan.values())
+
+
 def evaluate(
     model: nn.Module,
     data: DataBundle,
