@@ -38,10 +38,6 @@ METHODS_BY_KIND: dict[str, tuple[str, ...]] = {
     "evaluate": (),
 }
 JOB_KINDS: tuple[str, ...] = tuple(METHODS_BY_KIND)
-# Expected seconds of the export phase, for the job's ETA: on the CPU machines the bundle of our CNNs
-# and of resnet18 (ONNX export and its onnxruntime check) took 0.1-0.5 s, the HTML report 0.2-0.4 s.
-EXPORT_SECONDS = 1.0
-
 StepFn = Callable[[dict[str, Any]], None]
 
 
@@ -97,7 +93,7 @@ class JobHooks:
     Attributes:
         on_step: Receives progress dicts (docs/contracts.md, on_step): often; callers throttle.
         should_cancel: True stops the job with `CancelledError` (checked every training step,
-            every evaluation batch, and before the export).
+            every evaluation batch, and before the files are written).
         on_checkpoint: Called with the checkpoint folder after each epoch's checkpoint.
     """
 
@@ -136,45 +132,44 @@ def load_data(dataset: dict[str, Any]) -> data_mod.DataBundle:
 
 
 class JobProgress:
-    """One percent and ETA for the whole job, across its phases: train, then evaluate, then export.
+    """One percent and ETA for the whole job, across its phases: train, then evaluate.
 
     Each phase's ``percent`` and ``eta_s`` stay its own (train's over its steps, evaluate's over its
     stages); this adds ``job_percent`` and ``job_eta_s`` to every progress dict. A phase weighs its
-    expected seconds: train's and evaluate's from their own rate as soon as they report an ETA (the
-    seconds left over the fraction left), evaluate's from its plan before that
-    (`evaluate.expected_seconds`), export's `EXPORT_SECONDS`. Outside training (which checks
-    itself), it also stops the job when ``should_cancel`` says so.
+    expected seconds: its own rate as soon as it reports an ETA (the seconds left over the fraction
+    left), and for evaluation its plan before that (`evaluate.expected_seconds`). Writing the files
+    afterwards (about a second for our models) is not a phase of its own. Outside training (which
+    checks itself), it also stops the job when ``should_cancel`` says so.
     """
 
     def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float):
         self.hooks = hooks
-        self.seconds = {"train": 0.0, "evaluate": float(eval_seconds), "export": EXPORT_SECONDS}
-        self.fraction = {"train": 0.0 if train else 1.0, "evaluate": 0.0, "export": 0.0}
+        self.seconds = {"train": 0.0, "evaluate": float(eval_seconds)}
+        self.fraction = {"train": 0.0 if train else 1.0, "evaluate": 0.0}
         self.job_percent = 0.0
 
     def __call__(self, progress: dict[str, Any]) -> None:
-        phase = progress["phase"]
-        if phase != "train" and self.hooks.should_cancel is not None and self.hooks.should_cancel():
-            raise CancelledError("The job was cancelled.")
-        self._update(phase, float(progress.get("percent") or 0.0) / 100.0, progress.get("eta_s"))
+        if progress["phase"] != "train":
+            self.check_cancel()
+        self._update(progress["phase"], float(progress.get("percent") or 0.0) / 100.0, progress.get("eta_s"))
         if self.hooks.on_step is not None:
             self.hooks.on_step({**progress, **self._overall()})
 
-    def export(self, *, done: bool) -> None:
-        """Report the export phase: starting (``done=False``) or finished."""
-        self.fraction["train"] = self.fraction["evaluate"] = 1.0
-        self({"phase": "export", "stage": "model files and report", "percent": 100.0 if done else 0.0,
-              "eta_s": 0.0 if done else EXPORT_SECONDS})
+    def check_cancel(self) -> None:
+        """Raise `CancelledError` when ``should_cancel`` says so."""
+        if self.hooks.should_cancel is not None and self.hooks.should_cancel():
+            raise CancelledError("The job was cancelled.")
 
     def _update(self, phase: str, fraction: float, eta: float | None) -> None:
         self.fraction[phase] = min(max(fraction, 0.0), 1.0)
-        if eta is not None and 0.0 < fraction < 1.0:
+        if eta and 0.0 < fraction < 1.0:  # an ETA rounded to 0 says nothing of the rate: keep the last one
             self.seconds[phase] = float(eta) / (1.0 - fraction)  # the phase's own rate, whole phase
 
     def _overall(self) -> dict[str, float]:
         total = sum(self.seconds.values())
         done = sum(self.fraction[p] * s for p, s in self.seconds.items())
-        self.job_percent = max(self.job_percent, round(100.0 * done / total, 2) if total > 0 else 0.0)
+        fraction = done / total if total > 0 else min(self.fraction.values())
+        self.job_percent = max(self.job_percent, round(100.0 * fraction, 2))
         left = sum((1.0 - self.fraction[p]) * s for p, s in self.seconds.items())
         return {"job_percent": self.job_percent, "job_eta_s": round(left, 1)}
 
@@ -318,9 +313,8 @@ def _evaluate_only(job: _Job) -> dict[str, Any]:
     model, reference = _models_to_evaluate(job)
     progress = JobProgress(job.hooks, train=False, eval_seconds=_expected(model, reference, job, resolve_device()))
     report = _report(model, reference, job, progress)
-    progress.export(done=False)
+    progress.check_cancel()
     artifacts = _write_report(report, job.out, job.spec, {"kind": "evaluate", "dataset": job.data.name})
-    progress.export(done=True)
     return {"artifacts": artifacts, "metrics": headline_metrics(report), "report": report}
 
 
@@ -345,7 +339,7 @@ def _report(model: torch.nn.Module, teacher: torch.nn.Module | None, job: _Job,
 def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cfg: TrainConfig,
             report: dict[str, Any], progress: JobProgress) -> dict[str, Any]:
     """The model bundle and the report files, each artifact with its kind."""
-    progress.export(done=False)
+    progress.check_cancel()
     name, kind = ("student", "student_weights") if job.kind == "distill" else ("model", "model_weights")
     training = {"kind": job.kind, "objective": objective.to_dict(), "train": train_cfg.to_dict(),
                 "dataset": job.data.name, "steps": result.steps, "seconds": round(result.seconds, 2)}
@@ -353,7 +347,6 @@ def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cf
     artifacts = formats.save_model_bundle(result.model, job.out, name=name, weights_kind=kind, training=training,
                                           metrics=headline)
     artifacts += _write_report(report, job.out, job.spec, training)
-    progress.export(done=True)
     return {"artifacts": artifacts, "metrics": headline, "report": report,
             "model_spec": result.model.spec.to_dict(), "model_file": f"{name}.safetensors"}
 

@@ -66,14 +66,14 @@ def test_each_kind_accepts_only_its_methods(tmp_path):
         jobs.run_job("prune", _spec(), tmp_path / "c", inputs)
 
 
-def test_progress_has_one_job_percent_across_train_evaluate_and_export(tmp_path):
+def test_progress_has_one_job_percent_across_train_and_evaluate(tmp_path):
     events: list[dict] = []
     teacher = _saved(tmp_path, "cnn_small", "teacher")
     jobs.run_job("distill", _spec(), tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher),
                  jobs.JobHooks(on_step=events.append))
     phases = [e["phase"] for e in events]
-    assert phases[0] == "train" and phases[-1] == "export"
-    assert phases == sorted(phases, key=["train", "evaluate", "export"].index)  # one pass through the phases
+    assert phases[0] == "train" and phases[-1] == "evaluate"
+    assert phases == sorted(phases, key=["train", "evaluate"].index)  # one pass through the phases
     job = [e["job_percent"] for e in events]
     assert job == sorted(job) and job[-1] == 100.0 and events[-1]["job_eta_s"] == 0.0
     first_eval = next(e for e in events if e["phase"] == "evaluate")
@@ -121,3 +121,16 @@ def test_evaluate_job_with_a_batchnorm_teacher_keeps_its_evaluation(tmp_path):
     assert second["report"]["teacher_evaluation"] == {**first["report"]["teacher_evaluation"], "cached": True}
     assert [a["kind"] for a in first["artifacts"]] == ["report_json", "report_html"]
     assert "model_file" not in first and [e["job_percent"] for e in events][-1] == 100.0
+
+
+def test_job_progress_weighs_the_phases_by_their_seconds():
+    seen: list[dict] = []
+    progress = jobs.JobProgress(jobs.JobHooks(on_step=seen.append), train=True, eval_seconds=30.0)
+    progress({"phase": "train", "percent": 50.0, "eta_s": 45.0})  # training takes 90 s in all
+    assert (seen[-1]["job_percent"], seen[-1]["job_eta_s"]) == (37.5, 75.0)  # 45 of 120 s done
+    progress({"phase": "train", "percent": 100.0, "eta_s": 0.0})
+    assert seen[-1]["job_percent"] == 75.0 and seen[-1]["percent"] == 100.0
+    progress({"phase": "evaluate", "percent": 50.0, "eta_s": 10.0})  # evaluation takes 20 s, not 30
+    assert (seen[-1]["job_percent"], seen[-1]["job_eta_s"]) == (round(100 * 100 / 110, 2), 10.0)
+    progress({"phase": "evaluate", "percent": 99.0, "eta_s": 0.0})  # a rounded ETA keeps the last rate
+    assert seen[-1]["job_percent"] == round(100 * 109.8 / 110, 2)
