@@ -38,6 +38,9 @@ METHODS_BY_KIND: dict[str, tuple[str, ...]] = {
     "evaluate": (),
 }
 JOB_KINDS: tuple[str, ...] = tuple(METHODS_BY_KIND)
+# A phase's own rate replaces its estimate made beforehand once this much of it is done.
+RATE_AFTER = 0.05
+
 StepFn = Callable[[dict[str, Any]], None]
 
 
@@ -136,8 +139,9 @@ class JobProgress:
 
     Each phase's ``percent`` and ``eta_s`` stay its own (train's over its steps, evaluate's over its
     stages); this adds ``job_percent`` and ``job_eta_s`` to every progress dict. A phase weighs its
-    expected seconds: its own rate as soon as it reports an ETA (the seconds left over the fraction
-    left), and for evaluation its plan before that (`evaluate.expected_seconds`). Writing the files
+    expected seconds: its own rate (the seconds left over the fraction left) as soon as it reports an
+    ETA, or, for evaluation, once `RATE_AFTER` of it is done; before that its plan
+    (`evaluate.expected_seconds`). Writing the files
     afterwards (about a second for our models) is not a phase of its own. Outside training (which
     checks itself), it also stops the job when ``should_cancel`` says so.
     """
@@ -162,7 +166,10 @@ class JobProgress:
 
     def _update(self, phase: str, fraction: float, eta: float | None) -> None:
         self.fraction[phase] = min(max(fraction, 0.0), 1.0)
-        if eta and 0.0 < fraction < 1.0:  # an ETA rounded to 0 says nothing of the rate: keep the last one
+        # An ETA rounded to 0 says nothing of the rate; one from the first few percent (warm-up, the
+        # cheap first stages) says less than an estimate made beforehand, when there is one.
+        trusted = fraction >= RATE_AFTER or not self.seconds[phase]
+        if eta and trusted and 0.0 < fraction < 1.0:
             self.seconds[phase] = float(eta) / (1.0 - fraction)  # the phase's own rate, whole phase
 
     def _overall(self) -> dict[str, float]:

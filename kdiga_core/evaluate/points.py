@@ -8,7 +8,7 @@ measured on the same points, in every process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,10 @@ class EvalPoints:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """``x, y = points``: what `evaluation_points` returned before it said how it drew them."""
+        return iter((self.x, self.y))
 
     def summary(self, num_classes: int, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         """The report's ``points`` block: how they were drawn, and how many of each class."""

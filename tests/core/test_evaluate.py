@@ -306,6 +306,8 @@ def test_points_are_a_stratified_sample_of_a_class_sorted_split():
         head = torch.bincount(points.y[: n // 2], minlength=4)
         assert int(head.max() - head.min()) <= 1
     assert torch.equal(E.evaluation_points(data, 22, seed=3).index, E.evaluation_points(data, 22, seed=3).index)
+    x, y = E.evaluation_points(data, 22, seed=3)  # unpacks as before
+    assert torch.equal(y, E.evaluation_points(data, 22, seed=3).y) and len(x) == 22
     assert not torch.equal(E.evaluation_points(data, 22, seed=3).index, E.evaluation_points(data, 22, seed=4).index)
 
 

@@ -95,7 +95,9 @@ def test_evaluation_runs_on_the_training_device(tmp_path, monkeypatch):
     monkeypatch.setattr(jobs.evaluate_mod, "evaluate", spy)
     teacher = _saved(tmp_path, "cnn_small", "teacher")
     jobs.run_job("distill", _spec(device="auto"), tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher))
-    assert seen == {"model": resolve_device("auto"), "teacher": resolve_device("auto")}
+    device = resolve_device("auto")  # CUDA when there is one: the test then checks the GPU path
+    assert {role: (d.type, d.index or 0) for role, d in seen.items()} == {
+        "model": (device.type, device.index or 0), "teacher": (device.type, device.index or 0)}
 
 
 def test_cancel_is_honoured_during_evaluation(tmp_path):
@@ -130,6 +132,8 @@ def test_job_progress_weighs_the_phases_by_their_seconds():
     assert (seen[-1]["job_percent"], seen[-1]["job_eta_s"]) == (37.5, 75.0)  # 45 of 120 s done
     progress({"phase": "train", "percent": 100.0, "eta_s": 0.0})
     assert seen[-1]["job_percent"] == 75.0 and seen[-1]["percent"] == 100.0
+    progress({"phase": "evaluate", "percent": 1.0, "eta_s": 99.0})  # too early to trust its rate
+    assert seen[-1]["job_percent"] == round(100 * (90 + 0.3) / 120, 2)
     progress({"phase": "evaluate", "percent": 50.0, "eta_s": 10.0})  # evaluation takes 20 s, not 30
     assert (seen[-1]["job_percent"], seen[-1]["job_eta_s"]) == (round(100 * 100 / 110, 2), 10.0)
     progress({"phase": "evaluate", "percent": 99.0, "eta_s": 0.0})  # a rounded ETA keeps the last rate
