@@ -4,7 +4,8 @@ Inputs are pixels in [0, 1] (models normalise inside, method.md §1); outputs li
 the ε-ball around ``x`` and inside [0, 1]. The model is passed per call because KDIGA's
 neighbours attack a student that changes every step (style.md habit 1).
 
-PGD/FGSM are our own (batched, no per-sample Python, tested against torchattacks);
+PGD/FGSM are our own (batched, no per-sample Python, tested against torchattacks), built on
+`pgd`, the one projected-gradient loop that the training objectives' inner attacks use too;
 APGD-CE, APGD-T, FAB-T and Square wrap torchattacks. `run_autoattack` chains the four
 in AutoAttack's standard order, running later attacks only on points that survived.
 """
@@ -30,23 +31,101 @@ AUTOATTACK_ORDER: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 SQUARE_QUERIES = 5000
 AUTOATTACK_TARGETS = 9  # AutoAttack's standard version attacks at most 9 target classes
 
+AttackProgress = Callable[[str, int, int], None]  # (attack name, points done, points total)
+
 
 # ----------------------------------------------------------------------------- helpers
+
+StepLoss = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+"""What `pgd` ascends: ``loss_fn(x_adv, active) -> (loss, keep)``.
+
+``x_adv`` holds the iterates of the points still attacked, ``active`` their rows in ``x`` (None:
+every row). ``loss`` is the scalar whose input gradient gives the step; ``keep`` is a bool mask
+over those points of the ones to go on attacking, or None to attack them all again.
+"""
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
     """Project ``x_adv`` onto the ``norm``-ball of radius ``eps`` around ``x``, then onto [0, 1].
 
-    Clamping to [0, 1] after the L2 projection only moves coordinates towards ``x``
+    L∞ clamps ``x_adv`` between ``x − eps`` and ``x + eps`` directly (never through ``x_adv − x``),
+    so a point already inside the ball is returned bit for bit and projecting twice changes
+    nothing. Clamping to [0, 1] after the L2 projection only moves coordinates towards ``x``
     (which is in [0, 1]), so the result stays inside the ball.
     """
-    delta = x_adv - x
     if norm == "Linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-        delta = delta * (eps / norms).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+    delta = x_adv - x
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    delta = delta * (eps / norms).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
     return (x + delta).clamp(0.0, 1.0)
+
+
+def direction(grad: Tensor, norm: str) -> Tensor:
+    """The steepest-ascent direction of unit ``norm``: sign(g) for L∞, g/‖g‖₂ for L2 (per sample)."""
+    if norm == "Linf":
+        return grad.sign()
+    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
+
+
+def uniform_noise(x: Tensor, eps: float, generator: torch.Generator | None) -> Tensor:
+    """U(−eps, eps) noise shaped like ``x``, drawn on the generator's device (reproducible runs)."""
+    device = generator.device if generator is not None else x.device
+    noise = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float32)
+    return ((2 * noise - 1) * eps).to(device=x.device, dtype=x.dtype)
+
+
+def random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+    """A random point of the ball around ``x``: uniform in the L∞ cube, or a uniform radius along a
+    Gaussian direction for L2 (not yet projected onto [0, 1]; `pgd` does that)."""
+    if norm == "Linf":
+        return x + uniform_noise(x, eps, generator)
+    device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=device)
+    radius = torch.rand(x.shape[0], generator=generator, device=device) * eps
+    shape = (-1, *([1] * (x.dim() - 1)))
+    noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape) * radius.view(shape)
+    return x + noise.to(device=x.device, dtype=x.dtype)
+
+
+def pgd(loss_fn: StepLoss, x: Tensor, start: Tensor, *, eps: float, norm: str, step_size: float,
+        steps: int) -> Tensor:
+    """Projected gradient ascent of ``loss_fn`` over the ``norm``-ball of radius ``eps`` around ``x``.
+
+    Madry et al. (2018): x' ← Π_{B(x,ε)∩[0,1]}(x' + step_size·d(∇ₓ′ loss)), d = `direction`, from
+    ``start`` (projected first). The one PGD of kdiga_core: `PGD` (evaluation), the training
+    objectives' inner attacks and the local-linearity ascent all run this loop. Points that
+    ``loss_fn`` stops keeping keep their iterate of that step and cost nothing afterwards.
+    Gradients are taken with respect to the input only; the caller decides the model's mode.
+
+    Returns:
+        The iterates (detached), inside the ball and [0, 1].
+    """
+    out = project(start.detach(), x, eps, norm)
+    active: Tensor | None = None  # rows still attacked; None while that is every row
+    for _ in range(steps):
+        x_adv = _rows(out, active).detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, keep = loss_fn(x_adv, active)
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        if keep is not None:
+            active = _rows(torch.arange(len(x), device=x.device), active)[keep]
+            x_adv, grad = x_adv[keep], grad[keep]
+            if len(active) == 0:
+                break
+        stepped = project(x_adv.detach() + step_size * direction(grad, norm), _rows(x, active), eps, norm)
+        out = stepped if active is None else out.index_put_((active,), stepped)
+    return out.detach()
+
+
+def _rows(t: Tensor, active: Tensor | None) -> Tensor:
+    return t if active is None else t[active]
+
+
+def batch_loss(fn: Callable[[Tensor], Tensor]) -> StepLoss:
+    """A `StepLoss` from a plain ``x_adv -> scalar`` function that attacks every point every step."""
+    return lambda x_adv, _active: (fn(x_adv), None)
 
 
 def predict(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
@@ -56,23 +135,45 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
 
 
 @contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode with frozen parameters; restore both on exit, even on error.
+def model_mode(model: nn.Module, *, train: bool | None = False, freeze_params: bool = True,
+               freeze_bn_stats: bool = False) -> Iterator[nn.Module]:
+    """Set how ``model`` runs for a block; restore everything on exit, even on error.
 
-    Attacks and input-gradient measurements need gradients with respect to inputs only;
+    The one mode switch of kdiga_core. The defaults (eval mode, frozen parameters) are what
+    attacks and input-gradient measurements want: gradients with respect to inputs only, so
     frozen parameters skip their gradient work and keep ``.grad`` of a training model clean.
+
+    Args:
+        model: The model.
+        train: False for eval mode (attacks run in eval mode, as TRADES/ARD do, so they neither
+            see nor update batch-norm statistics); None to leave the mode as it is.
+        freeze_params: Turn ``requires_grad`` off on every parameter.
+        freeze_bn_stats: Batch-norm layers in training mode keep using batch statistics but stop
+            updating their running ones (momentum 0): for extra passes that evaluate the same
+            function (finite differences, noised copies) rather than show new data.
     """
     was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
+    flags = [(p, p.requires_grad) for p in model.parameters()] if freeze_params else []
+    momenta = [(m, m.momentum) for m in _training_batchnorms(model)] if freeze_bn_stats else []
+    if train is not None:
+        model.train(train)
     for p, _ in flags:
         p.requires_grad_(False)
+    for m, _ in momenta:
+        m.momentum = 0.0
     try:
         yield model
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, momentum in momenta:
+            m.momentum = momentum
+        if train is not None:
+            model.train(was_training)
+
+
+def _training_batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
 def _check_norm(norm: str) -> None:
@@ -118,7 +219,7 @@ class Attack:
             raise KdigaError("Attack inputs must be pixels in [0, 1]; normalise inside the model.")
         if self.eps == 0 or x.shape[0] == 0:
             return x.detach().clone()
-        with frozen_eval(model), torch.enable_grad():
+        with model_mode(model), torch.enable_grad():
             x_adv = self.perturb(model, x.detach(), y.detach())
         return project(x_adv.detach(), x.detach(), self.eps, self.norm)
 
@@ -138,8 +239,9 @@ class PGD(Attack):
 
     Each step ascends the per-sample loss (summed, so one sample's step never depends
     on the batch size): L∞ steps by ``step_size * sign(grad)``, L2 steps by
-    ``step_size * grad / ‖grad‖₂``; then projects onto the ε-ball and [0, 1].
-    Returns the last iterate, as torchattacks' PGD does.
+    ``step_size * grad / ‖grad‖₂``; then projects onto the ε-ball and [0, 1] (the `pgd`
+    loop, shared with the training objectives). Returns the last iterate, as torchattacks'
+    PGD does.
 
     Args:
         eps: Radius in pixel units.
@@ -148,7 +250,7 @@ class PGD(Attack):
         step_size: Step length; default ``2.5 * eps / steps`` (method.md §5).
         random_start: Start uniformly in the L∞ ball, or at a random point of the L2 ball.
         loss: ``"ce"`` or ``"margin"`` (CW margin).
-        generator: Generator for the random start (on the inputs' device).
+        generator: Generator for the random start (drawn on its device, moved to the inputs').
         stop_when_misclassified: For evaluation: keep the first iterate that the model
             misclassifies and stop attacking that point (as AutoAttack's APGD keeps its best
             iterate). Never weaker than the last iterate, and cheaper: later steps run on the
@@ -179,56 +281,22 @@ class PGD(Attack):
         self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        if self.stop_when_misclassified:
-            return self._perturb_until_misclassified(model, x, y)
-        loss_fn = LOSSES[self.loss]
-        x_adv = self._start(x)
-        for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            loss = loss_fn(model(x_adv), y).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = project(x_adv.detach() + self.step_size * self._direction(grad), x, self.eps, self.norm)
-        return x_adv
+        start = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x
+        return pgd(self.step_loss(model, y), x, start, eps=self.eps, norm=self.norm, step_size=self.step_size,
+                   steps=self.steps)
 
-    def _perturb_until_misclassified(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        # The logits of each step's forward tell which points are already misclassified: those keep
-        # that iterate, and the next steps run on the others only. The last iterate is checked too.
-        loss_fn = LOSSES[self.loss]
-        out = self._start(x)
-        active = torch.arange(len(x), device=x.device)
-        for _ in range(self.steps):
-            xa = out[active].requires_grad_(True)
-            logits = model(xa)
-            standing = logits.argmax(1) == y[active]
-            if not bool(standing.any()):
-                return out
-            (grad,) = torch.autograd.grad(loss_fn(logits, y[active]).sum(), xa)
-            active, xa, grad = active[standing], xa.detach()[standing], grad[standing]
-            out[active] = project(xa + self.step_size * self._direction(grad), x[active], self.eps, self.norm)
-        return out
+    def step_loss(self, model: nn.Module, y: Tensor) -> StepLoss:
+        """The summed per-sample loss (so one sample's step never depends on the batch), and, when
+        stopping at misclassification, the points that each step's logits still classify right."""
+        per_sample = LOSSES[self.loss]
 
-    def _start(self, x: Tensor) -> Tensor:
-        if not self.random_start:
-            return x.clone()
-        gen = self.generator
-        device = gen.device if gen is not None else x.device
-        if self.norm == "Linf":
-            noise = (torch.rand(x.shape, generator=gen, device=device) * 2 - 1) * self.eps
-        else:
-            noise = torch.randn(x.shape, generator=gen, device=device)
-            radius = torch.rand(x.shape[0], generator=gen, device=device) * self.eps
-            noise = (
-                noise
-                / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-                * radius.view(-1, 1, 1, 1)
-            )
-        return project(x + noise.to(x.device), x, self.eps, self.norm)
+        def loss_fn(x_adv: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            labels = _rows(y, active)
+            logits = model(x_adv)
+            standing = logits.argmax(1) == labels if self.stop_when_misclassified else None
+            return per_sample(logits, labels).sum(), standing
 
-    def _direction(self, grad: Tensor) -> Tensor:
-        if self.norm == "Linf":
-            return grad.sign()
-        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-        return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
+        return loss_fn
 
 
 def FGSM(eps: float, norm: str = "Linf") -> PGD:  # noqa: N802 -- reads like the attack's class name
@@ -420,6 +488,7 @@ def run_autoattack(
     steps: int = 100,
     n_queries: int = SQUARE_QUERIES,
     batch_size: int | None = None,
+    progress: AttackProgress | None = None,
 ) -> dict[str, Any]:
     """AutoAttack, standard version: APGD-CE, APGD-T, FAB-T, Square (Croce & Hein 2020).
 
@@ -436,6 +505,8 @@ def run_autoattack(
         steps: Iterations of APGD and FAB (the standard version uses 100).
         n_queries: Square's query budget (the standard version uses 5000).
         batch_size: Attack at most this many points at once (None: all).
+        progress: Called with (attack name, points done, points total) as each attack starts
+            and after each of its batches; the total is the number of survivors it runs on.
 
     Returns:
         ``{"robust": bool mask, "x_adv": adversarial inputs (x where no attack
@@ -444,7 +515,7 @@ def run_autoattack(
     """
     _check_norm(norm)
     # Eval mode throughout: the survivors' predictions must not use batch statistics.
-    with frozen_eval(model):
+    with model_mode(model):
         robust = predict(model, x) == y
         clean = _fraction(robust)
         x_adv = x.detach().clone()
@@ -453,7 +524,7 @@ def run_autoattack(
         for attack in _autoattack_members(
             eps, norm, steps=steps, seed=seed, n_classes=n_classes, n_queries=n_queries
         ):
-            _attack_survivors(attack, model, x, y, robust, x_adv, batch_size)
+            _attack_survivors(attack, model, x, y, robust, x_adv, batch_size, progress)
             breakdown.append(_stage(attack, robust, n_classes))
     return {
         "robust": robust,
@@ -485,14 +556,21 @@ def _attack_survivors(
     robust: Tensor,
     x_adv: Tensor,
     batch_size: int | None,
+    progress: AttackProgress | None,
 ) -> None:
     """Attack the still-robust points; update ``robust`` and ``x_adv`` in place."""
     idx = robust.nonzero().squeeze(1)
+    done = 0
+    if progress is not None:
+        progress(attack.name, 0, len(idx))
     for chunk in idx.split(batch_size or max(len(idx), 1)):
         adv = attack(model, x[chunk], y[chunk])
         fooled = predict(model, adv) != y[chunk]
         robust[chunk[fooled]] = False
         x_adv[chunk[fooled]] = adv[fooled]
+        done += len(chunk)
+        if progress is not None:
+            progress(attack.name, done, len(idx))
 
 
 class AutoAttack(Attack):

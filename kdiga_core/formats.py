@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdiga_core.artifacts import artifact, check_kind
 from kdiga_core.config import ModelSpec
 from kdiga_core.errors import KdigaError, ModelFormatError
 from kdiga_core.models import NormalizedModel, build_model, count_parameters
@@ -378,10 +379,11 @@ def save_model_bundle(
     out_dir: str | Path,
     *,
     name: str = "student",
+    weights_kind: str = "student_weights",
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     exporter: str | None = None,
-) -> dict[str, Path]:
+) -> list[dict[str, Any]]:
     """Write `{name}.safetensors`, `{name}.onnx` and `model_card.json` into `out_dir`.
 
     The ONNX file is exported from a CPU float32 copy of the model and checked
@@ -391,15 +393,19 @@ def save_model_bundle(
         model: the model to save (any device and dtype; it is not modified).
         out_dir: created if needed; files are replaced atomically.
         name: file stem of the weights and ONNX files.
+        weights_kind: the weights' artifact kind: ``student_weights`` for a distilled student,
+            ``model_weights`` for a model trained from scratch (`artifacts.ARTIFACT_KINDS`).
         training / metrics: JSON-able dicts copied into the model card.
         exporter: "dynamo" or "legacy", tried first; None means `DEFAULT_EXPORTER`.
 
     Returns:
-        {"student_weights": path, "onnx": path, "model_card": path} (artifact kinds).
+        The three artifacts, ``{"name", "path", "kind"}`` each (`artifacts.artifact`): the
+        weights (``weights_kind``), ``onnx`` and ``model_card``; the card lists each file's kind.
 
     Raises:
         OnnxExportError: no exporter produced a file that matches PyTorch.
     """
+    check_kind(weights_kind)  # before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cpu_model = copy.deepcopy(model).to("cpu", torch.float32).eval()
@@ -409,10 +415,11 @@ def save_model_bundle(
     except Exception:
         weights.unlink(missing_ok=True)  # no half bundle: without its card nobody could trust it
         raise
-    card = _model_card(cpu_model, name, [weights, onnx_path], onnx_info, training, metrics)
+    files = [artifact(weights, weights_kind), artifact(onnx_path, "onnx")]
+    card = _model_card(cpu_model, name, files, onnx_info, training, metrics)
     text = json.dumps(card, indent=2, sort_keys=True, default=_json_default)
     card_path = _atomic(out / "model_card.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return {"student_weights": weights, "onnx": onnx_path, "model_card": card_path}
+    return [*files, artifact(card_path, "model_card")]
 
 
 def _write_safetensors(model: NormalizedModel, path: Path) -> None:
@@ -516,7 +523,7 @@ def _check_onnx(model: NormalizedModel, path: Path, dynamic: bool) -> float:
 def _model_card(
     model: NormalizedModel,
     name: str,
-    files: list[Path],
+    files: list[dict[str, Any]],
     onnx_info: dict[str, Any],
     training: dict[str, Any] | None,
     metrics: dict[str, Any] | None,
@@ -539,7 +546,8 @@ def _model_card(
         "training": training,
         "metrics": metrics,
         "onnx": onnx_info,
-        "files": {p.name: {"sha256": _sha256(p), "size_bytes": p.stat().st_size} for p in files},
+        "files": {f["name"]: {"sha256": _sha256(f["path"]), "size_bytes": f["path"].stat().st_size, "kind": f["kind"]}
+                  for f in files},
         "framework": {"torch": torch.__version__},
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdiga_core.attacks import batch_loss, model_mode, pgd, random_start, uniform_noise
 from kdiga_core.config import METHODS, ObjectiveConfig
 from kdiga_core.errors import KdigaError, UnknownNameError
 from kdiga_core.losses import (
@@ -55,48 +56,8 @@ TEACHER_METHODS = ("kd", "kdiga", "ard", "rslad")
 # ----------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run a block with the model in eval mode, restoring its mode afterwards.
-
-    Inner attacks use eval mode (as TRADES/ARD do) so they neither see nor update batch-norm
-    batch statistics.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """Keep batch-norm running statistics unchanged during extra forward passes.
-
-    The finite-difference passes are evaluations of the same function, not new data; with
-    momentum 0 the running mean/var update is a no-op while batch statistics are still used.
-    """
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            saved.append((m, m.momentum))
-            m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-
-
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _uniform(x: Tensor, eps: float, generator: torch.Generator | None) -> Tensor:
-    """U(−eps, eps) noise shaped like x, drawn from `generator` (on CPU, so runs are reproducible)."""
-    noise = torch.rand(x.shape, generator=generator, dtype=torch.float32)
-    return ((2 * noise - 1) * eps).to(device=x.device, dtype=x.dtype)
 
 
 def _normal(x: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
@@ -104,21 +65,9 @@ def _normal(x: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
     return (noise * std).to(device=x.device, dtype=x.dtype)
 
 
-def pgd_linf(loss_fn: Callable[[Tensor], Tensor], x: Tensor, start: Tensor, eps: float, step: float,
-             steps: int) -> Tensor:
-    """Maximise ``loss_fn`` over the L∞ ball of radius eps around x, starting at ``start``.
-
-    Madry et al. (2018): x' ← Π_{B∞(x,ε)∩[0,1]}(x' + step·sign(∇ₓ′ loss)). Only the input gets
-    gradients; the model parameters are untouched.
-    """
-    x_adv = torch.min(torch.max(start.detach(), x - eps), x + eps).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(loss_fn(x_adv), x_adv)
-        x_adv = x_adv.detach() + step * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
+def _same_function(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Extra passes that evaluate the same function, not new data: batch-norm running stats stay put."""
+    return model_mode(model, train=None, freeze_params=False, freeze_bn_stats=True)
 
 
 def effective_gamma(cfg: ObjectiveConfig, progress: float) -> float:
@@ -156,7 +105,7 @@ def _probe_double_backward(model: nn.Module, shape: tuple[int, ...]) -> bool:
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
     x = torch.rand(2, *shape, device=device, dtype=dtype, requires_grad=True)
-    with eval_mode(model), torch.enable_grad():
+    with model_mode(model, freeze_params=False), torch.enable_grad():
         try:
             (grad,) = torch.autograd.grad(upcast(model(x)).logsumexp(1).sum(), x, create_graph=True)
             if params and grad.requires_grad:
@@ -237,6 +186,9 @@ class Objective:
     def __init__(self, cfg: ObjectiveConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  generator: torch.Generator | None = None):
         self.cfg, self.student, self.teacher, self.generator = cfg, student, teacher, generator
+        # The inner attacks take any norm of attacks.NORMS; ObjectiveConfig has no norm field yet,
+        # so training attacks are L∞ until it grows one and this reads it.
+        self.attack_norm = "Linf"
         self.cache: TeacherCache | None = None
         if teacher is not None:
             teacher.eval()
@@ -274,13 +226,15 @@ class Objective:
             raise KdigaError(f"The teacher predicts {z_t.shape[1]} classes but the student predicts {z_s.shape[1]}.")
 
     def random_start(self, x: Tensor) -> Tensor:
-        return x + _uniform(x, self.cfg.attack_eps, self.generator)
+        return random_start(x, self.cfg.attack_eps, self.attack_norm, self.generator)
 
     def attack(self, loss_fn: Callable[[Tensor], Tensor], x: Tensor, start: Tensor) -> Tensor:
-        """Inner PGD on the student (in eval mode), with the config's eps/step/steps."""
+        """Inner attack on the student: `attacks.pgd` in eval mode with frozen parameters, with the
+        config's eps/step/steps; every point takes every step (training examples)."""
         c = self.cfg
-        with eval_mode(self.student):
-            return pgd_linf(loss_fn, x, start, c.attack_eps, c.attack_step, c.attack_steps)
+        with model_mode(self.student):
+            return pgd(batch_loss(loss_fn), x, start, eps=c.attack_eps, norm=self.attack_norm,
+                       step_size=c.attack_step, steps=c.attack_steps)
 
 
 class CEObjective(Objective):
@@ -312,7 +266,7 @@ class TRADESObjective(Objective):
     method = "trades"
 
     def forward(self, x, y, *, progress, index):
-        with torch.no_grad(), eval_mode(self.student):
+        with torch.no_grad(), model_mode(self.student):
             z_ref = upcast(self.student(x))
         start = x + _normal(x, 0.001, self.generator)  # TRADES starts next to x, not uniformly
         x_adv = self.attack(lambda xa: trades_kl(self.student(xa), z_ref), x, start)
@@ -419,9 +373,9 @@ class KDIGAObjective(Objective):
             return {"loss": loss, **out}
         gamma = effective_gamma(c, progress)
         if noisy:  # author's variant: gradients at x + U(−ε, ε), KD/CE still on clean x
-            x_in = (x + _uniform(x, c.iga_noise_eps, self.generator)).clamp(0, 1).detach().requires_grad_(True)
+            x_in = (x + uniform_noise(x, c.iga_noise_eps, self.generator)).clamp(0, 1).detach().requires_grad_(True)
             _, g_t = teacher_outputs(self.teacher, x_in, y, need_grad=True)
-            with frozen_bn_stats(self.student):  # the extra pass must not count as new data for BN
+            with _same_function(self.student):  # the extra pass must not count as new data for BN
                 ce_sum = F.cross_entropy(upcast(self.student(x_in)), y, reduction="sum")
         else:
             ce_sum = ce * x.shape[0]  # Σ_i ℓ_i, so each slice of ∇ₓ is that sample's own gradient
@@ -459,7 +413,7 @@ class KDIGAObjective(Objective):
         scale = weights.max()
         u = (flat * (weights / (scale * norms.clamp_min(1e-30))).unsqueeze(1)).view_as(diff).to(x.dtype)
         # float32 on purpose: a difference of two nearby losses in bf16 would be mostly rounding noise
-        with frozen_bn_stats(self.student), _no_autocast(x):
+        with _same_function(self.student), _no_autocast(x):
             if self.batchnorm:
                 plus = F.cross_entropy(upcast(self.student(x + h * u)), y, reduction="sum")
                 minus = F.cross_entropy(upcast(self.student(x - h * u)), y, reduction="sum")

@@ -81,6 +81,12 @@ def _pct(value: Any, digits: int = 1) -> str:
     return "—" if v is None else f"{100 * v:.{digits}f}%"
 
 
+def _pct_pm(value: Any, error: Any) -> str:
+    """A percentage with its sampling error, ``97.0% ± 1.2``, when the report has one."""
+    e = _num(error)
+    return _pct(value) if e is None or _num(value) is None else f"{_pct(value)} ± {100 * e:.1f}"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     v = _num(value)
     if v is None:
@@ -297,12 +303,16 @@ def _attack_section(models: dict[str, Any], roles: list[str], names: list[str]) 
     rows = []
     for label, getter in [("clean", lambda m: m.get("clean_accuracy"))] + [
             (n, lambda m, n=n: _dict(m.get("attacks")).get(n)) for n in names]:
-        row = [_e(label)] + [_e(_pct(getter(models[r]))) for r in roles]
+        row = [_e(label)] + [_e(_pct_pm(getter(models[r]), _dict(models[r].get("sampling_error")).get(label)))
+                             for r in roles]
         if both:
             kept = _kept(getter(models["student"]), getter(models["teacher"]))
             row.append("—" if kept is None else _e(f"{100 * kept:.0f}%"))
         rows.append(row)
     out = '<section id="attacks"><h2>Accuracy under attack</h2>' + _table(headers, rows, table_id="table-attacks")
+    if any(_dict(models[r].get("sampling_error")) for r in roles):
+        out += ('<p class="note">± is the sampling error of the evaluated points (95%: '
+                "1.96·√(p(1−p)/n)): another sample of as many test points would land within it.</p>")
     breakdown_roles = [r for r in roles if _list(models[r].get("autoattack_breakdown"))]
     if breakdown_roles:
         steps: list[str] = []
@@ -406,6 +416,12 @@ def _flatten(prefix: str, value: Any) -> Iterable[tuple[str, Any]]:
         yield prefix, value
 
 
+def _points_text(points: dict[str, Any]) -> str:
+    """``stratified sample of the test split (seed 0): 0 ×10, 1 ×10, ...``."""
+    per_class = ", ".join(f"{name} ×{count}" for name, count in _dict(points.get("per_class")).items())
+    return f"{points.get('method', '?')} sample of the test split (seed {points.get('seed', '?')}): {per_class}"
+
+
 def _settings_section(context: dict[str, Any] | None, report: dict[str, Any]) -> str:
     items = list(_flatten("", context or {}))
     threat = _dict(report.get("threat_model"))
@@ -414,6 +430,9 @@ def _settings_section(context: dict[str, Any] | None, report: dict[str, Any]) ->
             items.append((f"threat_model.{key}", threat[key]))
     if report.get("n_points") is not None:
         items.append(("evaluated points", report["n_points"]))
+    points = _dict(report.get("points"))
+    if points:
+        items.append(("how the points were drawn", _points_text(points)))
     models = _dict(report.get("models"))
     if any(str(k).startswith("pgd") for m in models.values() for k in _dict(_dict(m).get("attacks"))):
         items.append(("PGD robust accuracy", "a point counts as broken at the first PGD iterate that the "
@@ -452,7 +471,8 @@ def render_report_html(report: dict[str, Any], title: str, context: dict[str, An
     if threat:
         sub_parts.append(f"threat model {threat.get('norm', '?')}, ε = {_g(threat.get('eps'))}")
     if report.get("n_points") is not None:
-        sub_parts.append(f"{report['n_points']} test points")
+        how = "stratified by class" if _dict(report.get("points")).get("method") == "stratified" else ""
+        sub_parts.append(f"{report['n_points']} test points" + (f" ({how})" if how else ""))
     if roles and "teacher" not in roles:
         sub_parts.append("no teacher given: student only")
     body = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(" · ".join(sub_parts))}</p>']

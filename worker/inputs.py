@@ -78,7 +78,7 @@ def _download_model_bundle(session: Session, store: ArtifactStore, source_job_id
 
     rows = {a.name: a for a in session.scalars(select(Artifact).where(Artifact.job_id == source_job_id)).all()}
     card = rows.get("model_card.json")
-    if card is None or not any(a.kind == "student_weights" for a in rows.values()):
+    if card is None or not any(a.kind in ("student_weights", "model_weights") for a in rows.values()):
         raise KdigaError("The model job has no saved model (weights and model card) to evaluate.")
     store.download(card.storage_key, dest / card.name)
     try:

@@ -22,26 +22,16 @@ from worker.common import jsonable
 log = logging.getLogger(__name__)
 
 
-ARTIFACT_KINDS = {".safetensors": "student_weights", ".onnx": "onnx", "model_card.json": "model_card",
-                  "report.json": "report_json", "report.html": "report_html"}
+def store_artifacts(session: Session, store: ArtifactStore, job: Job,
+                    files: list[dict[str, Any]]) -> list[Artifact]:
+    """Upload the job's output files (`{name, path, kind}` each, as kdiga_core made them) and record them.
 
-
-
-
-
-
-def artifact_kind(name: str) -> str:
-    if name in ARTIFACT_KINDS:
-        return ARTIFACT_KINDS[name]
-    return ARTIFACT_KINDS.get(Path(name).suffix, "file")
-
-
-def store_artifacts(session: Session, store: ArtifactStore, job: Job, files: dict[str, Any]) -> list[Artifact]:
-    """Upload the job's output files and record them (crud.add_artifact: a rerun replaces in place)."""
+    crud.add_artifact derives each row's id from (job, name): a rerun replaces rows and objects in place.
+    """
     rows = []
-    for name, path in sorted(files.items()):
-        stored = store.upload_file(path, f"jobs/{job.id}/artifacts/{name}")
-        rows.append(crud.add_artifact(session, job=job, name=name, kind=artifact_kind(name), stored=stored))
+    for item in sorted(files, key=lambda f: f["name"]):
+        stored = store.upload_file(item["path"], f"jobs/{job.id}/artifacts/{item['name']}")
+        rows.append(crud.add_artifact(session, job=job, name=item["name"], kind=item["kind"], stored=stored))
     return rows
 
 
@@ -50,7 +40,7 @@ def register_teacher(session: Session, store: ArtifactStore, job: Job, result: d
     teacher_id = crud.derived_id("teacher", job.id)
     if session.get(Teacher, teacher_id) is not None:
         return teacher_id
-    weights = Path(result["artifacts"][result.get("model_file") or "model.safetensors"])
+    weights = next(Path(a["path"]) for a in result["artifacts"] if a["kind"] == "model_weights")
     stored = store.upload_file(weights, f"teachers/{teacher_id}.safetensors")
     spec = jsonable(result.get("model_spec") or {})
     name = job.name or f"{spec.get('arch', 'model')} (robust, job {job.id[:8]})"

@@ -20,8 +20,8 @@ from worker.common import scalar, session_for
 log = logging.getLogger(__name__)
 
 
-PROGRESS_KEYS = ("phase", "epoch", "epochs", "step", "steps_per_epoch", "global_step", "total_steps",
-                 "percent", "eta_s")
+PROGRESS_KEYS = ("phase", "stage", "epoch", "epochs", "step", "steps_per_epoch", "global_step", "total_steps",
+                 "percent", "eta_s", "points_done", "points_total", "job_percent", "job_eta_s")
 
 
 

@@ -141,21 +141,22 @@ def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Report
         upload_checkpoint(store, job.id, Path(directory))
         reporter.beat()
 
-    extra: dict[str, Any] = {}
+    teacher = initial = None
+    if inputs.get("teacher_path") is not None:
+        teacher = core_jobs.ModelInput(inputs["teacher_path"], inputs.get("teacher_spec"))
     if "student_path" in inputs:
-        extra = {"student_path": inputs["student_path"], "student_spec": inputs["student_spec"]}
-    return core_jobs.run_job(
-        job.kind, dict(job.spec or {}), workdir, dataset=inputs["dataset"],
-        teacher_path=inputs.get("teacher_path"), teacher_spec=inputs.get("teacher_spec"),
-        model_dir=inputs.get("model_dir"), on_step=reporter.on_step, should_cancel=reporter.should_cancel,
-        on_checkpoint=on_checkpoint, resume=resume, allow_torchscript=s.allow_torchscript,
-        teacher_cache_dir=teacher_cache_dir(s), **extra,
-    )
+        initial = core_jobs.ModelInput(inputs["student_path"], inputs["student_spec"])
+    job_inputs = core_jobs.JobInputs(
+        dataset=inputs["dataset"], teacher=teacher, model_dir=inputs.get("model_dir"), initial_student=initial,
+        allow_torchscript=s.allow_torchscript, teacher_cache_dir=teacher_cache_dir(s))
+    hooks = core_jobs.JobHooks(on_step=reporter.on_step, should_cancel=reporter.should_cancel,
+                               on_checkpoint=on_checkpoint)
+    return core_jobs.run_job(job.kind, dict(job.spec or {}), workdir, job_inputs, hooks, resume=resume)
 
 
 def _succeed(job: Job, result: dict[str, Any], s: Settings, store: ArtifactStore, me: str) -> Outcome:
     with session_for(s) as session:
-        artifacts = store_artifacts(session, store, job, result.get("artifacts") or {})
+        artifacts = store_artifacts(session, store, job, result.get("artifacts") or [])
         summary: dict[str, Any] = {
             "metrics": jsonable(result.get("metrics") or {}),
             "artifacts": {a.name: a.id for a in artifacts},

@@ -9,7 +9,17 @@ import torch
 import torchattacks
 from torch import nn
 
-from kdiga_core.attacks import PGD, build_attack, frozen_eval, list_attacks, predict, project, run_autoattack
+from kdiga_core.attacks import (
+    PGD,
+    build_attack,
+    list_attacks,
+    model_mode,
+    pgd,
+    predict,
+    project,
+    random_start,
+    run_autoattack,
+)
 from kdiga_core.config import AttackSpec
 from kdiga_core.errors import KdigaError, UnknownNameError
 
@@ -148,16 +158,51 @@ def test_unknown_attack_lists_names():
     assert list_attacks() == ["apgd-ce", "apgd-t", "autoattack", "fab-t", "fgsm", "pgd", "square"]
 
 
-def test_project_and_frozen_eval():
+def test_project_and_model_mode():
     x = torch.full((2, 1, 2, 2), 0.5)
     far = x + torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
     assert torch.allclose(project(far, x, 0.1, "Linf"), x + torch.tensor([0.1, -0.1]).view(2, 1, 1, 1))
     l2 = project(far, x, 0.2, "L2")
     assert torch.allclose((l2 - x).flatten(1).norm(dim=1), torch.tensor([0.2, 0.2]))
+    inside = project(torch.rand(2, 1, 2, 2), x, 0.3, "Linf")
+    assert torch.equal(project(inside, x, 0.3, "Linf"), inside)  # projecting twice changes nothing
     net = nn.Linear(2, 2).train()
-    with frozen_eval(net):
+    with model_mode(net):
         assert not net.training and not net.weight.requires_grad
     assert net.training and net.weight.requires_grad
+
+
+def test_model_mode_can_keep_the_mode_and_freeze_batchnorm_statistics():
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train()
+    before = net[1].running_mean.clone()
+    with model_mode(net, train=None, freeze_params=False, freeze_bn_stats=True):
+        assert net.training and net[0].weight.requires_grad
+        out = net(torch.randn(8, 3) + 5)
+    assert torch.equal(net[1].running_mean, before) and net[1].momentum == 0.1
+    assert out.mean(0).abs().max() < 1e-5  # batch statistics were still used
+    with pytest.raises(RuntimeError), model_mode(net):
+        raise RuntimeError("boom")
+    assert net.training and net[0].weight.requires_grad
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_pgd_loop_follows_the_loss_and_stops_points_it_drops(model_and_data, norm):
+    model, x, y = model_and_data
+    eps = EPS[norm]
+    calls = []
+
+    def loss_fn(x_adv, active):
+        calls.append(len(x_adv))
+        keep = torch.ones(len(x_adv), dtype=torch.bool)
+        keep[0] = False  # drop one point per step
+        return nn.functional.cross_entropy(model(x_adv), y if active is None else y[active], reduction="sum"), keep
+
+    start = random_start(x, eps, norm, torch.Generator().manual_seed(0))
+    out = pgd(loss_fn, x, start, eps=eps, norm=norm, step_size=eps / 4, steps=5)
+    assert calls == [48, 47, 46, 45, 44]
+    assert _max_norm(out - x, norm) <= eps + 1e-5 and out.min() >= 0 and out.max() <= 1
+    # the point dropped at the first step keeps its (projected) start
+    assert torch.equal(out[0], project(start, x, eps, norm)[0])
 
 
 def test_pgd_stopping_at_misclassification_is_never_weaker_and_stays_in_the_ball():

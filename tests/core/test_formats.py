@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,8 +194,12 @@ def test_channels_last_onnx_is_refused(tmp_path):
 # --------------------------------------------------------------------------- bundles
 
 
+def _by_kind(artifacts: list[dict]) -> dict[str, Path]:
+    return {a["kind"]: a["path"] for a in artifacts}
+
+
 def test_bundle_roundtrip_and_card(model, tmp_path):
-    paths = save_model_bundle(
+    artifacts = save_model_bundle(
         model,
         tmp_path,
         name="student",
@@ -202,7 +207,9 @@ def test_bundle_roundtrip_and_card(model, tmp_path):
         metrics={"clean_accuracy": 0.9},
         exporter="legacy",
     )
-    assert set(paths) == {"student_weights", "onnx", "model_card"}
+    paths = _by_kind(artifacts)
+    assert [(a["name"], a["kind"]) for a in artifacts] == [
+        ("student.safetensors", "student_weights"), ("student.onnx", "onnx"), ("model_card.json", "model_card")]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "model_card.json",
         "student.onnx",
@@ -215,6 +222,8 @@ def test_bundle_roundtrip_and_card(model, tmp_path):
     assert card["onnx"]["ok"] and card["onnx"]["max_abs_diff"] <= 1e-3 and card["onnx"]["opset"] == 18
     assert card["params"] == sum(p.numel() for p in model.parameters())
     assert card["files"]["student.onnx"]["sha256"] == formats._sha256(paths["onnx"])
+    assert {name: f["kind"] for name, f in card["files"].items()} == {
+        "student.safetensors": "student_weights", "student.onnx": "onnx"}
     for source in (tmp_path, paths["model_card"]):
         assert _same(model, load_model_bundle(source))
     # the spec travels in the metadata; the stored normalisation makes the default explicit
@@ -224,8 +233,18 @@ def test_bundle_roundtrip_and_card(model, tmp_path):
     assert _same(model, load_model(paths["onnx"]))
 
 
+def test_bundle_of_a_model_trained_from_scratch_says_so(model, tmp_path):
+    artifacts = save_model_bundle(model, tmp_path, name="model", weights_kind="model_weights", exporter="legacy")
+    assert _by_kind(artifacts)["model_weights"].name == "model.safetensors"
+    card = json.loads(_by_kind(artifacts)["model_card"].read_text())
+    assert card["files"]["model.safetensors"]["kind"] == "model_weights"
+    with pytest.raises(KdigaError, match="^Unknown artifact kind 'weights'; valid kinds are: student_weights, "):
+        save_model_bundle(model, tmp_path / "other", weights_kind="weights")
+    assert not (tmp_path / "other").exists()
+
+
 def test_bundle_refuses_modified_files(model, tmp_path):
-    paths = save_model_bundle(model, tmp_path, exporter="legacy")
+    paths = _by_kind(save_model_bundle(model, tmp_path, exporter="legacy"))
     weights = paths["student_weights"]
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     with pytest.raises(ModelFormatError) as info:
@@ -237,7 +256,7 @@ def test_bundle_refuses_modified_files(model, tmp_path):
 
 
 def test_bundle_loads_from_weights_and_card_alone(model, tmp_path):
-    paths = save_model_bundle(model, tmp_path, exporter="legacy")
+    paths = _by_kind(save_model_bundle(model, tmp_path, exporter="legacy"))
     paths["onnx"].unlink()  # the worker downloads only what it needs
     assert _same(model, load_model_bundle(tmp_path))
     paths["student_weights"].unlink()
@@ -271,7 +290,7 @@ def test_failed_export_leaves_no_half_bundle(model, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_bundle_with_the_dynamo_exporter(tmp_path):
     model = create_model("cnn_tiny", 3, in_chans=1, img_size=8).eval()
-    paths = save_model_bundle(model, tmp_path, exporter="dynamo")
+    paths = _by_kind(save_model_bundle(model, tmp_path, exporter="dynamo"))
     card = json.loads(paths["model_card"].read_text())
     assert (
         card["onnx"]["exporter"] == "dynamo" and card["onnx"]["dynamic_batch"] and card["onnx"]["opset"] == 18

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdiga_core.attacks import PGD
 from kdiga_core.config import ObjectiveConfig
 from kdiga_core.errors import KdigaError
 from kdiga_core.losses import iga_per_sample
@@ -196,3 +197,31 @@ def test_class_count_mismatch_is_one_sentence():
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 7))
     with pytest.raises(KdigaError, match="teacher predicts 7 classes but the student predicts 5"):
         build_objective(ObjectiveConfig(method="kd"), tiny_cnn(), teacher)(x, y, progress=0.0)
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "ard"])
+def test_inner_attack_is_the_evaluation_pgd(method):
+    """The training objectives' inner attack and attacks.PGD run one PGD: same start, same loss, same x_adv."""
+    x, y = batch(n=8)
+    student = tiny_cnn(bn=True)
+    # first: the objective's training forward on x_adv updates the batch-norm running statistics
+    evaluation = PGD(0.1, "Linf", steps=4, step_size=0.03, generator=torch.Generator().manual_seed(5))(student, x, y)
+    seen = []
+    hook = student.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
+    cfg = ObjectiveConfig(method=method, attack_steps=4, attack_eps=0.1, attack_step=0.03)
+    build_objective(cfg, student, tiny_cnn(seed=1), generator=torch.Generator().manual_seed(5))(x, y, progress=0.0)
+    hook.remove()
+    inner = seen[cfg.attack_steps]  # the forward after the last attack step sees x_adv
+    assert torch.equal(evaluation, inner)
+    assert 0 < float((inner - x).abs().max()) <= 0.1 + 1e-6
+
+
+def test_inner_attack_supports_l2():
+    x, y = batch(n=6)
+    objective = build_objective(ObjectiveConfig(method="pgd_at", attack_steps=3, attack_eps=0.5, attack_step=0.2),
+                                tiny_cnn(), generator=torch.Generator().manual_seed(0))
+    objective.attack_norm = "L2"
+    x_adv = objective.attack(lambda xa: F.cross_entropy(objective.student(xa), y), x, objective.random_start(x))
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    assert float(norms.max()) <= 0.5 + 1e-5 and float(norms.min()) > 0.1
+    assert float((x_adv - x).abs().max()) > 0.1  # an L2 step, not an L∞ one of 0.1 per pixel

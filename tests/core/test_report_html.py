@@ -144,3 +144,16 @@ def test_report_says_when_teacher_numbers_were_reused():
 def test_report_states_how_pgd_robust_accuracy_counts():
     page = render_report_html(REPORT, "t", {})
     assert "first PGD iterate that the model misclassifies" in page
+
+
+def test_page_shows_the_sampling_error_and_how_the_points_were_drawn():
+    errors = {"clean": 0.0191, "pgd-20": 0.0397, "autoattack": 0.0405}
+    report = {**REPORT, "points": {"method": "stratified", "seed": 3, "n": 500,
+                                   "per_class": {"cat": 250, "dog": 250}},
+              "models": {role: {**m, "sampling_error": errors} for role, m in REPORT["models"].items()}}
+    page = render_report_html(report, "t", {})
+    student_aa = report["models"]["student"]["attacks"]["autoattack"]
+    assert f"{100 * student_aa:.1f}% ± {100 * errors['autoattack']:.1f}" in page
+    assert "1.96·√(p(1−p)/n)" in page and "500 test points (stratified by class)" in page
+    assert "stratified sample of the test split (seed 3): cat ×250, dog ×250" in page
+    assert "±" not in render_report_html(REPORT, "t", {})  # older reports: no error, no ±

@@ -158,16 +158,19 @@ def test_checkpoint_upload_points_to_the_latest_epoch(settings, tmp_path):
 
 def test_storing_artifacts_twice_replaces_them(settings, seeded, tmp_path):
     job_id = _job(settings, seeded)
+    kinds = {"student.safetensors": "student_weights", "model_card.json": "model_card", "report.json": "report_json",
+             "report.html": "report_html", "student.onnx": "onnx"}
     files = {}
-    for name in ("student.safetensors", "model_card.json", "report.json", "report.html", "student.onnx"):
+    for name in kinds:
         files[name] = tmp_path / name
         files[name].write_bytes(name.encode())
+    artifacts = [{"name": n, "path": p, "kind": kinds[n]} for n, p in files.items()]
     store = get_storage(settings)
     with get_sessionmaker(settings)() as session:
         job = session.get(Job, job_id)
-        first = {a.name: a.id for a in outputs.store_artifacts(session, store, job, files)}
+        first = {a.name: a.id for a in outputs.store_artifacts(session, store, job, artifacts)}
         files["report.json"].write_bytes(b"newer")
-        second = {a.name: (a.id, a.kind, a.sha256) for a in outputs.store_artifacts(session, store, job, files)}
+        second = {a.name: (a.id, a.kind, a.sha256) for a in outputs.store_artifacts(session, store, job, artifacts)}
     assert {k: v[0] for k, v in second.items()} == first
     rows = h.artifacts_of(settings, job_id)
     assert sorted(a.name for a in rows) == sorted(files)

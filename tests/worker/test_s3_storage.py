@@ -56,10 +56,12 @@ def test_checkpoints_and_artifacts_on_s3(s3_settings, tmp_path):
     files = {"report.json": tmp_path / "report.json", "student.safetensors": tmp_path / "student.safetensors"}
     files["report.json"].write_text("{}")
     files["student.safetensors"].write_bytes(b"weights")
+    artifacts = [{"name": "report.json", "path": files["report.json"], "kind": "report_json"},
+                 {"name": "student.safetensors", "path": files["student.safetensors"], "kind": "student_weights"}]
     with get_sessionmaker(s3_settings)() as session:
         job = session.get(Job, job_id)
-        outputs.store_artifacts(session, store, job, files)
-        rows = outputs.store_artifacts(session, store, job, files)  # a rerun replaces
+        outputs.store_artifacts(session, store, job, artifacts)
+        rows = outputs.store_artifacts(session, store, job, artifacts)  # a rerun replaces
     assert len(h.artifacts_of(s3_settings, job_id)) == 2
     weights = next(r for r in rows if r.name == "student.safetensors")
     assert store.read_bytes(weights.storage_key) == b"weights"

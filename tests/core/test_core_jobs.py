@@ -1,0 +1,140 @@
+"""kdiga_core.jobs: typed inputs, artifacts with their kinds, methods per kind, progress across phases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdiga_core import evaluate as E
+from kdiga_core import formats, jobs, models
+from kdiga_core.artifacts import ARTIFACT_KINDS
+from kdiga_core.config import ModelSpec
+from kdiga_core.errors import CancelledError, KdigaError
+from kdiga_core.train import resolve_device
+
+torch.set_num_threads(1)
+
+DIGITS = {"kind": "digits"}
+TINY_EVAL = {"attacks": [{"name": "pgd", "eps": 0.1, "steps": 2}], "max_points": 20, "eps_curve": [0.0, 0.1],
+             "curve_attack_steps": 1, "linearity_steps": 2, "smoothing_points": 3, "smoothing_samples": 10,
+             "latency": False, "batch_size": 16}
+
+
+def _spec(method: str = "kd", arch: str = "cnn_tiny", device: str = "cpu", **objective) -> dict:
+    return {"student": {"arch": arch}, "objective": {"method": method, **objective},
+            "train": {"epochs": 1, "batch_size": 256, "lr": 0.01, "device": device}, "evaluation": TINY_EVAL}
+
+
+def _saved(tmp_path, arch: str, name: str, seed: int = 0) -> jobs.ModelInput:
+    torch.manual_seed(seed)
+    spec = ModelSpec(arch=arch, num_classes=10, in_chans=1, img_size=8)
+    artifacts = formats.save_model_bundle(models.build_model(spec).eval(), tmp_path / name, name=name)
+    return jobs.ModelInput(next(a["path"] for a in artifacts if a["kind"] == "student_weights"), spec.to_dict())
+
+
+def test_distill_job_returns_artifacts_with_their_kinds(tmp_path):
+    teacher = _saved(tmp_path, "cnn_small", "teacher")
+    result = jobs.run_job("distill", _spec(), tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher))
+    assert [(a["name"], a["kind"]) for a in result["artifacts"]] == [
+        ("student.safetensors", "student_weights"), ("student.onnx", "onnx"), ("model_card.json", "model_card"),
+        ("report.json", "report_json"), ("report.html", "report_html")]
+    assert all(a["path"].is_file() and a["path"].name == a["name"] for a in result["artifacts"])
+    assert result["model_file"] == "student.safetensors" and result["model_spec"]["arch"] == "cnn_tiny"
+    report = json.loads(next(a["path"] for a in result["artifacts"] if a["kind"] == "report_json").read_text())
+    assert report["points"]["method"] == "stratified" and set(report["models"]) == {"student", "teacher"}
+
+
+def test_adversarial_train_makes_model_weights_not_student_weights(tmp_path):
+    spec = _spec("pgd_at", attack_steps=1, attack_eps=0.05, attack_step=0.05)
+    result = jobs.run_job("adversarial_train", spec, tmp_path / "work", jobs.JobInputs(DIGITS))
+    kinds = {a["name"]: a["kind"] for a in result["artifacts"]}
+    assert kinds["model.safetensors"] == "model_weights" and "student_weights" not in kinds.values()
+    assert set(kinds.values()) <= set(ARTIFACT_KINDS) and result["model_file"] == "model.safetensors"
+
+
+def test_each_kind_accepts_only_its_methods(tmp_path):
+    assert set(jobs.METHODS_BY_KIND) == set(jobs.JOB_KINDS) and jobs.METHODS_BY_KIND["evaluate"] == ()
+    inputs = jobs.JobInputs(DIGITS, teacher=_saved(tmp_path, "cnn_small", "teacher"))
+    with pytest.raises(KdigaError, match=r"^Method 'kdiga' cannot train a model from scratch; use one of: "
+                                         + ", ".join(jobs.METHODS_BY_KIND["adversarial_train"]) + r"\.$"):
+        jobs.run_job("adversarial_train", _spec("kdiga"), tmp_path / "a", inputs)
+    with pytest.raises(KdigaError, match=r"^Method 'pgd_at' cannot distill; use one of: "):
+        jobs.run_job("distill", _spec("pgd_at"), tmp_path / "b", inputs)
+    with pytest.raises(KdigaError, match="^Unknown job kind 'prune'; valid names are: distill, "):
+        jobs.run_job("prune", _spec(), tmp_path / "c", inputs)
+
+
+def test_progress_has_one_job_percent_across_train_and_evaluate(tmp_path):
+    events: list[dict] = []
+    teacher = _saved(tmp_path, "cnn_small", "teacher")
+    jobs.run_job("distill", _spec(), tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher),
+                 jobs.JobHooks(on_step=events.append))
+    phases = [e["phase"] for e in events]
+    assert phases[0] == "train" and phases[-1] == "evaluate"
+    assert phases == sorted(phases, key=["train", "evaluate"].index)  # one pass through the phases
+    job = [e["job_percent"] for e in events]
+    assert job == sorted(job) and job[-1] == 100.0 and events[-1]["job_eta_s"] == 0.0
+    first_eval = next(e for e in events if e["phase"] == "evaluate")
+    last_train = [e for e in events if e["phase"] == "train"][-1]
+    # percent is the phase's own; job_percent goes on from where training left it
+    assert last_train["percent"] == pytest.approx(100.0) and first_eval["percent"] < 10.0
+    assert 0.0 < last_train["job_percent"] < 100.0 and first_eval["job_percent"] >= last_train["job_percent"]
+    assert {"stage", "points_done", "points_total", "eta_s"} <= set(first_eval)
+
+
+def test_evaluation_runs_on_the_training_device(tmp_path, monkeypatch):
+    seen = {}
+    real = E.evaluate
+
+    def spy(model, data, cfg, *, teacher=None, **kw):
+        seen["model"], seen["teacher"] = E.model_device(model), E.model_device(teacher)
+        return real(model, data, cfg, teacher=teacher, **kw)
+
+    monkeypatch.setattr(jobs.evaluate_mod, "evaluate", spy)
+    teacher = _saved(tmp_path, "cnn_small", "teacher")
+    jobs.run_job("distill", _spec(device="auto"), tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher))
+    device = resolve_device("auto")  # CUDA when there is one: the test then checks the GPU path
+    assert {role: (d.type, d.index or 0) for role, d in seen.items()} == {
+        "model": (device.type, device.index or 0), "teacher": (device.type, device.index or 0)}
+
+
+def test_cancel_is_honoured_during_evaluation(tmp_path):
+    evaluating = []
+    hooks = jobs.JobHooks(on_step=lambda e: evaluating.append(e) if e["phase"] == "evaluate" else None,
+                          should_cancel=lambda: bool(evaluating))
+    with pytest.raises(CancelledError):
+        jobs.run_job("adversarial_train", _spec("ce"), tmp_path / "work", jobs.JobInputs(DIGITS), hooks)
+    assert len(evaluating) == 1 and not (tmp_path / "work" / "out" / "report.json").exists()
+
+
+def test_evaluate_job_with_a_batchnorm_teacher_keeps_its_evaluation(tmp_path):
+    student = formats.save_model_bundle(models.build_model(ModelSpec("cnn_tiny", 10, 1, 8)).eval(),
+                                        tmp_path / "bundle", name="student")
+    teacher = _saved(tmp_path, "resnet_small", "bn-teacher")  # BatchNorm: 0-dim num_batches_tracked
+    inputs = jobs.JobInputs(DIGITS, teacher=teacher, model_dir=student[0]["path"].parent,
+                            teacher_cache_dir=tmp_path / "cache")
+    events: list[dict] = []
+    first = jobs.run_job("evaluate", {"evaluation": TINY_EVAL}, tmp_path / "w1", inputs,
+                         jobs.JobHooks(on_step=events.append))
+    second = jobs.run_job("evaluate", {"evaluation": TINY_EVAL}, tmp_path / "w2", inputs)
+    assert first["report"]["teacher_evaluation"]["cached"] is False
+    assert second["report"]["teacher_evaluation"] == {**first["report"]["teacher_evaluation"], "cached": True}
+    assert [a["kind"] for a in first["artifacts"]] == ["report_json", "report_html"]
+    assert "model_file" not in first and [e["job_percent"] for e in events][-1] == 100.0
+
+
+def test_job_progress_weighs_the_phases_by_their_seconds():
+    seen: list[dict] = []
+    progress = jobs.JobProgress(jobs.JobHooks(on_step=seen.append), train=True, eval_seconds=30.0)
+    progress({"phase": "train", "percent": 50.0, "eta_s": 45.0})  # training takes 90 s in all
+    assert (seen[-1]["job_percent"], seen[-1]["job_eta_s"]) == (37.5, 75.0)  # 45 of 120 s done
+    progress({"phase": "train", "percent": 100.0, "eta_s": 0.0})
+    assert seen[-1]["job_percent"] == 75.0 and seen[-1]["percent"] == 100.0
+    progress({"phase": "evaluate", "percent": 1.0, "eta_s": 99.0})  # too early to trust its rate
+    assert seen[-1]["job_percent"] == round(100 * (90 + 0.3) / 120, 2)
+    progress({"phase": "evaluate", "percent": 50.0, "eta_s": 10.0})  # evaluation takes 20 s, not 30
+    assert (seen[-1]["job_percent"], seen[-1]["job_eta_s"]) == (round(100 * 100 / 110, 2), 10.0)
+    progress({"phase": "evaluate", "percent": 99.0, "eta_s": 0.0})  # a rounded ETA keeps the last rate
+    assert seen[-1]["job_percent"] == round(100 * 109.8 / 110, 2)
