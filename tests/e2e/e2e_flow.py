@@ -75,6 +75,7 @@ def check_student(api: Api, job: dict[str, Any], workdir: Path) -> float:
 
     from kdiga_core.config import ModelSpec
     from kdiga_core.data import load_builtin
+    from kdiga_core.evaluate.points import evaluation_points
     from kdiga_core.models import build_model
 
     by_name = {a["name"]: a for a in job["artifacts"]}
@@ -93,9 +94,12 @@ def check_student(api: Api, job: dict[str, Any], workdir: Path) -> float:
     target.load_state_dict(state, strict=True)
     model.eval()
     data = load_builtin("digits")
-    n = report["n_points"]
+    # the report's points: seeded and stratified, as its `points` block says (tests/core checks the sampler)
+    assert report["points"]["method"] == "stratified" and report["points"]["n"] == report["n_points"]
+    points = evaluation_points(data, report["n_points"], report["points"]["seed"])
+    x, y = points.x, points.y
     with torch.no_grad():
-        accuracy = (model(data.x_test[:n]).argmax(1) == data.y_test[:n]).float().mean().item()
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert abs(accuracy - report["models"]["student"]["clean_accuracy"]) < 1e-6, (accuracy, report["models"])
     assert abs(accuracy - job["metrics"]["student_clean_accuracy"]) < 1e-6
 
@@ -103,8 +107,8 @@ def check_student(api: Api, job: dict[str, Any], workdir: Path) -> float:
 
     onnx_path = api.download(by_name["student.onnx"], workdir / "student.onnx")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: data.x_test[:n].numpy().astype(np.float32)}
-    onnx_acc = float((session.run(None, feed)[0].argmax(1) == data.y_test[:n].numpy()).mean())
+    feed = {session.get_inputs()[0].name: x.numpy().astype(np.float32)}
+    onnx_acc = float((session.run(None, feed)[0].argmax(1) == y.numpy()).mean())
     assert abs(onnx_acc - accuracy) < 1e-6
     return accuracy
 
