@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from api.auth import AuthCache
 from api.errors import install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import artifacts, catalog, datasets, health, jobs, teachers
+from api.pump import pump_forever
+from api.routes import artifacts, catalog, console, datasets, health, jobs, pipelines, teachers, webhooks
 from api.status_reader import StatusReader
 from api.sweeper import resend_stale
 from kdiga_service import admin
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with anyio.create_task_group() as tasks:
             if settings.requeue_after_s > 0:
                 tasks.start_soon(_sweep_forever, app)
+            tasks.start_soon(pump_forever, app)  # webhook events and pipeline steps (api/pump.py)
             try:
                 yield
             finally:
@@ -83,7 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     # Jobs first: routes are matched in order, and job-status polls are most of the traffic.
-    for module in (jobs, teachers, datasets, artifacts, catalog):
+    for module in (jobs, teachers, datasets, artifacts, catalog, webhooks, pipelines):
         app.include_router(module.router, prefix="/v1")
     app.include_router(health.router)
+    console.install(app)
     return app

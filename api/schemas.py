@@ -12,6 +12,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from api.schemas_mlops import Labels, LabelsOut, NotifySpec
+
 T = TypeVar("T")
 
 JobKind = Literal["distill", "adversarial_train", "evaluate"]
@@ -155,6 +157,7 @@ class TeacherMetadata(_Strict):
     mean: list[float] | None = None
     std: list[float] | None = None
     class_names: list[str] | None = None
+    labels: Labels | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TeacherMetadata:
@@ -173,6 +176,7 @@ class DatasetUploadMetadata(_Strict):
 
     name: str | None = Field(default=None, max_length=200)
     kind: Literal["npz", "image_folder_zip"] | None = None
+    labels: Labels | None = None
 
 
 class DatasetBuiltinCreate(_Strict):
@@ -180,6 +184,7 @@ class DatasetBuiltinCreate(_Strict):
 
     name: str | None = Field(default=None, max_length=200)
     builtin: str
+    labels: Labels | None = None
 
 
 class StudentSpec(_Strict):
@@ -218,6 +223,8 @@ class JobCreate(_Strict):
     objective: ObjectiveConfigSchema | None = None
     train: TrainConfigSchema | None = None
     evaluation: EvalConfigSchema | None = None
+    labels: Labels | None = None
+    notify: NotifySpec | None = None
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -241,6 +248,7 @@ class TeacherPublic(_Public):
     error: str | None
     created_at: datetime
     source_job_id: str | None
+    labels: LabelsOut = Field(default_factory=dict)
 
 
 class DatasetPublic(_Public):
@@ -258,6 +266,7 @@ class DatasetPublic(_Public):
     size_bytes: int | None
     error: str | None
     created_at: datetime
+    labels: LabelsOut = Field(default_factory=dict)
 
 
 class ArtifactPublic(_Public):
@@ -287,6 +296,9 @@ class JobPublic(_Public):
     started_at: datetime | None
     finished_at: datetime | None
     artifacts: list[ArtifactPublic]
+    labels: LabelsOut = Field(default_factory=dict)
+    pipeline_id: str | None = None
+    pipeline_step: str | None = None
 
 
 class CatalogPublic(BaseModel):

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from kdiga_service import crud
 
-_JSON_FIELDS = frozenset({"spec", "progress", "metrics", "result"})
+_JSON_FIELDS = frozenset({"spec", "progress", "metrics", "result", "labels"})
 _TIME_FIELDS = frozenset({"created_at", "started_at", "finished_at"})
 
 

@@ -8,15 +8,15 @@ can never overwrite a newer state.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from kdiga_service import outbox, pipelines
 from kdiga_service.models import (
     ACTIVE_STATES,
     CANCELLED,
@@ -33,21 +33,20 @@ from kdiga_service.models import (
     Base,
     Dataset,
     Job,
+    Pipeline,
     Teacher,
+    WebhookDelivery,
+    WebhookEvent,
+    WebhookSecret,
+    derived_id,
     utcnow,
 )
 from kdiga_service.storage import StoredObject
+from kdiga_service.webhooks import new_secret
 
 M = TypeVar("M", bound=Base)
 
-# Ids derived from the job make a rerun of a job replace its rows instead of duplicating them.
-ID_NAMESPACE = uuid.UUID("6b646967-612d-4b44-8000-000000000001")
 CONTENT_TYPES = {".json": "application/json", ".html": "text/html; charset=utf-8"}
-
-
-def derived_id(*parts: str) -> str:
-    """A deterministic id for a row made by a job (e.g. `derived_id("artifact", job_id, name)`)."""
-    return str(uuid.uuid5(ID_NAMESPACE, ":".join(parts)))
 
 
 # -- generic owner-scoped reads ------------------------------------------------------------------
@@ -62,6 +61,7 @@ def get_owned(session: Session, model: type[M], *, owner_id: str, id: str) -> M 
 _JOB_STATUS_COLUMNS = (
     Job.id, Job.kind, Job.name, Job.status, Job.spec, Job.progress, Job.metrics, Job.result, Job.error,
     Job.attempts, Job.cancel_requested, Job.created_at, Job.started_at, Job.finished_at,
+    Job.labels, Job.pipeline_id, Job.pipeline_step,
 )
 _ARTIFACT_COLUMNS = (
     Artifact.id, Artifact.job_id, Artifact.name, Artifact.kind, Artifact.content_type, Artifact.size_bytes, Artifact.sha256,
@@ -96,11 +96,13 @@ def job_status(engine: Engine, *, owner_id: str, job_id: str) -> dict[str, Any] 
 
 
 def list_owned(
-    session: Session, model: type[M], *, owner_id: str, limit: int = 50, offset: int = 0, **filters: Any
+    session: Session, model: type[M], *, owner_id: str, limit: int = 50, offset: int = 0,
+    labels: Mapping[str, str] | None = None, **filters: Any
 ) -> tuple[Sequence[M], int]:
-    """One page of an owner's rows, newest first, and the total count."""
+    """One page of an owner's rows, newest first, and the total count (`labels`: all must match)."""
     conds = [model.owner_id == owner_id]  # type: ignore[attr-defined]
     conds += [getattr(model, k) == v for k, v in filters.items() if v is not None]
+    conds += [model.labels[k].as_string() == v for k, v in (labels or {}).items()]  # type: ignore[attr-defined]
     count = session.scalar(select(func.count()).select_from(model).where(*conds)) or 0
     stmt = select(model).where(*conds).order_by(model.created_at.desc(), model.id)  # type: ignore[attr-defined]
     rows = session.scalars(stmt.limit(limit).offset(offset)).all()
@@ -119,9 +121,11 @@ def create_teacher(
     status: str = "validating",
     source_job_id: str | None = None,
     id: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Teacher:
     """Add a teacher row for an object already in the store (caller commits)."""
     teacher = Teacher(
+        labels=dict(labels or {}),
         owner_id=owner_id,
         name=name,
         format=format,
@@ -207,7 +211,88 @@ def request_cancel(session: Session, *, job: Job) -> Job:
         job.status, job.finished_at = CANCELLED, utcnow()
     elif job.status == RUNNING:
         job.status = CANCELLING
+    else:
+        return job
+    session.flush()
+    after_state_change(session, job.id, event=f"job.{job.status}")
     return job
+
+
+def job_created(session: Session, job: Job) -> Job:
+    """API: after `session.add(job)`, write the job's `queued` event with it (caller commits)."""
+    session.flush()
+    after_state_change(session, job.id, event="job.queued")
+    return job
+
+
+# -- the consequences of a job's state change, in its transaction --------------------------------
+def after_state_change(session: Session, job_id: str, *, event: str | None) -> None:
+    """Write the job's webhook event (if its notify wants it) and advance its pipeline (if any).
+
+    Called by every helper here that changes a job's state, before its commit: the event, the
+    next pipeline steps and the state change are one transaction (the transactional outbox).
+    """
+    job = session.execute(select(*outbox.JOB_EVENT_COLUMNS).where(Job.id == job_id)).mappings().first()
+    if job is None:
+        return
+    if event is not None:
+        outbox.emit(session, job, event)
+    if job["pipeline_id"] and job["status"] in FINISHED_STATES:
+        advance_pipeline(session, job["pipeline_id"])
+
+
+def advance_pipeline(session: Session, pipeline_id: str) -> Pipeline | None:
+    """Create the pipeline's steps whose inputs are ready, or end it (caller commits).
+
+    The pipeline row is locked (PostgreSQL; SQLite has one writer at a time anyway), so when two
+    steps finish at once the second to commit sees the first and creates what both were waiting for.
+    """
+    pipe = session.execute(select(Pipeline).where(Pipeline.id == pipeline_id).with_for_update()
+                           .execution_options(populate_existing=True)).scalar_one_or_none()
+    if pipe is None or pipe.status in FINISHED_STATES:
+        return pipe
+    rows = session.execute(select(Job.pipeline_step, Job.status, Job.error).where(Job.pipeline_id == pipeline_id)).all()
+    moves = pipelines.next_moves(pipe.spec.get("steps") or [], {r[0]: r[1] for r in rows},
+                                 {r[0]: r[2] for r in rows}, cancel_requested=pipe.cancel_requested)
+    for step in moves.create:
+        _create_step_job(session, pipe, step)
+    if moves.final_status is not None:
+        pipe.status, pipe.error, pipe.finished_at = moves.final_status, moves.error, utcnow()
+    return pipe
+
+
+def _create_step_job(session: Session, pipe: Pipeline, step: Mapping[str, Any]) -> Job:
+    # enqueued_at None: never sent; the API processes' pump publishes it within a poll (api/pump.py).
+    job = Job(id=step["job_id"], owner_id=pipe.owner_id, kind=step["kind"], name=step.get("job_name"),
+              queue=step["queue"], spec=step["spec"], dataset_id=step.get("dataset_id"),
+              teacher_id=step.get("teacher_id"), labels=dict(step.get("labels") or {}), pipeline_id=pipe.id,
+              pipeline_step=step["name"], progress={"phase": "queued", "percent": 0.0}, enqueued_at=None)
+    session.add(job)
+    return job_created(session, job)
+
+
+def create_pipeline(session: Session, *, owner_id: str, name: str | None, steps: list[dict[str, Any]],
+                    labels: Mapping[str, str] | None, id: str | None = None) -> Pipeline:
+    """API: add a pipeline and create its first steps' jobs (caller commits)."""
+    pipe = Pipeline(owner_id=owner_id, name=name, status=RUNNING, spec={"steps": steps},
+                    labels=dict(labels or {}))
+    if id:
+        pipe.id = id
+    session.add(pipe)
+    session.flush()
+    advance_pipeline(session, pipe.id)
+    return pipe
+
+
+def request_pipeline_cancel(session: Session, *, pipe: Pipeline) -> Pipeline:
+    """API: no step starts any more; active steps are cancelled like jobs (caller commits)."""
+    pipe.cancel_requested = True
+    session.flush()
+    active = session.scalars(select(Job).where(Job.pipeline_id == pipe.id, Job.status.in_(ACTIVE_STATES))).all()
+    for job in active:
+        request_cancel(session, job=job)
+    advance_pipeline(session, pipe.id)
+    return pipe
 
 
 # -- jobs: worker side ---------------------------------------------------------------------------
@@ -244,6 +329,8 @@ def claim_job(
         )
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount == 1:  # type: ignore[attr-defined]
+        after_state_change(session, job_id, event="job.running")
     session.commit()
     if res.rowcount != 1:  # type: ignore[attr-defined]
         if max_attempts is not None:
@@ -265,7 +352,7 @@ def interrupted_message(attempts: int) -> str:
 def _fail_exhausted(session: Session, job_id: str, stale: Any, max_attempts: int) -> None:
     job = session.get(Job, job_id)
     attempts = job.attempts if job is not None else max_attempts
-    session.execute(
+    res = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
@@ -276,6 +363,8 @@ def _fail_exhausted(session: Session, job_id: str, stale: Any, max_attempts: int
         .values(status=FAILED, error=interrupted_message(attempts), finished_at=utcnow())
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount == 1:  # type: ignore[attr-defined]
+        after_state_change(session, job_id, event="job.failed")
     session.commit()
 
 
@@ -293,9 +382,11 @@ def update_progress(
     progress: dict[str, Any],
     metrics: dict[str, Any] | None = None,
     worker_id: str | None = None,
+    milestone: bool = False,
 ) -> bool:
     """Store the latest progress (and metrics) and refresh the heartbeat; commits.
 
+    `milestone`: this progress is worth a `job.progress` webhook event (a new phase, a quarter).
     Returns False when the job is no longer running under this worker (finished, or claimed by
     another after a redelivery): the caller should stop.
     """
@@ -309,6 +400,8 @@ def update_progress(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
+    if milestone and res.rowcount == 1:  # type: ignore[attr-defined]
+        after_state_change(session, job_id, event=outbox.PROGRESS_EVENT)
     session.commit()
     return res.rowcount == 1  # type: ignore[attr-defined]
 
@@ -338,6 +431,8 @@ def _finish(session: Session, job_id: str, worker_id: str | None, **values: Any)
         .values(finished_at=utcnow(), **values)
         .execution_options(synchronize_session=False)
     )
+    if res.rowcount == 1:  # type: ignore[attr-defined]
+        after_state_change(session, job_id, event=f"job.{values['status']}")
     session.commit()
     return res.rowcount == 1  # type: ignore[attr-defined]
 
@@ -418,3 +513,42 @@ def artifact_uses_key(session: Session, *, storage_key: str) -> bool:
 
 def get_api_key_by_hash(session: Session, *, key_hash: str) -> ApiKey | None:
     return session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+
+
+# -- webhooks --------------------------------------------------------------------------------------
+def rotate_webhook_secret(session: Session, *, owner_id: str, grace_s: float) -> tuple[WebhookSecret, datetime | None]:
+    """A new signing secret for the key; the previous one keeps signing for `grace_s` more seconds.
+
+    Returns the new row and when the previous secret stops (None when there was none). Commits.
+    """
+    now = utcnow()
+    valid_until = now + timedelta(seconds=grace_s)
+    current = session.scalars(select(WebhookSecret).where(
+        WebhookSecret.owner_id == owner_id, or_(WebhookSecret.expires_at.is_(None), WebhookSecret.expires_at > now))
+    ).all()
+    for row in current:
+        row.expires_at = min(row.expires_at or valid_until, valid_until)
+    secret = new_secret()
+    row = WebhookSecret(owner_id=owner_id, secret=secret, prefix=secret[:12], created_at=now)
+    session.add(row)
+    session.commit()
+    return row, (valid_until if current else None)
+
+
+def has_webhook_secret(session: Session, *, owner_id: str) -> bool:
+    stmt = select(WebhookSecret.id).where(WebhookSecret.owner_id == owner_id, WebhookSecret.expires_at.is_(None))
+    return session.scalar(stmt.limit(1)) is not None
+
+
+def job_deliveries(session: Session, *, job_id: str) -> tuple[Sequence[WebhookEvent], list[dict[str, Any]]]:
+    """A job's events in order, and every delivery attempt (oldest first) with its event's id and type."""
+    events = session.scalars(select(WebhookEvent).where(WebhookEvent.job_id == job_id).order_by(WebhookEvent.seq)).all()
+    rows = session.execute(
+        select(WebhookDelivery, WebhookEvent.event_id, WebhookEvent.type)
+        .join(WebhookEvent, WebhookEvent.seq == WebhookDelivery.event_seq)
+        .where(WebhookDelivery.job_id == job_id)
+        .order_by(WebhookDelivery.started_at, WebhookDelivery.attempt)
+    ).all()
+    attempts = [{**{c.key: getattr(d, c.key) for c in WebhookDelivery.__table__.columns},
+                 "event_id": event_id, "event_type": event_type} for d, event_id, event_type in rows]
+    return events, attempts

@@ -34,6 +34,8 @@ ACTIVE_STATES = (QUEUED, RUNNING, CANCELLING)
 FINISHED_STATES = (SUCCEEDED, FAILED, CANCELLED)
 # Teacher / dataset states.
 VALIDATING, READY, INVALID = "validating", "ready", "invalid"
+# Webhook outbox states (kdiga_service.outbox).
+PENDING, DELIVERED = "pending", "delivered"
 
 
 def utcnow() -> datetime:
@@ -42,6 +44,15 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+# Ids derived from the job make a rerun of a job replace its rows instead of duplicating them.
+ID_NAMESPACE = uuid.UUID("6b646967-612d-4b44-8000-000000000001")
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic id for a row made by a job (e.g. `derived_id("artifact", job_id, name)`)."""
+    return str(uuid.uuid5(ID_NAMESPACE, ":".join(parts)))
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -107,6 +118,7 @@ class Teacher(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     source_job_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    labels: Mapped[dict[str, Any] | None] = mapped_column(default=dict)  # {key: value}, api/labels.py
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # When its task was last sent to the broker: the sweeper re-sends a task that nobody took
     # (an API crash between commit and publish, a broker that lost its data).
@@ -134,6 +146,7 @@ class Dataset(Base):
     train_size: Mapped[int | None] = mapped_column(Integer, default=None)
     test_size: Mapped[int | None] = mapped_column(Integer, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    labels: Mapped[dict[str, Any] | None] = mapped_column(default=dict)  # {key: value}, api/labels.py
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # When its task was last sent to the broker: the sweeper re-sends a task that nobody took
     # (an API crash between commit and publish, a broker that lost its data).
@@ -170,6 +183,10 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    labels: Mapped[dict[str, Any] | None] = mapped_column(default=dict)  # {key: value}, api/labels.py
+    # A step of a pipeline (kdiga_service.pipelines): created by crud when its inputs are ready.
+    pipeline_id: Mapped[str | None] = mapped_column(ForeignKey("pipelines.id"), default=None, index=True)
+    pipeline_step: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # When its task was last sent to the broker: the sweeper re-sends a task that nobody took
     # (an API crash between commit and publish, a broker that lost its data).
@@ -199,3 +216,100 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job | None] = relationship(back_populates="artifacts")
+
+
+class Pipeline(Base):
+    """Steps run as ordinary jobs, each created (by crud, from its step's planned spec) once the
+    steps it refers to have succeeded. `spec["steps"]` is kdiga_service.pipelines' plan."""
+
+    __tablename__ = "pipelines"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    status: Mapped[str] = mapped_column(String(16), default=RUNNING)
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    labels: Mapped[dict[str, Any] | None] = mapped_column(default=dict)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookSecret(Base):
+    """A key's webhook signing secret. The current one has no `expires_at`; a rotated-out one signs
+    too (a second `v1=` in the header) until `expires_at`, so receivers can switch without a gap.
+    Stored as is: signing needs the secret itself (as every HMAC webhook sender does)."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookEvent(Base):
+    """The outbox: one event to POST, written in the transaction of the state change that causes it.
+
+    `seq` orders a job's events (they are delivered one at a time, in order); `lease_until` is the
+    conditional claim that keeps two API processes from sending one event at once.
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        Index("ix_webhook_events_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_events_job_id_seq", "job_id", "seq"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                                     autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True, default=new_id)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookDelivery(Base):
+    """One attempt to deliver an event: what was sent where, and what came back."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    event_seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), ForeignKey("webhook_events.seq", ondelete="CASCADE"),
+        index=True,
+    )
+    job_id: Mapped[str] = mapped_column(String(36), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(String(2048))
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    ok: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    response_excerpt: Mapped[str | None] = mapped_column(Text, default=None)
+    duration_ms: Mapped[float | None] = mapped_column(default=None)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ConsoleSession(Base):
+    """A signed-in web console session (api/routes/console.py). The cookie holds a random token;
+    only its sha256 is stored, and the session acts as the API key it was opened with."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the cookie's token
+    owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()

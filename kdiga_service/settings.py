@@ -6,12 +6,13 @@ configuration at all; the scale-out deployment only changes URLs. Secrets are `S
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -111,6 +112,44 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, description="Port the API listens on.")
     queue_train: str = Field(default="gpu", description="Celery queue for training jobs.")
     queue_eval: str = Field(default="cpu", description="Celery queue for evaluation and validation.")
+
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Webhook hosts and CIDRs allowed even if private (comma-separated; `*.example.com` ok).",
+    )
+    webhook_allow_public: bool = Field(
+        default=True, description="Allow webhooks to any public address; false: only the allowed hosts."
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Wait this long for a webhook receiver.")
+    webhook_max_attempts: int = Field(default=10, ge=1, description="Attempts before an event is given up.")
+    webhook_backoff_s: float = Field(
+        default=10.0, gt=0, description="Delay before the first retry; doubles with each attempt."
+    )
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0, description="Longest delay between retries.")
+    webhook_poll_interval_s: float = Field(
+        default=1.0, gt=0, description="How often each API process looks for events (and pipeline steps) to send."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="Register each finished student in this MLflow server; unset: off."
+    )
+    mlflow_experiment: str = Field(default="kdiga", description="The MLflow experiment runs are logged to.")
+    console_session_ttl_s: int = Field(
+        default=8 * 3600, ge=60, description="Web console sessions end after this long."
+    )
+    console_secure_cookie: bool = Field(
+        default=False, description="Mark the console's cookie Secure (set it when the API is behind HTTPS)."
+    )
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        """A JSON list or a comma-separated string (the usual way to write a list in an env var)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep
 from api.errors import pydantic_sentence
+from api.labels import LabelFilterDep
 from api.routes._common import (
     QueueUnavailable,
     delete_with_file,
@@ -134,6 +135,7 @@ async def _create_uploaded(
             storage_key=key,
             size_bytes=upload.stored.size_bytes,
             sha256=upload.stored.sha256,
+            labels=meta.labels or {},
         )
         return await to_thread.run_sync(_insert, session, row)
     except BaseException:
@@ -152,7 +154,8 @@ async def _create_builtin(request: Request, owner_id: str, session: Session) -> 
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, pydantic_sentence(exc)) from None
     if message := check_name("datasets", body.builtin):
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
-    row = Dataset(owner_id=owner_id, name=body.name or body.builtin, kind="builtin", builtin=body.builtin)
+    row = Dataset(owner_id=owner_id, name=body.name or body.builtin, kind="builtin", builtin=body.builtin,
+                  labels=body.labels or {})
     return await to_thread.run_sync(_insert, session, row)
 
 
@@ -175,9 +178,12 @@ async def create_dataset(
 
 
 @router.get("", response_model=Page[DatasetPublic])
-def list_datasets(owner: CurrentOwner, session: SessionDep, page: PageDep) -> Page[DatasetPublic]:
-    """List your datasets, newest first."""
-    rows, count = crud.list_owned(session, Dataset, owner_id=owner.id, limit=page.limit, offset=page.offset)
+def list_datasets(
+    owner: CurrentOwner, session: SessionDep, page: PageDep, labels: LabelFilterDep
+) -> Page[DatasetPublic]:
+    """List your datasets, newest first (optionally by labels: `?label=key=value`)."""
+    rows, count = crud.list_owned(session, Dataset, owner_id=owner.id, limit=page.limit, offset=page.offset,
+                                  labels=labels)
     return Page(data=[DatasetPublic.model_validate(r) for r in rows], count=count)
 
 

@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 
 from api.auth import Owner
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep, not_found, run_query
+from api.labels import LabelFilterDep
 from api.routes._common import QueueUnavailable, log, owned_or_404, publish, queue_down
+from api.routes.webhooks import check_notify
 from api.schemas import (
     EvalConfigSchema,
     JobCreate,
@@ -70,7 +72,11 @@ class JobPlan:
     teacher_id: str | None
 
 
-def _ready_teacher(session: Session, owner_id: str, teacher_id: str) -> Teacher:
+def _ready_teacher(
+    session: Session, owner_id: str, teacher_id: str, planned: frozenset[str] = frozenset()
+) -> Teacher | None:
+    if teacher_id in planned:  # made by an earlier pipeline step: checked when that step succeeds
+        return None
     teacher = crud.get_owned(session, Teacher, owner_id=owner_id, id=teacher_id)
     if teacher is None:
         raise not_found("Teacher", teacher_id)
@@ -110,22 +116,23 @@ def _objective(body: JobCreate, default_method: str) -> dict[str, Any]:
     return objective.model_dump()
 
 
-def _student(session: Session, owner_id: str, body: JobCreate) -> dict[str, Any]:
+def _student(session: Session, owner_id: str, body: JobCreate, planned: frozenset[str]) -> dict[str, Any]:
     if body.student is None:
         raise unprocessable(f"A {body.kind} job needs 'student' with an 'arch'.")
     _check_names("architectures", [body.student.arch])
     if body.student.weights_id:
-        _ready_teacher(session, owner_id, body.student.weights_id)
+        _ready_teacher(session, owner_id, body.student.weights_id, planned)
     return body.student.model_dump()
 
 
-def _plan_training(session: Session, owner_id: str, body: JobCreate) -> tuple[dict[str, Any], str | None]:
+def _plan_training(session: Session, owner_id: str, body: JobCreate,
+                   planned: frozenset[str]) -> tuple[dict[str, Any], str | None]:
     if body.model is not None:
         raise unprocessable(f"A {body.kind} job takes no 'model'; use 'student' for the model to train.")
     if body.kind == "distill":
         if not body.teacher_id:
             raise unprocessable("A distill job needs 'teacher_id'.")
-        _ready_teacher(session, owner_id, body.teacher_id)
+        _ready_teacher(session, owner_id, body.teacher_id, planned)
         objective = _objective(body, "kdiga")
     else:
         if body.teacher_id:
@@ -134,7 +141,7 @@ def _plan_training(session: Session, owner_id: str, body: JobCreate) -> tuple[di
             )
         objective = _objective(body, "pgd_at")
     parts = {
-        "student": _student(session, owner_id, body),
+        "student": _student(session, owner_id, body, planned),
         "model": None,
         "objective": objective,
         "train": (body.train or TrainConfigSchema()).model_dump(),
@@ -142,35 +149,40 @@ def _plan_training(session: Session, owner_id: str, body: JobCreate) -> tuple[di
     return parts, body.teacher_id
 
 
-def _plan_evaluate(session: Session, owner_id: str, body: JobCreate) -> tuple[dict[str, Any], str | None]:
+def _plan_evaluate(session: Session, owner_id: str, body: JobCreate,
+                   planned: frozenset[str]) -> tuple[dict[str, Any], str | None]:
     if body.model is None:
         raise unprocessable("An evaluate job needs 'model' with a 'teacher_id' or a 'job_id'.")
     if body.student is not None or body.objective is not None or body.train is not None:
         raise unprocessable("An evaluate job takes no 'student', 'objective' or 'train'.")
     if body.model.teacher_id:
-        _ready_teacher(session, owner_id, body.model.teacher_id)
-    if body.model.job_id:
+        _ready_teacher(session, owner_id, body.model.teacher_id, planned)
+    if body.model.job_id and body.model.job_id not in planned:
         source = crud.get_owned(session, Job, owner_id=owner_id, id=body.model.job_id)
         if source is None:
             raise not_found("Job", body.model.job_id)
         if source.status != SUCCEEDED or source.kind == "evaluate":
             raise conflict(f"Job '{source.id}' has not produced a model (status {source.status}).")
     if body.teacher_id:
-        _ready_teacher(session, owner_id, body.teacher_id)
+        _ready_teacher(session, owner_id, body.teacher_id, planned)
     parts = {"student": None, "model": body.model.model_dump(), "objective": None, "train": None}
     return parts, body.model.teacher_id or body.teacher_id
 
 
-def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Settings) -> JobPlan:
-    """Validate a job request against the caller's resources and the catalog (4xx on any problem)."""
+def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Settings, *,
+             planned: frozenset[str] = frozenset()) -> JobPlan:
+    """Validate a job request against the caller's resources and the catalog (4xx on any problem).
+
+    `planned`: ids of teachers and jobs that earlier steps of a pipeline will make (not checked yet).
+    """
     _check_names("job_kinds", [body.kind])
     _ready_dataset(session, owner_id, body.dataset_id)
     evaluation = body.evaluation or EvalConfigSchema()
     _check_names("attacks", [a.name for a in evaluation.attacks])
     if body.kind == "evaluate":
-        parts, teacher_id = _plan_evaluate(session, owner_id, body)
+        parts, teacher_id = _plan_evaluate(session, owner_id, body, planned)
     else:
-        parts, teacher_id = _plan_training(session, owner_id, body)
+        parts, teacher_id = _plan_training(session, owner_id, body, planned)
     spec = {
         "kind": body.kind,
         "name": body.name,
@@ -178,6 +190,8 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         "teacher_id": body.teacher_id,
         **parts,
         "evaluation": evaluation.model_dump(),
+        "labels": body.labels or {},
+        "notify": check_notify(session, owner_id, body.notify, settings),
     }
     queue = job_queue(settings, body.kind)
     return JobPlan(spec=spec, queue=queue, dataset_id=body.dataset_id, teacher_id=teacher_id)
@@ -243,9 +257,11 @@ def create_job(
         idempotency_key=idempotency_key,
         request_hash=digest,
         progress={"phase": "queued", "percent": 0.0},
+        labels=body.labels or {},
     )
     session.add(job)
     try:
+        crud.job_created(session, job)
         session.commit()
     except IntegrityError:  # the same Idempotency-Key raced in from a concurrent request
         session.rollback()
@@ -269,12 +285,14 @@ def list_jobs(
     owner: CurrentOwner,
     session: SessionDep,
     page: PageDep,
+    labels: LabelFilterDep,
     status_filter: Annotated[str | None, Query(alias="status")] = None,
     kind: Annotated[str | None, Query()] = None,
 ) -> Page[JobPublic]:
-    """List your jobs, newest first (optionally by status or kind)."""
+    """List your jobs, newest first (optionally by status, kind or labels: `?label=key=value`)."""
     rows, count = crud.list_owned(
-        session, Job, owner_id=owner.id, limit=page.limit, offset=page.offset, status=status_filter, kind=kind
+        session, Job, owner_id=owner.id, limit=page.limit, offset=page.offset, labels=labels,
+        status=status_filter, kind=kind,
     )
     return Page(data=[JobPublic.model_validate(r) for r in rows], count=count)
 

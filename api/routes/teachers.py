@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep
+from api.labels import LabelFilterDep
 from api.routes._common import (
     QueueUnavailable,
     delete_with_file,
@@ -90,7 +91,7 @@ def _insert_teacher(
     stored: StoredObject,
     filename: str | None,
 ) -> Teacher:
-    spec = meta.model_dump(exclude={"name"})
+    spec = meta.model_dump(exclude={"name", "labels"})
     teacher = crud.create_teacher(
         session,
         owner_id=owner_id,
@@ -98,6 +99,7 @@ def _insert_teacher(
         format=fmt,
         stored=stored,
         spec=spec,
+        labels=meta.labels,
     )
     session.commit()
     return teacher
@@ -144,9 +146,12 @@ async def create_teacher(
 
 
 @router.get("", response_model=Page[TeacherPublic])
-def list_teachers(owner: CurrentOwner, session: SessionDep, page: PageDep) -> Page[TeacherPublic]:
-    """List your teachers, newest first."""
-    rows, count = crud.list_owned(session, Teacher, owner_id=owner.id, limit=page.limit, offset=page.offset)
+def list_teachers(
+    owner: CurrentOwner, session: SessionDep, page: PageDep, labels: LabelFilterDep
+) -> Page[TeacherPublic]:
+    """List your teachers, newest first (optionally by labels: `?label=key=value`)."""
+    rows, count = crud.list_owned(session, Teacher, owner_id=owner.id, limit=page.limit, offset=page.offset,
+                                  labels=labels)
     return Page(data=[TeacherPublic.model_validate(r) for r in rows], count=count)
 
 

@@ -16,7 +16,8 @@ from kdiga_service.migrate import alembic_config
 from kdiga_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"alembic_version", "api_keys", "artifacts", "datasets", "jobs", "teachers"}
+TABLES = {"alembic_version", "api_keys", "artifacts", "datasets", "jobs", "teachers", "pipelines",
+          "webhook_secrets", "webhook_events", "webhook_deliveries", "console_sessions"}
 
 
 def _upgrade_check_downgrade(settings: Settings) -> None:
