@@ -349,7 +349,8 @@ def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cf
     progress.check_cancel()
     name, kind = ("student", "student_weights") if job.kind == "distill" else ("model", "model_weights")
     training = {"kind": job.kind, "objective": objective.to_dict(), "train": train_cfg.to_dict(),
-                "dataset": job.data.name, "steps": result.steps, "seconds": round(result.seconds, 2)}
+                "dataset": job.data.name, "steps": result.steps, "seconds": round(result.seconds, 2),
+                "labels": dict(job.spec.get("labels") or {})}
     headline = headline_metrics(report)
     artifacts = formats.save_model_bundle(result.model, job.out, name=name, weights_kind=kind, training=training,
                                           metrics=headline)

@@ -552,3 +552,17 @@ def job_deliveries(session: Session, *, job_id: str) -> tuple[Sequence[WebhookEv
     attempts = [{**{c.key: getattr(d, c.key) for c in WebhookDelivery.__table__.columns},
                  "event_id": event_id, "event_type": event_type} for d, event_id, event_type in rows]
     return events, attempts
+
+
+def record_job_export(session: Session, job_id: str, *, key: str, value: dict[str, Any]) -> bool:
+    """Worker: note where a finished job's model was exported (`result[key]`); commits.
+
+    Only the worker that finished the job writes its result afterwards, so read-modify-write is safe.
+    """
+    result = session.scalar(select(Job.result).where(Job.id == job_id))
+    if result is None:
+        return False
+    session.execute(update(Job).where(Job.id == job_id).values(result={**result, key: value})
+                    .execution_options(synchronize_session=False))
+    session.commit()
+    return True

@@ -16,6 +16,7 @@ from kdiga_service.models import (
     Job,
     Teacher,
 )
+from kdiga_service.pipelines import produced_teacher_id
 from kdiga_service.storage import ArtifactStore
 from worker.common import jsonable
 
@@ -37,7 +38,7 @@ def store_artifacts(session: Session, store: ArtifactStore, job: Job,
 
 def register_teacher(session: Session, store: ArtifactStore, job: Job, result: dict[str, Any]) -> str:
     """An adversarial_train job's model becomes a ready teacher (once, whatever the reruns)."""
-    teacher_id = crud.derived_id("teacher", job.id)
+    teacher_id = produced_teacher_id(job.id)
     if session.get(Teacher, teacher_id) is not None:
         return teacher_id
     weights = next(Path(a["path"]) for a in result["artifacts"] if a["kind"] == "model_weights")
@@ -45,6 +46,6 @@ def register_teacher(session: Session, store: ArtifactStore, job: Job, result: d
     spec = jsonable(result.get("model_spec") or {})
     name = job.name or f"{spec.get('arch', 'model')} (robust, job {job.id[:8]})"
     crud.create_teacher(session, owner_id=job.owner_id, name=name, format="safetensors", stored=stored,
-                        spec=spec, status=READY, source_job_id=job.id, id=teacher_id)
+                        spec=spec, status=READY, source_job_id=job.id, id=teacher_id, labels=job.labels)
     session.commit()
     return teacher_id

@@ -37,6 +37,7 @@ class Reporter:
         self._cancel = False
         self._last_write = self._last_check = -math.inf
         self._phase: str | None = None
+        self._quarter = 0  # the last quarter of the work reported as a milestone (job.progress webhooks)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -56,15 +57,17 @@ class Reporter:
         phase = progress.get("phase")
         if now - self._last_write < self.interval and phase == self._phase:
             return
+        previous_phase = self._phase
         self._last_write, self._phase = now, phase
         clean = {k: scalar(progress[k]) for k in PROGRESS_KEYS if k in progress}
         extra = {k: scalar(v) for k, v in progress.items()
                  if k not in PROGRESS_KEYS and isinstance(v, (int, float, str, bool))}
         metrics = {"live": extra} if extra else None
+        milestone = self._milestone(clean, new_phase=phase != previous_phase)
         try:
             with session_for(self.settings) as session:
                 ours = crud.update_progress(session, self.job_id, progress=clean, metrics=metrics,
-                                            worker_id=self.worker_id)
+                                            worker_id=self.worker_id, milestone=milestone)
         except Exception:  # noqa: BLE001 - progress is best effort; the job goes on
             log.warning("progress write failed", extra={"job_id": self.job_id}, exc_info=True)
             return
@@ -76,6 +79,14 @@ class Reporter:
             from kdiga_core.errors import CancelledError
 
             raise CancelledError("The job was cancelled.")
+
+    def _milestone(self, progress: dict[str, Any], *, new_phase: bool) -> bool:
+        """A new phase, or a new quarter of the whole job: worth a `job.progress` event."""
+        percent = progress.get("job_percent", progress.get("percent"))
+        quarter = int(float(percent or 0.0) // 25)
+        crossed = quarter > self._quarter
+        self._quarter = max(self._quarter, quarter)
+        return new_phase or crossed
 
     def should_cancel(self, *, force: bool = False) -> bool:
         """kdiga_core's `should_cancel`: reads the row at most once per interval."""

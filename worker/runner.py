@@ -44,6 +44,7 @@ from worker.inputs import prepare_inputs, teacher_cache_dir
 from worker.outputs import register_teacher, store_artifacts
 from worker.ownership import owner_is_dead, worker_identity
 from worker.progress import Reporter
+from worker.registry import export_after_success
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ def _succeed(job: Job, result: dict[str, Any], s: Settings, store: ArtifactStore
         return Outcome("skipped", "the job was no longer ours when it finished")
     store.delete_prefix(checkpoint_prefix(job.id))
     log.info("job succeeded", extra={"job_id": job.id, "metrics": summary["metrics"]})
+    if (exported := export_after_success(job, result, s)) is not None:  # never fails the job
+        summary["mlflow"] = exported
     return Outcome("succeeded", result=summary)
 
 
