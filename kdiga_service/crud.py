@@ -266,9 +266,12 @@ def _create_step_job(session: Session, pipe: Pipeline, step: Mapping[str, Any]) 
     job = Job(id=step["job_id"], owner_id=pipe.owner_id, kind=step["kind"], name=step.get("job_name"),
               queue=step["queue"], spec=step["spec"], dataset_id=step.get("dataset_id"),
               teacher_id=step.get("teacher_id"), labels=dict(step.get("labels") or {}), pipeline_id=pipe.id,
-              pipeline_step=step["name"], progress={"phase": "queued", "percent": 0.0}, enqueued_at=None)
+              pipeline_step=step["name"], progress={"phase": "queued", "percent": 0.0})
     session.add(job)
-    return job_created(session, job)
+    job_created(session, job)
+    job.enqueued_at = None  # after the insert: the column's default would replace a None given to it
+    session.flush()
+    return job
 
 
 def create_pipeline(session: Session, *, owner_id: str, name: str | None, steps: list[dict[str, Any]],
