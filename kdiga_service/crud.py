@@ -31,6 +31,7 @@ from kdiga_service.models import (
     ApiKey,
     Artifact,
     Base,
+    ConsoleSession,
     Dataset,
     Job,
     Pipeline,
@@ -569,3 +570,31 @@ def record_job_export(session: Session, job_id: str, *, key: str, value: dict[st
                     .execution_options(synchronize_session=False))
     session.commit()
     return True
+
+
+# -- web console sessions --------------------------------------------------------------------------
+def open_console_session(session: Session, *, owner_id: str, token_hash: str, csrf_token: str,
+                         ttl_s: float) -> ConsoleSession:
+    """A signed-in console session for the key (expired ones of every key are swept here); commits."""
+    now = utcnow()
+    session.execute(delete(ConsoleSession).where(ConsoleSession.expires_at < now))
+    row = ConsoleSession(id=token_hash, owner_id=owner_id, csrf_token=csrf_token, created_at=now,
+                         expires_at=now + timedelta(seconds=ttl_s))
+    session.add(row)
+    session.commit()
+    return row
+
+
+def console_session_key(session: Session, *, token_hash: str) -> tuple[ConsoleSession, ApiKey] | None:
+    """The live session and its (unrevoked) key, or None."""
+    row = session.get(ConsoleSession, token_hash)
+    if row is None or row.expires_at < utcnow():
+        return None
+    key = session.get(ApiKey, row.owner_id)
+    return (row, key) if key is not None and key.revoked_at is None else None
+
+
+def close_console_session(session: Session, *, token_hash: str) -> None:
+    """Sign out; commits."""
+    session.execute(delete(ConsoleSession).where(ConsoleSession.id == token_hash))
+    session.commit()
