@@ -161,7 +161,8 @@ async def _form_page(request: Request, user: ConsoleUser, values: dict[str, Any]
 
 @router.get("/jobs/new", response_class=HTMLResponse)
 async def new_job_form(request: Request, user: UserDep) -> HTMLResponse:
-    defaults = {"arch": "cnn_tiny", "method": "kdiga", "epochs": 10, "gamma": 5.0, "name": "", "labels": ""}
+    defaults = {"arch": "cnn_tiny", "method": "kdiga", "epochs": 10, "gamma": 5.0, "name": "", "labels": "",
+                "eps": round(8 / 255, 5), "evaluation": "standard"}
     return await _form_page(request, user, defaults)
 
 
@@ -177,13 +178,24 @@ def parse_labels(text: str) -> dict[str, str]:
     return check_labels(labels)
 
 
+def evaluation_preset(name: str, eps: Any) -> dict[str, Any]:
+    """`standard`: PGD-20 and AutoAttack (the headline) on 1000 points with every section of the report;
+    `quick`: PGD-20 alone on 200 points, no curve, certificates or latency (a first look in seconds)."""
+    if name == "quick":
+        return {"attacks": [{"name": "pgd", "eps": eps}], "max_points": 200, "eps_curve": [0.0, eps],
+                "alignment": False, "smoothing_sigma": 0.0, "latency": False}
+    return {"attacks": [{"name": "pgd", "eps": eps}, {"name": "autoattack", "eps": eps}]}
+
+
 def _job_request(form: dict[str, Any]) -> JobCreate:
     labels = parse_labels(form.get("labels") or "")
     return JobCreate.model_validate({
         "kind": "distill", "name": form.get("name") or None, "dataset_id": form.get("dataset_id") or "",
         "teacher_id": form.get("teacher_id") or None, "student": {"arch": form.get("arch") or ""},
         "objective": {"method": form.get("method") or "kdiga", "gamma": form.get("gamma") or 5.0},
-        "train": {"epochs": form.get("epochs") or 10}, "labels": labels or None,
+        "train": {"epochs": form.get("epochs") or 10},
+        "evaluation": evaluation_preset(form.get("evaluation") or "standard", form.get("eps") or 8 / 255),
+        "labels": labels or None,
     })
 
 
