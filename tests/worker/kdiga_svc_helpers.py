@@ -188,7 +188,7 @@ def create_job_row(settings, owner_id: str, request: dict[str, Any]) -> str:
     with get_sessionmaker(settings)() as session:
         job = Job(owner_id=owner_id, kind=request["kind"], name=request.get("name"), queue=settings.queue_train,
                   spec=spec, dataset_id=request["dataset_id"], teacher_id=request.get("teacher_id"),
-                  progress={"phase": "queued", "percent": 0.0})
+                  progress={"phase": "queued", "percent": 0.0}, labels=request.get("labels") or {})
         session.add(job)
         session.commit()
         return job.id
