@@ -18,6 +18,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    answered: int
 
     @property
     def event(self) -> dict[str, Any]:
@@ -44,9 +45,10 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                code = receiver.answer
                 receiver.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                                  body, time.time()))
-                self.send_response(receiver.answer)
+                                                  body, time.time(), code))
+                self.send_response(code)
                 if receiver.location:
                     self.send_header("Location", receiver.location)
                 self.send_header("Content-Length", "2")
