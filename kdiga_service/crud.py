@@ -233,9 +233,10 @@ def after_state_change(session: Session, job_id: str, *, event: str | None) -> N
     Called by every helper here that changes a job's state, before its commit: the event, the
     next pipeline steps and the state change are one transaction (the transactional outbox).
     """
-    job = session.execute(select(*outbox.JOB_EVENT_COLUMNS).where(Job.id == job_id)).mappings().first()
-    if job is None:
+    row = session.execute(select(*outbox.JOB_EVENT_COLUMNS).where(Job.id == job_id)).mappings().first()
+    if row is None:
         return
+    job = dict(row)
     if event is not None:
         outbox.emit(session, job, event)
     if job["pipeline_id"] and job["status"] in FINISHED_STATES:
@@ -253,8 +254,8 @@ def advance_pipeline(session: Session, pipeline_id: str) -> Pipeline | None:
     if pipe is None or pipe.status in FINISHED_STATES:
         return pipe
     rows = session.execute(select(Job.pipeline_step, Job.status, Job.error).where(Job.pipeline_id == pipeline_id)).all()
-    moves = pipelines.next_moves(pipe.spec.get("steps") or [], {r[0]: r[1] for r in rows},
-                                 {r[0]: r[2] for r in rows}, cancel_requested=pipe.cancel_requested)
+    moves = pipelines.next_moves(pipe.spec.get("steps") or [], {str(r[0]): r[1] for r in rows},
+                                 {str(r[0]): r[2] for r in rows}, cancel_requested=pipe.cancel_requested)
     for step in moves.create:
         _create_step_job(session, pipe, step)
     if moves.final_status is not None:

@@ -36,7 +36,7 @@ from kdiga_service.models import (
     utcnow,
 )
 from kdiga_service.settings import Settings
-from kdiga_service.webhooks import Resolver, UrlPolicy, deliver, resolve_host, signature_header
+from kdiga_service.webhooks import Attempt, Resolver, UrlPolicy, deliver, resolve_host, signature_header
 
 log = logging.getLogger("kdiga.webhooks")
 
@@ -84,7 +84,7 @@ def emit(session: Session, job: Mapping[str, Any], event_type: str) -> WebhookEv
     The caller commits: the event and the state change are one transaction.
     """
     notify = (job["spec"] or {}).get("notify")
-    if event_type not in event_types_for(notify):
+    if notify is None or event_type not in event_types_for(notify):
         return None
     event_id, now = new_id(), utcnow()
     payload = {"id": event_id, "type": event_type, "created_at": now.isoformat(), "data": {"job": job_payload(job)}}
@@ -193,18 +193,16 @@ def _send_one(session_factory: Callable[[], Session], settings: Settings, policy
               event: Claimed, resolve: Resolver) -> bool:
     with session_factory() as session:
         secrets_ = signing_secrets(session, event.owner_id)
-    if not secrets_:
-        attempt_ok, code, error, excerpt, took = False, None, "The API key has no webhook signing secret.", None, 0.0
-    else:
+    if secrets_:
         body, headers = request_for(event, secrets_)
         result = deliver(event.url, body, headers, policy=policy, timeout_s=settings.webhook_timeout_s,
                          resolve=resolve)
-        attempt_ok, code, error, excerpt, took = (result.ok, result.status_code, result.error, result.excerpt,
-                                                  result.duration_ms)
+    else:  # every secret expired (rotated with a grace period and no new one): nothing to sign with
+        result = Attempt(ok=False, error="The API key has no valid webhook signing secret.")
     with session_factory() as session:
-        record_attempt(session, event, ok=attempt_ok, status_code=code, error=error, excerpt=excerpt,
-                       duration_ms=took, settings=settings)
-    return attempt_ok
+        record_attempt(session, event, ok=result.ok, status_code=result.status_code, error=result.error,
+                       excerpt=result.excerpt, duration_ms=result.duration_ms, settings=settings)
+    return result.ok
 
 
 def deliver_due(session_factory: Callable[[], Session], settings: Settings, *,

@@ -39,7 +39,7 @@ def produced_teacher_id(job_id: str) -> str:
 class Moves:
     """What a state change leads to: steps to create now, and the pipeline's end (if it ended)."""
 
-    create: list[dict[str, Any]] = field(default_factory=list)
+    create: list[Mapping[str, Any]] = field(default_factory=list)
     states: dict[str, str] = field(default_factory=dict)
     final_status: str | None = None
     error: str | None = None

@@ -130,7 +130,7 @@ def pipeline_public(session: Session, pipe: Pipeline) -> PipelinePublic:
                                 progress=(jobs[s["name"]][2] or {}) if s["name"] in jobs else {},
                                 error=jobs[s["name"]][3] if s["name"] in jobs else None) for s in steps_plan]
     percents = {s.name: float(s.progress.get("percent") or 0.0) for s in steps}
-    return PipelinePublic(id=pipe.id, name=pipe.name, status=pipe.status, labels=pipe.labels,
+    return PipelinePublic(id=pipe.id, name=pipe.name, status=pipe.status, labels=pipe.labels or {},
                           cancel_requested=pipe.cancel_requested, error=pipe.error,
                           percent=pipelines.progress_percent(steps_plan, percents, states), steps=steps,
                           created_at=pipe.created_at, finished_at=pipe.finished_at)
