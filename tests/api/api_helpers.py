@@ -5,15 +5,35 @@ from __future__ import annotations
 import json
 import os
 import struct
+import uuid
 from typing import Any
 
 from fastapi.testclient import TestClient
 
 from kdiga_service import admin, crud
+from kdiga_service.settings import Settings
 from kdiga_service.storage import get_storage
 
 MAX_UPLOAD = 64 * 1024
 REDIS_URL = os.environ.get("KDIGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def make_settings(home: Any, database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        home=home,
+        database_url=database_url,
+        broker_url=REDIS_URL,
+        storage_url=f"file://{home}/artifacts",
+        queue_train=f"kdiga_test_{RUN_ID}_train",
+        queue_eval=f"kdiga_test_{RUN_ID}_eval",
+        max_upload_bytes=MAX_UPLOAD,
+        max_concurrent_jobs_per_key=2,
+        sse_poll_interval_s=0.05,
+        auth_cache_ttl_s=0,
+    )
+    values.update(overrides)
+    return Settings(**values)
 
 
 def new_key(client: TestClient, name: str = "user", **kw: Any) -> tuple[dict[str, str], str]:

@@ -8,14 +8,13 @@ migrated databases) are shared across the session.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 import redis
-from api_helpers import MAX_UPLOAD, REDIS_URL, new_key
+from api_helpers import REDIS_URL, RUN_ID, make_settings, new_key
 from fastapi.testclient import TestClient
 
 from api.main import create_app
@@ -23,7 +22,6 @@ from kdiga_service.db import dispose_engines
 from kdiga_service.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("KDIGA_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-RUN_ID = uuid.uuid4().hex[:10]
 
 
 def _redis_ok() -> bool:
@@ -67,21 +65,24 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def make_settings(home: Any, database_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(
-        home=home,
-        database_url=database_url,
-        broker_url=REDIS_URL,
-        storage_url=f"file://{home}/artifacts",
-        queue_train=f"kdiga_test_{RUN_ID}_train",
-        queue_eval=f"kdiga_test_{RUN_ID}_eval",
-        max_upload_bytes=MAX_UPLOAD,
-        max_concurrent_jobs_per_key=2,
-        sse_poll_interval_s=0.05,
-        auth_cache_ttl_s=0,
-    )
-    values.update(overrides)
-    return Settings(**values)
+@pytest.fixture(scope="session")
+def pg_database(pg_url: str) -> Iterator[Any]:
+    """`pg_database(tag)`: one more fresh database (URL), for an app that must not share `pg_url`'s
+    (its background work, e.g. webhook deliveries, would meet the shared app's); dropped at the end."""
+    made: list[str] = []
+
+    def create(tag: str) -> str:
+        name = f"kdiga_test_{RUN_ID}_{tag}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return pg_url.rsplit("/", 1)[0] + f"/{name}"
+
+    yield create
+    dispose_engines()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -128,7 +128,8 @@ def test_events_pending_when_the_api_dies_are_delivered_after_restart(service, r
     assert [r.event["type"] for r in got] == ["job.queued", "job.running", "job.succeeded"]
     assert all(_signed(service["secret"], r) for r in got)
     assert int(got[0].headers["kdiga-delivery-attempt"]) >= 3
-    assert {p[1] for p in _pending(embedded.home, job["id"])} == {"delivered"}
+    h.wait_for(lambda: {p[1] for p in _pending(embedded.home, job["id"])} == {"delivered"}, 10,
+               what="the deliveries to be recorded")
     log = api.ok(api.http.get(f"/v1/jobs/{job['id']}/deliveries"))
     first = [d for d in log["data"] if d["event_type"] == "job.queued"]
     assert [d["status_code"] for d in first][-1] == 200 and set(d["status_code"] for d in first[:-1]) == {503}
