@@ -10,6 +10,7 @@ drift from what the API allows.
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,8 +80,6 @@ async def console_home() -> Response:
 
 
 def _login_page(request: Request, error: str | None = None, code: int = 200) -> HTMLResponse:
-    import secrets
-
     token = secrets.token_urlsafe(32)
     response = page(request, "login.html", {"csrf_token": token, "error": error, "user": None}, code)
     set_cookie(response, request, LOGIN_CSRF_COOKIE, token, 3600)
