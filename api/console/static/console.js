@@ -5,10 +5,11 @@
 const MAX_STREAMS = 4;
 
 function show(el, job) {
-  const percent = Number((job.progress || {}).percent || 0);
+  const progress = job.progress || {};
+  const percent = Number(progress.job_percent ?? progress.percent ?? 0);  // the whole job, else the phase
   el.querySelector("progress").value = percent;
   el.querySelector(".percent").textContent = percent.toFixed(0) + "%";
-  el.querySelector(".phase").textContent = (job.progress || {}).phase || "";
+  el.querySelector(".phase").textContent = progress.phase || "";
   const status = el.querySelector(".status");
   status.textContent = job.status;
   status.className = "status status-" + job.status;
