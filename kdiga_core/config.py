@@ -8,6 +8,7 @@ plain JSON for model cards and reports.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,11 @@ IGAMode = Literal["auto", "exact", "finite_difference"]
 IGAReduction = Literal["per_sample", "author"]
 Method = Literal["ce", "kd", "kdiga", "ard", "rslad", "pgd_at", "trades"]
 Norm = Literal["Linf", "L2"]
+SweepRule = Literal["robust_within_clean_drop", "max_robust", "max_clean_plus_robust"]
+CleanReference = Literal["kd", "kd_or_teacher"]
+
+AUTO = "auto"  # objective.gamma: chosen per job by the γ sweep (kdiga_core.sweep)
+SWEEP_RULES: tuple[str, ...] = ("robust_within_clean_drop", "max_robust", "max_clean_plus_robust")
 
 METHODS: tuple[str, ...] = ("ce", "kd", "kdiga", "ard", "rslad", "pgd_at", "trades")
 
@@ -80,6 +86,62 @@ class ModelSpec(_FromDict):
 
 
 @dataclass(frozen=True)
+class SweepConfig(_FromDict):
+    """How ``objective.gamma: "auto"`` chooses γ (kdiga_core.sweep; REPRODUCTION.md, "γ chosen per job").
+
+    gammas: the γ values to try; empty → `points` values spaced evenly in log γ over
+        [gamma_min, gamma_max]. The KD student (γ = 0) is always trained too, as the reference.
+    rule: robust_within_clean_drop (the most robust student whose clean validation accuracy is
+        within `max_clean_drop` of the reference's), max_robust, or max_clean_plus_robust.
+    clean_reference: kd (the KD student's clean accuracy) or kd_or_teacher (the lower of the KD
+        student's and the teacher's: a robust teacher pays for its robustness with clean accuracy,
+        and a student as accurate as it has not collapsed).
+    budget: the whole job's training (trials, KD reference and final run) in units of one
+        training run of the job's TrainConfig; the API's work estimate multiplies by it.
+    validation_fraction: share of the training split held out (seeded, stratified) to score trials.
+    reduction_factor: successive halving keeps the best 1/reduction_factor of the trials at each rung.
+    """
+
+    gammas: tuple[float, ...] = ()
+    gamma_min: float = 0.3
+    gamma_max: float = 30.0
+    points: int = 7
+    rule: SweepRule = "robust_within_clean_drop"
+    max_clean_drop: float = 0.02
+    clean_reference: CleanReference = "kd_or_teacher"
+    budget: float = 3.0
+    validation_fraction: float = 0.2
+    validation_points: int = 500
+    attack_steps: int = 10
+    reduction_factor: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gammas", tuple(float(g) for g in self.gammas))
+        _check(all(g > 0 for g in self.gammas), "sweep.gammas must be positive (γ = 0, plain KD, is always tried).")
+        _check(len(self.gammas) <= 20, "sweep.gammas may hold at most 20 values.")
+        _check(0 < self.gamma_min < self.gamma_max, "sweep.gamma_min must be positive and below sweep.gamma_max.")
+        _check(1 <= self.points <= 20, "sweep.points must be between 1 and 20.")
+        _check(self.rule in SWEEP_RULES, f"sweep.rule must be one of: {', '.join(SWEEP_RULES)}.")
+        _check(0.0 <= self.max_clean_drop <= 1.0, "sweep.max_clean_drop must be a fraction in [0, 1].")
+        _check(self.clean_reference in ("kd", "kd_or_teacher"), "sweep.clean_reference must be one of: kd, kd_or_teacher.")
+        _check(1.5 <= self.budget <= 20.0, "sweep.budget must be between 1.5 and 20 training runs.")
+        _check(0.05 <= self.validation_fraction <= 0.5, "sweep.validation_fraction must be in [0.05, 0.5].")
+        _check(10 <= self.validation_points <= 10_000, "sweep.validation_points must be between 10 and 10000.")
+        _check(1 <= self.attack_steps <= 100, "sweep.attack_steps must be between 1 and 100.")
+        _check(2 <= self.reduction_factor <= 6, "sweep.reduction_factor must be between 2 and 6.")
+
+    def grid(self) -> tuple[float, ...]:
+        """The γ values to try (ascending): `gammas`, or `points` log-spaced values."""
+        if self.gammas:
+            return tuple(sorted(set(self.gammas)))
+        if self.points == 1:
+            return (round(math.sqrt(self.gamma_min * self.gamma_max), 4),)
+        ratio = (self.gamma_max / self.gamma_min) ** (1 / (self.points - 1))
+        return tuple(round(self.gamma_min * ratio**i, 4) for i in range(self.points))
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig(_FromDict):
     """Loss hyperparameters (method.md §2 and §6).
 
@@ -92,7 +154,9 @@ class ObjectiveConfig(_FromDict):
     method: Method = "kdiga"
     alpha: float = 0.5
     tau: float = 1.0
-    gamma: float = 5.0  # chosen by the digits γ sweep in REPRODUCTION.md (10 and above collapsed there)
+    # "auto": chosen per job by a sweep (kdiga_core.sweep, `sweep` says how): the best γ depends on the
+    # teacher/student pair, ε and the schedule (REPRODUCTION.md: 5 worked for one digits pair, collapsed others)
+    gamma: float | str = AUTO
     gamma_warmup: float = 0.5
     iga_mode: IGAMode = "auto"
     iga_reduction: IGAReduction = "per_sample"
@@ -105,12 +169,20 @@ class ObjectiveConfig(_FromDict):
     trades_beta: float = 6.0
     ard_tau: float = 30.0
     ard_alpha: float = 1.0
+    sweep: SweepConfig | None = None  # only with gamma "auto"; None: SweepConfig's defaults
 
     def __post_init__(self) -> None:
+        if isinstance(self.sweep, dict):
+            object.__setattr__(self, "sweep", SweepConfig.from_dict(self.sweep))
+        if self.gamma != AUTO:
+            _check(isinstance(self.gamma, int | float) and not isinstance(self.gamma, bool),
+                   'gamma must be a number or "auto".')
+            object.__setattr__(self, "gamma", float(self.gamma))
         _check(self.method in METHODS, f"Unknown method '{self.method}'; valid names are: {', '.join(sorted(METHODS))}.")
         _check(0.0 <= self.alpha <= 1.0, "alpha must be between 0 and 1.")
         _check(self.tau > 0, "tau must be positive.")
-        _check(self.gamma >= 0, "gamma must be zero or positive.")
+        _check(self.gamma == AUTO or self.gamma >= 0, 'gamma must be zero or positive, or "auto".')
+        _check(self.sweep is None or self.gamma == AUTO, 'objective.sweep is only read with gamma "auto".')
         _check(0.0 <= self.gamma_warmup < 1.0, "gamma_warmup must be a fraction in [0, 1).")
         _check(self.iga_mode in ("auto", "exact", "finite_difference"),
                "iga_mode must be one of: auto, exact, finite_difference.")
@@ -119,6 +191,15 @@ class ObjectiveConfig(_FromDict):
         _check(self.iga_noise_eps >= 0, "iga_noise_eps must be zero or positive.")
         _check(self.attack_eps >= 0 and self.attack_step > 0 and self.attack_steps >= 1,
                "attack_eps must be >= 0, attack_step > 0 and attack_steps >= 1.")
+
+    @property
+    def sweeps_gamma(self) -> bool:
+        """True when this objective's γ is chosen by the sweep (kdiga with gamma "auto")."""
+        return self.method == "kdiga" and self.gamma == AUTO
+
+    def sweep_config(self) -> SweepConfig:
+        """The sweep's settings (SweepConfig's defaults when none were given)."""
+        return self.sweep if self.sweep is not None else SweepConfig()
 
 
 @dataclass(frozen=True)

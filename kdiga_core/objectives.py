@@ -458,12 +458,15 @@ def build_objective(cfg: ObjectiveConfig, student: nn.Module, teacher: nn.Module
 
     Raises:
         UnknownNameError: unknown method.
-        KdigaError: a distillation method without a teacher.
+        KdigaError: a distillation method without a teacher, or kdiga with gamma "auto".
     """
     if cfg.method not in _OBJECTIVES:
         raise UnknownNameError("method", cfg.method, list(_OBJECTIVES))
     if cfg.method in TEACHER_METHODS and teacher is None:
         raise KdigaError(f"Method '{cfg.method}' needs a teacher model.")
+    if cfg.sweeps_gamma:
+        raise KdigaError('gamma "auto" is chosen by the sweep (kdiga_core.sweep.choose_gamma) before '
+                         "training; give a number to train with a fixed γ.")
     if cfg.method not in TEACHER_METHODS:
         teacher = None
     return _OBJECTIVES[cfg.method](cfg, student, teacher, generator=generator)

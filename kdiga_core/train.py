@@ -207,6 +207,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     resume: bool = False,
+    stop_after_epoch: int | None = None,
 ) -> TrainResult:
     """Train `student` on `data.x_train`/`data.y_train` with the objective `obj_cfg.method`.
 
@@ -221,6 +222,9 @@ def train(
         checkpoint_dir: where last.safetensors/last.json go after each epoch (None: no checkpoints).
         on_checkpoint: called with `checkpoint_dir` after each checkpoint (e.g. to upload it).
         resume: continue from the checkpoint in `checkpoint_dir` when there is one.
+        stop_after_epoch: return after this epoch of the schedule (the schedule still spans
+            `train_cfg.epochs`); with `checkpoint_dir` and `resume`, a later call continues it.
+            The γ sweep uses this to score trials at the rungs of successive halving.
 
     Returns:
         TrainResult with the student in eval mode and per-epoch history.
@@ -264,6 +268,8 @@ def train(
 
     started, session_steps = time.perf_counter(), 0
     for epoch in range(start_epoch, train_cfg.epochs):
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
         student.train()
         epoch_started = time.perf_counter()
         sums: dict[str, Tensor] = {}

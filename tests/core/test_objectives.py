@@ -129,7 +129,7 @@ def test_auto_picks_exact_when_double_backward_works():
 def test_every_method_returns_loss_logits_and_parts(method, parts):
     x, y = batch(n=6)
     student = tiny_cnn(bn=True)
-    cfg = ObjectiveConfig(method=method, attack_steps=2, attack_eps=0.1, attack_step=0.05)
+    cfg = ObjectiveConfig(method=method, gamma=5.0, attack_steps=2, attack_eps=0.1, attack_step=0.05)
     out = build_objective(cfg, student, tiny_cnn(seed=1), generator=torch.Generator().manual_seed(0))(
         x, y, progress=0.5)
     assert {"loss", "logits"} | parts <= set(out)
@@ -225,3 +225,9 @@ def test_inner_attack_supports_l2():
     norms = (x_adv - x).flatten(1).norm(dim=1)
     assert float(norms.max()) <= 0.5 + 1e-5 and float(norms.min()) > 0.1
     assert float((x_adv - x).abs().max()) > 0.1  # an L2 step, not an L∞ one of 0.1 per pixel
+
+
+def test_kdiga_with_gamma_auto_is_resolved_before_training():
+    with pytest.raises(KdigaError, match='gamma "auto" is chosen by the sweep'):
+        build_objective(ObjectiveConfig(method="kdiga"), tiny_cnn(), tiny_cnn(seed=1))
+    assert build_objective(ObjectiveConfig(method="kd"), tiny_cnn(), tiny_cnn(seed=1))  # kd ignores gamma
