@@ -60,6 +60,51 @@ def _check_norm(mean: list[float] | None, std: list[float] | None, in_chans: int
         raise ValueError("std values must be positive.")
 
 
+SweepRule = Literal["robust_within_clean_drop", "max_robust", "max_clean_plus_robust"]
+CleanReference = Literal["kd", "kd_or_teacher"]
+
+
+class SweepConfigSchema(_Strict):
+    """How ``objective.gamma: "auto"`` chooses γ (kdiga_core.sweep; REPRODUCTION.md, "γ chosen per job").
+
+    gammas: the γ values to try; empty → `points` values spaced evenly in log γ over
+        [gamma_min, gamma_max]. The KD student (γ = 0) is always trained too, as the reference.
+    rule: robust_within_clean_drop (the most robust student whose clean validation accuracy is
+        within `max_clean_drop` of the reference's), max_robust, or max_clean_plus_robust.
+    clean_reference: kd (the KD student's clean accuracy) or kd_or_teacher (the lower of the KD
+        student's and the teacher's: a robust teacher pays for its robustness with clean accuracy,
+        and a student as accurate as it has not collapsed).
+    budget: the whole job's training (trials, KD reference and final run) in units of one
+        training run of the job's TrainConfig; the API's work estimate multiplies by it.
+    validation_fraction: share of the training split held out (seeded, stratified) to score trials.
+    reduction_factor: successive halving keeps the best 1/reduction_factor of the trials at each rung.
+    """
+
+    gammas: list[float] = Field(default_factory=list, max_length=20,
+                                description="γ values to try (each > 0); empty: a log-spaced range.")
+    gamma_min: float = Field(default=0.3, gt=0)
+    gamma_max: float = Field(default=30.0, gt=0, le=1e6)
+    points: int = Field(default=7, ge=1, le=20)
+    rule: SweepRule = "robust_within_clean_drop"
+    max_clean_drop: float = Field(default=0.02, ge=0.0, le=1.0, description="Fraction: 0.02 is 2 points.")
+    clean_reference: CleanReference = Field(
+        default="kd_or_teacher", description="kd, or the lower of the KD student's and the teacher's clean accuracy.")
+    budget: float = Field(default=3.0, ge=1.5, le=20.0, description="The job's training, in training runs.")
+    validation_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
+    validation_points: int = Field(default=500, ge=10, le=10_000)
+    attack_steps: int = Field(default=10, ge=1, le=100)
+    reduction_factor: int = Field(default=3, ge=2, le=6)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfigSchema:
+        if any(g <= 0 for g in self.gammas):
+            raise ValueError("sweep.gammas must be positive (γ = 0, plain KD, is always tried).")
+        if self.gamma_min >= self.gamma_max:
+            raise ValueError("sweep.gamma_min must be below sweep.gamma_max.")
+        return self
+
+
 class ObjectiveConfigSchema(_Strict):
     """Loss hyperparameters (method.md §2 and §6).
 
@@ -72,7 +117,8 @@ class ObjectiveConfigSchema(_Strict):
     method: Method = "kdiga"
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     tau: float = Field(default=1.0, gt=0)
-    gamma: float = Field(default=5.0, ge=0)
+    gamma: float | Literal["auto"] = Field(
+        default="auto", description='IGA weight γ ≥ 0, or "auto": chosen per job by a sweep (see `sweep`).')
     gamma_warmup: float = Field(default=0.5, ge=0.0, lt=1.0)
     iga_mode: IGAMode = "auto"
     iga_reduction: IGAReduction = "per_sample"
@@ -84,6 +130,25 @@ class ObjectiveConfigSchema(_Strict):
     trades_beta: float = 6.0
     ard_tau: float = 30.0
     ard_alpha: float = 1.0
+    sweep: SweepConfigSchema | None = Field(default=None, description='Only with gamma "auto".')
+
+    @model_validator(mode="after")
+    def _check_gamma(self) -> ObjectiveConfigSchema:
+        if self.gamma != "auto" and self.gamma < 0:
+            raise ValueError('gamma must be zero or positive, or "auto".')
+        if self.sweep is not None and self.gamma != "auto":
+            raise ValueError('objective.sweep is only read with gamma "auto".')
+        return self
+
+    def training_runs(self) -> float:
+        """How many training runs of the job's TrainConfig this objective costs (the work estimate's multiple).
+
+        kdiga with gamma "auto" trains a KD reference and γ trials before the final run; the sweep
+        keeps all of it within `sweep.budget` runs (kdiga_core.sweep.work_multiple says the same).
+        """
+        if self.method == "kdiga" and self.gamma == "auto":
+            return (self.sweep or SweepConfigSchema()).budget
+        return 1.0
 
 
 class TrainConfigSchema(_Strict):

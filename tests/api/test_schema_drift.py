@@ -13,6 +13,7 @@ from kdiga_core import config  # noqa: E402
 
 PAIRS = [
     (config.ObjectiveConfig, schemas.ObjectiveConfigSchema, {}),
+    (config.SweepConfig, schemas.SweepConfigSchema, {}),
     (config.TrainConfig, schemas.TrainConfigSchema, {}),
     (config.AttackSpec, schemas.AttackSpecSchema, {}),
     (config.EvalConfig, schemas.EvalConfigSchema, {}),
@@ -48,3 +49,4 @@ def test_literal_choices_match():
     assert set(config.METHODS) == set(schemas.Method.__args__)
     assert set(config.IGAMode.__args__) == set(schemas.IGAMode.__args__)
     assert set(config.Norm.__args__) == set(schemas.Norm.__args__)
+    assert set(config.SWEEP_RULES) == set(schemas.SweepRule.__args__)
