@@ -17,17 +17,29 @@ def checkpoint_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoint"
 
 
+def checkpoint_files(directory: Path) -> list[str]:
+    """Every finished file under a checkpoint directory, as relative POSIX paths.
+
+    Sub-folders are part of the checkpoint: the γ sweep keeps its Optuna journal and the running
+    trial's training checkpoint in ``sweep/`` (kdiga_core.sweep), so a resumed job skips finished trials.
+    """
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and not p.name.endswith(".tmp"))
+
+
 def upload_checkpoint(store: ArtifactStore, job_id: str, directory: Path) -> str:
     """Upload every file of a checkpoint directory, then point `latest` at it (the commit)."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+    files = checkpoint_files(directory)
     epoch = _checkpoint_epoch(directory)
     folder = f"e{epoch:05d}" if epoch is not None else f"t{int(time.time() * 1000)}"
     prefix = checkpoint_prefix(job_id)
-    for path in files:
-        store.upload_file(path, f"{prefix}/{folder}/{path.name}")
     previous = _read_pointer(store, job_id)
+    if previous and previous.get("folder") == folder:  # the same epoch again (the sweep's decisions): a new folder
+        folder = f"{folder}-t{int(time.time() * 1000)}"
+    for name in files:
+        store.upload_file(directory / name, f"{prefix}/{folder}/{name}")
     store.write_bytes(f"{prefix}/latest.json", json.dumps(
-        {"folder": folder, "files": [p.name for p in files], "epoch": epoch}).encode())
+        {"folder": folder, "files": files, "epoch": epoch}).encode())
     if previous and previous.get("folder") != folder:
         store.delete_prefix(f"{prefix}/{previous['folder']}")
     log.info("checkpoint uploaded", extra={"job_id": job_id, "epoch": epoch, "folder": folder})
@@ -41,6 +53,9 @@ def download_checkpoint(store: ArtifactStore, job_id: str, dest: Path) -> bool:
         return False
     prefix = f"{checkpoint_prefix(job_id)}/{pointer['folder']}"
     for name in pointer.get("files", []):
+        if not _safe_relative(name):
+            log.warning("skipping an unsafe checkpoint file name", extra={"job_id": job_id, "file": name})
+            continue
         store.download(f"{prefix}/{name}", dest / name)
     return True
 
@@ -61,3 +76,9 @@ def _checkpoint_epoch(directory: Path) -> int | None:
         return int(meta["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _safe_relative(name: str) -> bool:
+    """A pointer's file names are relative paths inside the checkpoint: never absolute, never '..'."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,10 @@ def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Report
                store: ArtifactStore, resume: bool, s: Settings) -> dict[str, Any]:
     from kdiga_core import jobs as core_jobs
 
+    # The γ sweep stops early to leave the final run time before the soft limit (the job's time budget
+    # when it has one).
+    deadline = time.monotonic() + s.job_soft_time_limit_s
+
     def on_checkpoint(directory: Path) -> None:
         upload_checkpoint(store, job.id, Path(directory))
         reporter.beat()
@@ -151,7 +156,7 @@ def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Report
         dataset=inputs["dataset"], teacher=teacher, model_dir=inputs.get("model_dir"), initial_student=initial,
         allow_torchscript=s.allow_torchscript, teacher_cache_dir=teacher_cache_dir(s))
     hooks = core_jobs.JobHooks(on_step=reporter.on_step, should_cancel=reporter.should_cancel,
-                               on_checkpoint=on_checkpoint)
+                               on_checkpoint=on_checkpoint, time_left=lambda: deadline - time.monotonic())
     return core_jobs.run_job(job.kind, dict(job.spec or {}), workdir, job_inputs, hooks, resume=resume)
 
 

@@ -156,6 +156,32 @@ def test_checkpoint_upload_points_to_the_latest_epoch(settings, tmp_path):
     assert not checkpoints.download_checkpoint(store, "job-2", tmp_path / "none")
 
 
+def test_checkpoint_keeps_the_sweep_folder(settings, tmp_path):
+    """The γ sweep's journal and running trial live in checkpoint/sweep/: uploaded and restored with the rest."""
+    store = get_storage(settings)
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sweep" / "trial-2").mkdir(parents=True)
+    (ckpt / "sweep" / "optuna.journal").write_text("journal-1")
+    (ckpt / "sweep" / "trial-2" / "last.json").write_text(json.dumps({"epoch": 3}))
+    first = checkpoints.upload_checkpoint(store, "job-s", ckpt)
+    (ckpt / "sweep" / "optuna.journal").write_text("journal-2")  # a later decision of the same trial
+    second = checkpoints.upload_checkpoint(store, "job-s", ckpt)
+    assert first != second and not store.exists(f"jobs/job-s/checkpoint/{first}/sweep/optuna.journal")
+    dest = tmp_path / "restored"
+    assert checkpoints.download_checkpoint(store, "job-s", dest)
+    assert (dest / "sweep" / "optuna.journal").read_text() == "journal-2"
+    assert json.loads((dest / "sweep" / "trial-2" / "last.json").read_text())["epoch"] == 3
+
+
+def test_checkpoint_pointer_with_unsafe_names_is_not_followed(settings, tmp_path):
+    store = get_storage(settings)
+    store.write_bytes("jobs/job-u/checkpoint/latest.json",
+                      json.dumps({"folder": "e00001", "files": ["../../escape", "/abs"]}).encode())
+    dest = tmp_path / "restored"
+    assert checkpoints.download_checkpoint(store, "job-u", dest)
+    assert not (tmp_path / "escape").exists() and not list(dest.rglob("*"))
+
+
 def test_storing_artifacts_twice_replaces_them(settings, seeded, tmp_path):
     job_id = _job(settings, seeded)
     kinds = {"student.safetensors": "student_weights", "model_card.json": "model_card", "report.json": "report_json",
@@ -301,13 +327,16 @@ def test_adversarial_train_registers_a_teacher_then_evaluate_it(settings, seeded
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["train", "evaluate"])
+@pytest.mark.parametrize("phase", ["train", "evaluate", "sweep"])
 def test_running_job_is_cancelled(settings, seeded, phase):
     import threading
 
     request = h.tiny_job_request(seeded["dataset_id"], seeded["teacher_id"], epochs=3, batch_size=16, method="kd")
     if phase == "evaluate":
         request["train"]["epochs"] = 1
+    if phase == "sweep":  # γ "auto": cancelled while the sweep trains its trials
+        request["objective"] = {"method": "kdiga", "iga_mode": "finite_difference",
+                                "sweep": {"gammas": [1.0, 10.0], "attack_steps": 1, "validation_points": 50}}
     job_id = h.create_job_row(settings, seeded["owner_id"], request)
 
     def cancel_when_in_phase():
