@@ -448,6 +448,106 @@ def _settings_section(context: dict[str, Any] | None, report: dict[str, Any]) ->
             + _table(["setting", "value"], rows, numeric_from=99, table_id="table-settings") + "</section>")
 
 
+# --------------------------------------------------------------------------- γ sweep (objective.gamma "auto")
+
+_STATE_LABEL = {"complete": "trained to the end", "pruned": "stopped early (successive halving)",
+                "stopped": "stopped: budget or time", "not_run": "not run: budget or time"}
+
+
+def _sweep_plot(trials: list[dict[str, Any]], pareto: list[float], chosen: float | None) -> str | None:
+    """Clean vs robust validation accuracy of every trial, the Pareto front joined, the choice ringed."""
+    points = [(t, _num(t.get("clean")), _num(t.get("robust"))) for t in trials]
+    points = [(t, c, r) for t, c, r in points if c is not None and r is not None]
+    if not points:
+        return None
+    fig, ax = _figure(6.4, 4.0)
+    for state, marker, color in (("complete", "o", STUDENT_COLOR), ("pruned", "x", "#8c8c8c"),
+                                 ("stopped", "s", "#8c8c8c")):
+        sel = [(c, r, t) for t, c, r in points if t.get("state") == state]
+        if sel:
+            ax.scatter([100 * c for c, _, _ in sel], [100 * r for _, r, _ in sel], marker=marker, color=color,
+                       label=_STATE_LABEL[state], zorder=3)
+        for c, r, t in sel:
+            ax.annotate(_mpl_text(f" γ={_g(t.get('gamma'))}"), (100 * c, 100 * r), fontsize=8)
+    front = sorted((c, r) for t, c, r in points if t.get("state") == "complete" and _num(t.get("gamma")) in pareto)
+    if front:
+        ax.plot([100 * c for c, _ in front], [100 * r for _, r in front], color=STUDENT_COLOR, lw=1, ls="--",
+                label="Pareto front")
+    pick = [(c, r) for t, c, r in points if chosen is not None and _num(t.get("gamma")) == chosen
+            and t.get("state") == "complete"]
+    if pick:
+        ax.scatter([100 * pick[0][0]], [100 * pick[0][1]], s=220, facecolors="none", edgecolors=TEACHER_COLOR,
+                   lw=2, label="chosen", zorder=4)
+    ax.set_xlabel("clean validation accuracy (%)")
+    ax.set_ylabel("robust validation accuracy (%)")
+    ax.set_title("γ sweep: the clean/robust trade-off")
+    ax.legend(frameon=False, fontsize=8)
+    return _png_img(fig, img_id="plot-gamma-sweep", alt="Clean versus robust validation accuracy of each γ tried, "
+                    "with the Pareto front and the chosen γ")
+
+
+def _verdict_note(verdict: dict[str, Any]) -> str:
+    reasons = "".join(f"<li>{_e(r)}</li>" for r in _list(verdict.get("reasons")) if r)
+    css = "flag ok" if verdict.get("transfers") else "flag bad"
+    label = "TRANSFERS" if verdict.get("transfers") else "WILL NOT TRANSFER"
+    return (f'<p id="transfer-verdict"><span class="{css}">{label}</span> {_e(verdict.get("summary", ""))}</p>'
+            + (f"<ul>{reasons}</ul>" if reasons else ""))
+
+
+def _sweep_section(sweep: dict[str, Any]) -> str:
+    if not sweep:
+        return ""
+    trials = [_dict(t) for t in _list(sweep.get("trials"))]
+    chosen, rule, cost = _dict(sweep.get("chosen")), _dict(sweep.get("rule")), _dict(sweep.get("cost"))
+    transfer = _dict(sweep.get("transfer"))
+    pareto = [v for v in (_num(g) for g in _list(sweep.get("pareto_gammas"))) if v is not None]
+    rows = [[_e(_g(t.get("gamma"))) + (" (KD)" if _num(t.get("gamma")) == 0 else ""), _e(_pct(t.get("clean"))),
+             _e(_pct(t.get("robust"))), _e(_fmt(t.get("epochs"))), _e(_STATE_LABEL.get(str(t.get("state")),
+                                                                                       t.get("state"))),
+             "yes" if _num(t.get("gamma")) in pareto else ""] for t in trials]
+    plot = _sweep_plot(trials, pareto, _num(chosen.get("gamma"))) or ""
+    val = _dict(sweep.get("validation"))
+    plan = _dict(sweep.get("plan"))
+    note = (f"Each γ trains the same initial student for up to {_e(plan.get('trial_epochs'))} epochs on the training "
+            f"split less a held-out validation split ({_e(val.get('n'))} images, seeded and class-stratified, never the "
+            f"test points); successive halving scores trials at epochs {_e(plan.get('rungs'))} with clean and "
+            f"{_e(val.get('attack'))} accuracy at ε = {_e(_g(val.get('eps')))} and stops the weak ones. "
+            f"Rule: {_e(rule.get('text', ''))}. The whole job cost {_e(_fmt(cost.get('job_runs'), 3))} training runs "
+            f"(budget {_e(_fmt(cost.get('budget_runs'), 3))}).")
+    stopped = cost.get("stopped_by")
+    if stopped:
+        note += f" The sweep stopped early: its {_e(stopped)} ran out."
+    final = _dict(sweep.get("final_check"))
+    final_note = ""
+    if final.get("kd_reference_clean_accuracy") is not None:
+        final_note = (f'<p class="note">On the test points: student {_e(_pct(final.get("student_clean_accuracy")))} '
+                      f'clean, KD reference {_e(_pct(final.get("kd_reference_clean_accuracy")))}.</p>')
+    return ('<section id="gamma-sweep"><h2>Choosing γ (gamma: "auto")</h2>'
+            + _verdict_note(_dict(transfer.get("verdict")))
+            + f'<p><b>Chosen: γ = {_e(_g(chosen.get("gamma")))}</b>. {_e(chosen.get("reason", ""))}</p>'
+            + f'<p class="note">{note}</p>' + final_note + '<div class="row">' + plot
+            + _table(["γ", "clean (val)", "robust (val)", "epochs", "state", "Pareto"], rows,
+                     table_id="table-gamma-sweep") + "</div>" + _transfer_table(transfer) + "</section>")
+
+
+def _transfer_table(transfer: dict[str, Any]) -> str:
+    teacher = _dict(transfer.get("teacher"))
+    capacity = _dict(_dict(transfer.get("verdict")).get("capacity"))
+    if not teacher:
+        return ""
+    rows = [["teacher clean / robust accuracy (validation)",
+             _e(f"{_pct(teacher.get('clean_accuracy'))} / {_pct(teacher.get('robust_accuracy'))}")],
+            ["teacher local linearity γ_t(ε) (method.md §4)",
+             _e(f"{_fmt(teacher.get('linearity'), 3)} (ln K = {_fmt(teacher.get('uniform_guess_loss'), 3)})")],
+            ["teacher first-order term ε‖∇ℓ‖", _e(_fmt(teacher.get("first_order_term"), 3))],
+            ["parameters: student / teacher",
+             _e(f"{_count(capacity.get('student_params'))} / {_count(capacity.get('teacher_params'))}")],
+            ["clean accuracy: KD student / teacher (validation)",
+             _e(f"{_pct(capacity.get('kd_clean_accuracy'))} / {_pct(capacity.get('teacher_clean_accuracy'))}")]]
+    return ("<h3>Will robustness transfer?</h3>"
+            + _table(["measure", "value"], rows, table_id="table-transfer"))
+
+
 # --------------------------------------------------------------------------- page
 
 
@@ -461,7 +561,7 @@ def render_report_html(report: dict[str, Any], title: str, context: dict[str, An
 
     Returns:
         The HTML document as a string; plots are inline base64 PNGs with ids `plot-eps-curve`,
-        `plot-bound` and `plot-smoothing` (each present only when its data is).
+        `plot-bound`, `plot-smoothing` and `plot-gamma-sweep` (each present only when its data is).
     """
     report = _dict(report)
     models = _dict(report.get("models"))
@@ -482,7 +582,8 @@ def render_report_html(report: dict[str, Any], title: str, context: dict[str, An
         names = _attack_names(models, roles)
         body += [_headline(models, roles, names), _eps_section(models, roles, threat),
                  _attack_section(models, roles, names), _alignment_section(_dict(report.get("alignment"))),
-                 _smoothing_section(models, roles), _stats_section(models, roles)]
+                 _smoothing_section(models, roles), _stats_section(models, roles),
+                 _sweep_section(_dict(report.get("gamma_sweep")))]
     body += [_sanity_section(_list(report.get("sanity"))), _settings_section(context, report)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -157,3 +157,39 @@ def test_page_shows_the_sampling_error_and_how_the_points_were_drawn():
     assert "1.96·√(p(1−p)/n)" in page and "500 test points (stratified by class)" in page
     assert "stratified sample of the test split (seed 3): cat ×250, dog ×250" in page
     assert "±" not in render_report_html(REPORT, "t", {})  # older reports: no error, no ±
+
+
+SWEEP = {
+    "rule": {"name": "robust_within_clean_drop", "max_clean_drop": 0.02,
+             "text": "the most robust student whose clean validation accuracy is within 2.0 points of the KD student's"},
+    "chosen": {"gamma": 3.0, "clean": 0.98, "robust": 0.72, "reason": "γ = 3 is <the most robust>"},
+    "trials": [{"gamma": 0.0, "state": "complete", "clean": 0.97, "robust": 0.5, "epochs": 26},
+               {"gamma": 3.0, "state": "complete", "clean": 0.98, "robust": 0.72, "epochs": 26},
+               {"gamma": 30.0, "state": "pruned", "clean": 0.2, "robust": 0.2, "epochs": 3},
+               {"gamma": 0.3, "state": "not_run", "clean": None, "robust": None, "epochs": 0}],
+    "pareto_gammas": [3.0],
+    "validation": {"n": 269, "attack": "pgd-10", "eps": 0.1},
+    "plan": {"trial_epochs": 26, "rungs": [3, 9, 26]},
+    "cost": {"budget_runs": 3.0, "job_runs": 2.4, "stopped_by": None},
+    "transfer": {"teacher": {"clean_accuracy": 0.99, "robust_accuracy": 0.85, "linearity": 0.1,
+                             "uniform_guess_loss": 2.3, "first_order_term": 0.4},
+                 "verdict": {"transfers": False, "summary": "robustness will not transfer: <b>reason</b>",
+                             "reasons": ["the student is small"],
+                             "capacity": {"student_params": 1400, "teacher_params": 99000}}},
+    "final_check": {"student_clean_accuracy": 0.97, "kd_reference_clean_accuracy": 0.975},
+}
+
+
+def test_gamma_sweep_section_shows_trials_pareto_plot_and_verdict():
+    page = render_report_html({**REPORT, "gamma_sweep": SWEEP}, "auto")
+    assert 'id="gamma-sweep"' in page and "plot-gamma-sweep" in _images(page)
+    assert "WILL NOT TRANSFER" in page and "&lt;b&gt;reason&lt;/b&gt;" in page and "<b>reason</b>" not in page
+    table = page[page.index('id="table-gamma-sweep"'):]
+    assert "stopped early (successive halving)" in table and "not run: budget or time" in table
+    assert "Chosen: γ = 3</b>" in page and 'id="table-transfer"' in page
+    assert 'id="gamma-sweep"' not in render_report_html(REPORT, "fixed γ")
+
+
+@pytest.mark.parametrize("sweep", [{"trials": "junk"}, {"trials": [{"gamma": "x"}], "transfer": {"verdict": 3}}])
+def test_malformed_gamma_sweep_still_renders(sweep):
+    assert render_report_html({**REPORT, "gamma_sweep": sweep}, "t").rstrip().endswith("</html>")

@@ -47,6 +47,21 @@ def test_embedded_kdiga_job_end_to_end(tmp_path, teacher_file):
         warm["student"] = {"arch": "cnn_tiny", "weights_id": ids["teacher_id"]}
         warm_done = api.follow(api.submit(warm)["id"])
         assert warm_done["status"] == "succeeded", warm_done["error"]
+
+        # γ chosen by the service: objective.gamma "auto" with a tiny sweep.
+        auto = h.tiny_job_request(ids["dataset_id"], ids["teacher_id"], epochs=2, name="gamma auto")
+        auto["objective"] = {"method": "kdiga", "gamma": "auto", "iga_mode": "finite_difference",
+                             "sweep": {"gammas": [1.0, 100.0], "attack_steps": 1, "validation_points": 50}}
+        auto_done = api.follow(api.submit(auto)["id"])
+        assert auto_done["status"] == "succeeded", auto_done["error"]
+        assert any(p.get("phase") == "sweep" for p in auto_done["_seen_progress"]), auto_done["_seen_progress"]
+        report = api.ok(api.http.get(f"/v1/jobs/{auto_done['id']}/report"))
+        sweep = report["gamma_sweep"]
+        assert {t["gamma"] for t in sweep["trials"]} == {0.0, 1.0, 100.0}
+        assert sweep["chosen"]["gamma"] in (0.0, 1.0, 100.0) and sweep["transfer"]["verdict"]["summary"]
+        assert sweep["cost"]["job_runs"] <= 3.0
+        page = api.ok(api.http.get(f"/v1/jobs/{auto_done['id']}/report", params={"format": "html"})).text
+        assert 'id="gamma-sweep"' in page and 'id="plot-gamma-sweep"' in page
     finally:
         service.stop()
     assert not (home / "redis.sock").exists()  # the embedded Redis was shut down
