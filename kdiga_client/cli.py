@@ -5,7 +5,7 @@
     kdiga login --url http://127.0.0.1:8000 --api-key kdg_...
     kdiga datasets upload --builtin digits
     kdiga jobs submit --kind adversarial_train --dataset DS --student-arch cnn_medium --method pgd_at --wait
-    kdiga jobs submit --teacher T --dataset DS --student-arch cnn_small --method kdiga --gamma 10 --wait
+    kdiga jobs submit --teacher T --dataset DS --student-arch cnn_small --method kdiga --wait
     kdiga jobs download JOB --dest out/
 
 Every command takes `--json` for scripts. The URL and key come from `--url`/`--api-key`, then
@@ -585,7 +585,7 @@ def jobs_submit(
         model_teacher: Annotated[str | None, typer.Option(help="evaluate: the teacher id to measure.")] = None,
         model_job: Annotated[str | None, typer.Option(help="evaluate: the job id whose student to measure.")] = None,
         method: Annotated[str | None, typer.Option(help="kdiga | kd | ce | ard | rslad | pgd_at | trades.")] = None,
-        gamma: Annotated[float | None, typer.Option(help="IGA weight γ.")] = None,
+        gamma: Annotated[float | None, typer.Option(help="IGA weight γ (default: chosen per job by a sweep).")] = None,
         alpha: Annotated[float | None, typer.Option(help="KD weight α.")] = None,
         tau: Annotated[float | None, typer.Option(help="KD temperature τ.")] = None,
         attack_eps: Annotated[float | None, typer.Option(help="Inner attack ε (adversarial methods).")] = None,

@@ -301,17 +301,20 @@ def select(rows: list[dict[str, Any]], cfg: SweepConfig, teacher_clean: float | 
     pool = [r for r in finished if feasible(r["clean"], ref, cfg) or r["gamma"] == KD_GAMMA]
     best = max(pool, key=lambda r: (rule_score(r["clean"], r["robust"], ref, cfg), -r["gamma"]))
     return {"gamma": best["gamma"], "clean": best["clean"], "robust": best["robust"], "reference_clean": ref,
-            "reason": _reason(best, kd, finished, pool, cfg, ref)}
+            "reason": _reason(best, kd, rows, pool, cfg, ref)}
 
 
-def _reason(best: dict[str, Any], kd: dict[str, Any], finished: list[dict[str, Any]],
+def _reason(best: dict[str, Any], kd: dict[str, Any], rows: list[dict[str, Any]],
             pool: list[dict[str, Any]], cfg: SweepConfig, ref: float) -> str:
+    finished = [r for r in rows if r["state"] == COMPLETE]
     rule = rule_text(cfg)
     if best["gamma"] != KD_GAMMA:
         return (f"γ = {best['gamma']:g} is {rule}: {100 * best['robust']:.1f}% robust and {100 * best['clean']:.1f}% "
                 f"clean on the validation split, against the KD student's {100 * kd['robust']:.1f}% and "
                 f"{100 * kd['clean']:.1f}%.")
     tried = [r for r in finished if r["gamma"] != KD_GAMMA]
+    if not tried and any(r["state"] in (STOPPED, NOT_RUN) for r in rows):
+        return "The sweep's budget or the job's time ran out before any γ > 0 finished: γ = 0 (plain KD) is kept."
     if tried and len(pool) == 1:
         return (f"No γ kept clean validation accuracy within {100 * cfg.max_clean_drop:.1f} points of "
                 f"{100 * ref:.1f}% ({rule}): γ = 0 (plain KD) is kept.")
@@ -488,7 +491,7 @@ def _run_trial(ctx: _Context, study, gamma: float) -> nn.Module | None:
     for rung in ctx.plan.rungs:
         if rung <= done_epochs:
             continue
-        if not _affordable(ctx, study, done_epochs, rung):
+        if not _affordable(ctx, study, gamma, done_epochs, rung):
             study._storage.set_trial_user_attr(trial._trial_id, "stopped_by", ctx.stopped_by)
             study.tell(trial, state=TrialState.FAIL)
             return _finish(ctx, folder, gamma, model, keep=False)
@@ -587,8 +590,10 @@ def _kd_value(study, rung: int) -> float:
     raise KdigaError("The γ sweep's KD reference has no score at this rung.")
 
 
-def _affordable(ctx: _Context, study, start: int, rung: int) -> bool:
+def _affordable(ctx: _Context, study, gamma: float, start: int, rung: int) -> bool:
     """Whether the next segment fits the step budget and, with the final run, the job's time left."""
+    if gamma == KD_GAMMA:  # the reference every choice needs; the plan always has room for it
+        return True
     if ctx.stopped_by is not None:
         return False
     steps = ctx.plan.segment_steps(start, rung)

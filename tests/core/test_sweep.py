@@ -183,6 +183,16 @@ def test_cancel_mid_sweep_stops_it(digits, teacher, tmp_path):
     assert (tmp_path / "sweep" / "optuna.journal").exists()
 
 
+def test_the_sweep_stops_when_the_job_runs_out_of_time(digits, teacher, tmp_path):
+    out = choose_gamma(_student(), teacher, digits, _objective(), TRAIN, tmp_path / "sweep", attack=ATTACK,
+                       hooks={"time_left": lambda: 0.0})
+    states = {t["gamma"]: t["state"] for t in out.report["trials"]}
+    assert states == {0.0: COMPLETE, 300.0: "stopped", 0.03: "not_run"}  # the KD reference always finishes
+    assert out.gamma == 0.0 and "ran out before any γ > 0 finished" in out.report["chosen"]["reason"]
+    assert out.report["cost"]["stopped_by"] == "time"
+    assert not out.report["transfer"]["verdict"]["transfers"]
+
+
 class Crash(Exception):
     """Stands for a worker killed mid-trial: nothing after the raise runs."""
 
