@@ -98,11 +98,14 @@ class JobHooks:
         should_cancel: True stops the job with `CancelledError` (checked every training step,
             every evaluation batch, and before the files are written).
         on_checkpoint: Called with the checkpoint folder after each epoch's checkpoint.
+        time_left: Seconds the job may still run (None: no limit); the γ sweep stops early to
+            leave the final run its time.
     """
 
     on_step: StepFn | None = None
     should_cancel: Callable[[], bool] | None = None
     on_checkpoint: Callable[[Path], None] | None = None
+    time_left: Callable[[], float | None] | None = None
 
 
 def validate_teacher(path: str | Path, spec: dict[str, Any] | None,
@@ -146,10 +149,12 @@ class JobProgress:
     checks itself), it also stops the job when ``should_cancel`` says so.
     """
 
-    def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float):
+    def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float, sweep: bool = False):
         self.hooks = hooks
         self.seconds = {"train": 0.0, "evaluate": float(eval_seconds)}
         self.fraction = {"train": 0.0 if train else 1.0, "evaluate": 0.0}
+        if sweep:  # γ "auto": the sweep runs before training (kdiga_core.sweep)
+            self.seconds, self.fraction = {"sweep": 0.0, **self.seconds}, {"sweep": 0.0, **self.fraction}
         self.job_percent = 0.0
 
     def __call__(self, progress: dict[str, Any]) -> None:
@@ -273,14 +278,32 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     _check_method(job.kind, objective.method, teacher)
     train_cfg = TrainConfig.from_dict(job.spec.get("train"))
     student = _initial_student(job) or _build_student(job.spec.get("student") or {}, job.data)
-    progress = JobProgress(job.hooks, train=True,
+    sweeping = objective.sweeps_gamma and teacher is not None
+    progress = JobProgress(job.hooks, train=True, sweep=sweeping,
                            eval_seconds=_expected(student, teacher, job, resolve_device(train_cfg.device)))
+    sweep = _choose_gamma(student, teacher, objective, train_cfg, job, progress) if sweeping else None
+    if sweep is not None:
+        objective = sweep.final_objective(objective)
     result = train(student, job.data, objective, train_cfg, teacher=teacher, on_step=progress,
                    should_cancel=job.hooks.should_cancel, checkpoint_dir=job.workdir / "checkpoint",
                    on_checkpoint=job.hooks.on_checkpoint, resume=resume)
     # evaluated where it was trained; the bundle export takes its own CPU copy
     report = _report(result.model.eval(), teacher, job, progress)
-    return _export(job, result, objective, train_cfg, report, progress)
+    if sweep is not None:
+        points = evaluate_mod.evaluation_points(job.data, job.eval_cfg.max_points, seed=job.eval_cfg.seed)
+        report["gamma_sweep"] = sweep.finish(report, points.x, points.y)
+    return _export(job, result, objective, train_cfg, report, progress, sweep)
+
+
+def _choose_gamma(student: NormalizedModel, teacher: NormalizedModel, objective: ObjectiveConfig,
+                  train_cfg: TrainConfig, job: _Job, progress: JobProgress) -> Any:
+    """γ "auto": the sweep (kdiga_core.sweep) in checkpoint/sweep/, scored at the report's threat model."""
+    from kdiga_core.sweep import choose_gamma
+
+    hooks = {"on_step": progress, "should_cancel": job.hooks.should_cancel,
+             "on_checkpoint": job.hooks.on_checkpoint, "time_left": job.hooks.time_left}
+    return choose_gamma(student, teacher, job.data, objective, train_cfg, job.workdir / "checkpoint" / "sweep",
+                        attack=evaluate_mod.threat_model(job.eval_cfg), hooks=hooks)
 
 
 def _expected(model: torch.nn.Module, teacher: torch.nn.Module | None, job: _Job, device: torch.device) -> float:
@@ -344,13 +367,15 @@ def _report(model: torch.nn.Module, teacher: torch.nn.Module | None, job: _Job,
 
 
 def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cfg: TrainConfig,
-            report: dict[str, Any], progress: JobProgress) -> dict[str, Any]:
+            report: dict[str, Any], progress: JobProgress, sweep: Any = None) -> dict[str, Any]:
     """The model bundle and the report files, each artifact with its kind."""
     progress.check_cancel()
     name, kind = ("student", "student_weights") if job.kind == "distill" else ("model", "model_weights")
     training = {"kind": job.kind, "objective": objective.to_dict(), "train": train_cfg.to_dict(),
                 "dataset": job.data.name, "steps": result.steps, "seconds": round(result.seconds, 2),
                 "labels": dict(job.spec.get("labels") or {})}
+    if sweep is not None:  # the model card says γ was chosen, and how long choosing took
+        training["gamma_auto"] = {"chosen": sweep.gamma, "sweep_seconds": round(sweep.seconds, 2)}
     headline = headline_metrics(report)
     artifacts = formats.save_model_bundle(result.model, job.out, name=name, weights_kind=kind, training=training,
                                           metrics=headline)

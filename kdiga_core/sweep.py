@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from kdiga_core.config import AttackSpec, ObjectiveConfig, SweepConfig, TrainConfig
 from kdiga_core.data import DataBundle
 from kdiga_core.errors import CancelledError, KdigaError
-from kdiga_core.evaluate import clean_accuracy, robust_accuracy
+from kdiga_core.evaluate import clean_accuracy, robust_accuracy, stratified_order
 from kdiga_core.train import train
 
 __all__ = ["SweepPlan", "SweepOutcome", "choose_gamma", "make_plan", "rule_score", "select",
@@ -75,18 +75,12 @@ def work_multiple(objective: dict[str, Any] | None) -> float:
 def validation_split(y: Tensor, n_val: int, seed: int) -> tuple[Tensor, Tensor]:
     """(train rows, validation rows) of a training split: ``n_val`` rows held out, class-stratified.
 
-    Round robin over the classes, each class's rows in a seeded random order, so the held-out rows
-    keep the class proportions (to one row per class); the rest stay for training. Only the rows of
-    the training split are ever drawn: the report's test points cannot be among them.
+    The first ``n_val`` rows of `stratified_order` (round robin over the classes, each in a seeded
+    random order: the report's own way of drawing test points), so the held-out rows keep the class
+    proportions to one row per class. Only rows of the training split are drawn: the report's test
+    points cannot be among them.
     """
-    gen = torch.Generator().manual_seed(int(seed))
-    shuffled = torch.randperm(len(y), generator=gen)
-    labels = y.cpu()[shuffled]
-    rank = torch.empty_like(labels)
-    for c in labels.unique():
-        members = (labels == c).nonzero().flatten()
-        rank[members] = torch.arange(len(members))
-    order = shuffled[torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)]
+    order = stratified_order(y, seed)
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
@@ -315,10 +309,12 @@ def _reason(best: dict[str, Any], kd: dict[str, Any], rows: list[dict[str, Any]]
     tried = [r for r in finished if r["gamma"] != KD_GAMMA]
     if not tried and any(r["state"] in (STOPPED, NOT_RUN) for r in rows):
         return "The sweep's budget or the job's time ran out before any γ > 0 finished: γ = 0 (plain KD) is kept."
+    untried = [f"{r['gamma']:g}" for r in rows if r["state"] in (STOPPED, NOT_RUN)]
+    cut = f" The budget or the job's time ran out before γ = {', '.join(untried)} finished." if untried else ""
     if tried and len(pool) == 1:
         return (f"No γ kept clean validation accuracy within {100 * cfg.max_clean_drop:.1f} points of "
-                f"{100 * ref:.1f}% ({rule}): γ = 0 (plain KD) is kept.")
-    return f"No γ made the student more robust than plain KD under the rule ({rule}): γ = 0 is kept."
+                f"{100 * ref:.1f}% ({rule}): γ = 0 (plain KD) is kept.{cut}")
+    return f"No γ made the student more robust than plain KD under the rule ({rule}): γ = 0 is kept.{cut}"
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[float]:
@@ -643,9 +639,12 @@ def _reload_kd(ctx: _Context, folder: Path) -> nn.Module | None:
 
 
 def _progress(ctx: _Context, stage: str, percent: float) -> None:
+    """A ``phase: sweep`` progress dict; its ETA is the budget left at the slowest rate seen so far."""
     on_step = ctx.hooks.get("on_step")
     if on_step is not None:
-        on_step({"phase": "sweep", "stage": stage, "percent": round(percent, 2)})
+        left = (1.0 - percent / 100.0) * ctx.plan.budget_steps
+        eta = round(max(ctx.seconds_per_step) * left, 1) if ctx.seconds_per_step and percent < 100.0 else None
+        on_step({"phase": "sweep", "stage": stage, "percent": round(percent, 2), "eta_s": eta})
 
 
 # ----------------------------------------------------------------------------- the report section

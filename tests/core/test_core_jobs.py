@@ -138,3 +138,25 @@ def test_job_progress_weighs_the_phases_by_their_seconds():
     assert (seen[-1]["job_percent"], seen[-1]["job_eta_s"]) == (round(100 * 100 / 110, 2), 10.0)
     progress({"phase": "evaluate", "percent": 99.0, "eta_s": 0.0})  # a rounded ETA keeps the last rate
     assert seen[-1]["job_percent"] == round(100 * 109.8 / 110, 2)
+
+
+def test_gamma_auto_job_sweeps_then_trains_and_reports_the_choice(tmp_path):
+    """kdiga with gamma "auto": phases sweep → train → evaluate, the report's gamma_sweep, the model card's record."""
+    events: list[dict] = []
+    teacher = _saved(tmp_path, "cnn_small", "teacher")
+    spec = _spec("kdiga", iga_mode="finite_difference",
+                 sweep={"gammas": [1.0], "attack_steps": 1, "validation_points": 40})
+    spec["train"]["epochs"] = 2
+    result = jobs.run_job("distill", spec, tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher),
+                          jobs.JobHooks(on_step=events.append))
+    phases = [e["phase"] for e in events]
+    assert phases[0] == "sweep" and phases == sorted(phases, key=["sweep", "train", "evaluate"].index)
+    job = [e["job_percent"] for e in events]
+    assert job == sorted(job) and job[-1] == 100.0
+    sweep = result["report"]["gamma_sweep"]
+    assert {t["gamma"] for t in sweep["trials"]} == {0.0, 1.0} and sweep["final_check"]["kd_reference_clean_accuracy"]
+    card = json.loads(next(a["path"] for a in result["artifacts"] if a["name"] == "model_card.json").read_text())
+    assert card["training"]["gamma_auto"]["chosen"] == sweep["chosen"]["gamma"]
+    method = "kd" if sweep["chosen"]["gamma"] == 0 else "kdiga"
+    assert card["training"]["objective"]["method"] == method and card["training"]["objective"]["sweep"] is None
+    assert (tmp_path / "work" / "checkpoint" / "sweep" / "optuna.journal").exists()
