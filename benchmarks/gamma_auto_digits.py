@@ -77,10 +77,11 @@ def train_teachers(out: Path) -> None:
         spec = {"student": {"arch": arch}, "objective": objective, "train": {**TEACHER_TRAIN, "seed": 0},
                 "evaluation": evaluation(eps or 0.1) | {"attacks": [{"name": "pgd", "eps": eps or 0.1}]}}
         _seed(0)
-        result = jobs.run_job("adversarial_train", spec, folder / "work", dataset={"kind": "digits"})
+        result = jobs.run_job("adversarial_train", spec, folder / "work", jobs.JobInputs({"kind": "digits"}))
         folder.mkdir(parents=True, exist_ok=True)
+        files = {a["name"]: a["path"] for a in result["artifacts"]}
         for name in ("model.safetensors", "model_card.json"):
-            (folder / name).write_bytes(Path(result["artifacts"][name]).read_bytes())
+            (folder / name).write_bytes(Path(files[name]).read_bytes())
         print(f"teacher {folder.name}: {json.dumps(jobs.headline_metrics(result['report']))}", flush=True)
 
 
@@ -105,9 +106,9 @@ def run_one(out: Path, teacher: str, student: str, eps: float, seed: int, gamma:
     work = out / "work" / path.stem
     _seed(seed)
     started = time.perf_counter()
-    result = jobs.run_job("distill", spec, work, dataset={"kind": "digits"}, teacher_path=folder / "model.safetensors",
-                          teacher_spec=card["spec"], teacher_cache_dir=out / "teacher-cache",
-                          on_step=_stage_logger(path.stem))
+    inputs = jobs.JobInputs({"kind": "digits"}, teacher=jobs.ModelInput(folder / "model.safetensors", card["spec"]),
+                            teacher_cache_dir=out / "teacher-cache")
+    result = jobs.run_job("distill", spec, work, inputs, jobs.JobHooks(on_step=_stage_logger(path.stem)))
     record = {"teacher": teacher, "student": student, "eps": eps, "seed": seed, "gamma": gamma,
               "wall_s": time.perf_counter() - started, "metrics": result["metrics"],
               "training": json.loads((work / "out" / "model_card.json").read_text()).get("training"),
@@ -211,7 +212,7 @@ def _auto_table(rows: list[dict[str, Any]]) -> str:
     for r in sorted(autos, key=lambda r: (r["teacher"], r["student"], r["eps"], r["seed"])):
         sw, m = r["gamma_sweep"], r["metrics"]
         final = sw.get("final_check") or {}
-        verdict = sw["transfer"]["verdict"]
+        verdict = _verdict(sw)
         lines.append(f"| {r['teacher']} | {r['student']} | {r['eps']:g} | {r['seed']} | {sw['chosen']['gamma']:g} | "
                      f"{_pct(m['student_clean_accuracy'])} | {_pct(m.get('student_autoattack_accuracy'))} | "
                      f"{_pct(m.get('student_pgd-20_accuracy'))} | "
@@ -219,6 +220,25 @@ def _auto_table(rows: list[dict[str, Any]]) -> str:
                      f"{sw['cost']['job_runs']:.2f} | {'yes' if verdict['transfers'] else 'no'} | "
                      f"{verdict['summary'].replace('|', '/')} |")
     return "\n".join(lines)
+
+
+def _verdict(sweep: dict[str, Any]) -> dict[str, Any]:
+    """The verdict as this version of `kdiga_core.transfer.verdict` states it, from the recorded trial numbers.
+
+    Recorded runs keep their numbers; re-deriving the verdict lets a refined wording or criterion be
+    checked against them without training again.
+    """
+    from kdiga_core.config import SweepConfig
+    from kdiga_core.transfer import verdict
+
+    kd = next(t for t in sweep["trials"] if t["gamma"] == 0)
+    capacity = sweep["transfer"]["verdict"]["capacity"]
+    out = verdict(sweep["transfer"]["teacher"], kd, sweep["chosen"], sweep["trials"], SweepConfig(),
+                  student_params=capacity["student_params"], teacher_params=capacity["teacher_params"])
+    final = sweep.get("final_check") or {}
+    if final.get("collapsed"):
+        out["transfers"], out["summary"] = False, "the final student lost clean accuracy: " + final["sentence"]
+    return out
 
 
 # ----------------------------------------------------------------------------- main

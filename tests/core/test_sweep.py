@@ -232,3 +232,33 @@ def test_optuna_records_rung_scores_where_the_sweep_withdraws_them():
     trial.report(0.5, 1)
     trial.should_prune()
     assert f"{RUNG_KEY_PREFIX}0" in study._storage.get_trial(trial._trial_id).system_attrs
+
+
+def _teacher(linearity: float = 0.1, robust: float = 0.85, clean: float = 0.99) -> dict:
+    return {"clean_accuracy": clean, "robust_accuracy": robust, "linearity": linearity, "uniform_guess_loss": 2.30}
+
+
+@pytest.mark.parametrize("teacher, choice, transfers, words", [
+    (_teacher(), {"gamma": 3.0, "clean": 0.98, "robust": 0.72}, True, "keeps 85%"),
+    (_teacher(linearity=1.9), {"gamma": 3.0, "clean": 0.98, "robust": 0.72}, False, "not locally linear"),
+    (_teacher(robust=0.46), {"gamma": 3.0, "clean": 0.98, "robust": 0.60}, False, "barely more robust"),
+    (_teacher(), {"gamma": 0.3, "clean": 0.98, "robust": 0.455}, False, "only 0.5 points more robust"),
+    (_teacher(), {"gamma": 0.0, "clean": 0.97, "robust": 0.45, "reason": "No γ kept clean ..."}, False, "No γ kept"),
+])
+def test_verdict_says_whether_robustness_transfers_and_why(teacher, choice, transfers, words):
+    from kdiga_core.transfer import verdict
+
+    kd = {"gamma": 0.0, "clean": 0.97, "robust": 0.45}
+    out = verdict(teacher, kd, {"reason": "", "reference_clean": 0.97, **choice}, [kd], SweepConfig(),
+                  student_params=25_000, teacher_params=99_000)
+    assert out["transfers"] is transfers
+    assert words in out["summary"] + " ".join(out["reasons"])
+
+
+def test_verdict_names_a_student_short_of_capacity():
+    from kdiga_core.transfer import verdict
+
+    kd = {"gamma": 0.0, "clean": 0.70, "robust": 0.15}
+    out = verdict(_teacher(), kd, {"gamma": 0.0, "clean": 0.70, "robust": 0.15, "reason": "No γ", "reference_clean": 0.7},
+                  [kd], SweepConfig(), student_params=1_418, teacher_params=99_178)
+    assert not out["transfers"] and out["capacity"]["short"] and "69.9× fewer" in out["summary"]
