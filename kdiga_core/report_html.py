@@ -501,10 +501,10 @@ def _sweep_section(sweep: dict[str, Any]) -> str:
     chosen, rule, cost = _dict(sweep.get("chosen")), _dict(sweep.get("rule")), _dict(sweep.get("cost"))
     transfer = _dict(sweep.get("transfer"))
     pareto = [v for v in (_num(g) for g in _list(sweep.get("pareto_gammas"))) if v is not None]
-    rows = [[_e(_g(t.get("gamma"))) + (" (KD)" if _num(t.get("gamma")) == 0 else ""), _e(_pct(t.get("clean"))),
-             _e(_pct(t.get("robust"))), _e(_fmt(t.get("epochs"))), _e(_STATE_LABEL.get(str(t.get("state")),
-                                                                                       t.get("state"))),
-             "yes" if _num(t.get("gamma")) in pareto else ""] for t in trials]
+    rows = [[_e(_g(t.get("gamma"))) + (" (KD)" if _num(t.get("gamma")) == 0 else ""),
+             _e(_STATE_LABEL.get(str(t.get("state")), t.get("state"))),
+             "yes" if _num(t.get("gamma")) in pareto else "", _e(_pct(t.get("clean"))), _e(_pct(t.get("robust"))),
+             _e(_fmt(t.get("epochs")))] for t in trials]
     plot = _sweep_plot(trials, pareto, _num(chosen.get("gamma"))) or ""
     val = _dict(sweep.get("validation"))
     plan = _dict(sweep.get("plan"))
@@ -526,7 +526,7 @@ def _sweep_section(sweep: dict[str, Any]) -> str:
             + _verdict_note(_dict(transfer.get("verdict")))
             + f'<p><b>Chosen: γ = {_e(_g(chosen.get("gamma")))}</b>. {_e(chosen.get("reason", ""))}</p>'
             + f'<p class="note">{note}</p>' + final_note + '<div class="row">' + plot
-            + _table(["γ", "clean (val)", "robust (val)", "epochs", "state", "Pareto"], rows,
+            + _table(["γ", "state", "Pareto", "clean (val)", "robust (val)", "epochs"], rows, numeric_from=3,
                      table_id="table-gamma-sweep") + "</div>" + _transfer_table(transfer) + "</section>")
 
 
@@ -580,10 +580,11 @@ def render_report_html(report: dict[str, Any], title: str, context: dict[str, An
         body.append('<p class="note" id="empty">This report has no model results.</p>')
     else:
         names = _attack_names(models, roles)
-        body += [_headline(models, roles, names), _eps_section(models, roles, threat),
+        # the γ sweep's verdict right after the headline: whether robustness transferred, and why not
+        body += [_headline(models, roles, names), _sweep_section(_dict(report.get("gamma_sweep"))),
+                 _eps_section(models, roles, threat),
                  _attack_section(models, roles, names), _alignment_section(_dict(report.get("alignment"))),
-                 _smoothing_section(models, roles), _stats_section(models, roles),
-                 _sweep_section(_dict(report.get("gamma_sweep")))]
+                 _smoothing_section(models, roles), _stats_section(models, roles)]
     body += [_sanity_section(_list(report.get("sanity"))), _settings_section(context, report)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
