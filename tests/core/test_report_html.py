@@ -107,7 +107,7 @@ def test_chromium_renders_every_plot(tmp_path: Path):
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     exe = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-    page = render_report_html(REPORT, "browser check", {"method": "kdiga"})
+    page = render_report_html({**REPORT, "gamma_sweep": SWEEP}, "browser check", {"method": "kdiga"})
     # A probe the test adds (the report itself has no script): once loaded, write each image's decoded
     # width into the DOM so --dump-dom shows whether the browser could decode the inline PNGs.
     probe = ("<script>window.addEventListener('load', () => { const out = document.createElement('pre');"
@@ -124,7 +124,7 @@ def test_chromium_renders_every_plot(tmp_path: Path):
     probe_text = re.search(r'<pre id="probe">([^<]*)</pre>', dom)
     assert probe_text, f"the probe did not run; DOM starts with: {dom[:300]!r}"
     sizes = dict(item.split("=") for item in probe_text.group(1).split(";") if item)
-    assert set(sizes) == {"plot-eps-curve", "plot-bound", "plot-smoothing"}
+    assert set(sizes) == {"plot-eps-curve", "plot-bound", "plot-smoothing", "plot-gamma-sweep"}
     for img_id, size in sizes.items():
         width, height = (int(v) for v in size.split("x"))
         assert width > 100 and height > 100, f"{img_id} did not decode: {size}"
