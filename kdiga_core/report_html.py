@@ -502,7 +502,8 @@ def _sweep_section(sweep: dict[str, Any]) -> str:
     transfer = _dict(sweep.get("transfer"))
     pareto = [v for v in (_num(g) for g in _list(sweep.get("pareto_gammas"))) if v is not None]
     rows = [[_e(_g(t.get("gamma"))) + (" (KD)" if _num(t.get("gamma")) == 0 else ""),
-             _e(_STATE_LABEL.get(str(t.get("state")), t.get("state"))),
+             _e(f"stopped: {t['stopped_by']}" if t.get("state") == "stopped" and str(t.get("stopped_by") or "")
+                .startswith("training failed") else _STATE_LABEL.get(str(t.get("state")), t.get("state"))),
              "yes" if _num(t.get("gamma")) in pareto else "", _e(_pct(t.get("clean"))), _e(_pct(t.get("robust"))),
              _e(_fmt(t.get("epochs")))] for t in trials]
     plot = _sweep_plot(trials, pareto, _num(chosen.get("gamma"))) or ""

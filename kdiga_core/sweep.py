@@ -306,10 +306,11 @@ def _reason(best: dict[str, Any], kd: dict[str, Any], rows: list[dict[str, Any]]
         return (f"γ = {best['gamma']:g} is {rule}: {100 * best['robust']:.1f}% robust and {100 * best['clean']:.1f}% "
                 f"clean on the validation split, against the KD student's {100 * kd['robust']:.1f}% and "
                 f"{100 * kd['clean']:.1f}%.")
+    untried = [f"{r['gamma']:g}" for r in rows
+               if r["state"] == NOT_RUN or (r["state"] == STOPPED and r.get("stopped_by") in ("budget", "time"))]
     tried = [r for r in finished if r["gamma"] != KD_GAMMA]
-    if not tried and any(r["state"] in (STOPPED, NOT_RUN) for r in rows):
+    if not tried and untried:
         return "The sweep's budget or the job's time ran out before any γ > 0 finished: γ = 0 (plain KD) is kept."
-    untried = [f"{r['gamma']:g}" for r in rows if r["state"] in (STOPPED, NOT_RUN)]
     cut = f" The budget or the job's time ran out before γ = {', '.join(untried)} finished." if untried else ""
     if tried and len(pool) == 1:
         return (f"No γ kept clean validation accuracy within {100 * cfg.max_clean_drop:.1f} points of "
@@ -491,7 +492,15 @@ def _run_trial(ctx: _Context, study, gamma: float) -> nn.Module | None:
             study._storage.set_trial_user_attr(trial._trial_id, "stopped_by", ctx.stopped_by)
             study.tell(trial, state=TrialState.FAIL)
             return _finish(ctx, folder, gamma, model, keep=False)
-        clean, robust = _train_segment(ctx, model, gamma, folder, rung, study)
+        try:
+            clean, robust = _train_segment(ctx, model, gamma, folder, rung, study)
+        except KdigaError as exc:  # e.g. a non-finite loss: this γ diverged; the others may not
+            if gamma == KD_GAMMA:
+                raise
+            log.warning("γ sweep: γ=%g stopped: %s", gamma, exc)
+            study._storage.set_trial_user_attr(trial._trial_id, "stopped_by", f"training failed: {exc}")
+            study.tell(trial, state=TrialState.FAIL)
+            return _finish(ctx, folder, gamma, model, keep=False)
         _report(ctx, study, trial, gamma, rung, clean, robust)
         done_epochs = rung
         if rung < ctx.plan.rungs[-1] and _pruned(trial, gamma):  # a trial at the last rung has finished

@@ -262,3 +262,21 @@ def test_verdict_names_a_student_short_of_capacity():
     out = verdict(_teacher(), kd, {"gamma": 0.0, "clean": 0.70, "robust": 0.15, "reason": "No γ", "reference_clean": 0.7},
                   [kd], SweepConfig(), student_params=1_418, teacher_params=99_178)
     assert not out["transfers"] and out["capacity"]["short"] and "69.9× fewer" in out["summary"]
+
+
+def test_a_gamma_whose_training_fails_is_stopped_and_the_sweep_goes_on(digits, teacher, tmp_path, monkeypatch):
+    """A trial whose training raises (a non-finite loss, say) is recorded as stopped; the others still run."""
+    import kdiga_core.sweep as sweep_mod
+
+    real_train = sweep_mod.train
+
+    def train(student, data, obj_cfg, *args, **kwargs):
+        if obj_cfg.gamma == 300.0:
+            raise KdigaError("The loss became non-finite at step 3 (iga).")
+        return real_train(student, data, obj_cfg, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "train", train)
+    out = choose_gamma(_student(), teacher, digits, _objective(), TRAIN, tmp_path / "sweep", attack=ATTACK)
+    trials = {t["gamma"]: t for t in out.report["trials"]}
+    assert trials[300.0]["state"] == "stopped" and "non-finite" in trials[300.0]["stopped_by"]
+    assert trials[0.03]["state"] in (COMPLETE, PRUNED) and out.report["cost"]["stopped_by"] is None
