@@ -13,16 +13,21 @@
 4. The rule picks γ among the trials that reached the last rung (`select`); the job then trains
    its student with that γ on the full training data.
 
-The search loop is Optuna's (``SuccessiveHalvingPruner``, i.e. ASHA, Li et al. 2020) with its
-journal storage in the job's checkpoint folder: every report and decision is on disk, so a worker
-that crashed resumes without re-running finished trials (the running trial continues from its own
-training checkpoint). The trials run one at a time, so only one trial's weights exist at once.
+The search loop is Optuna's (``SuccessiveHalvingPruner``, i.e. ASHA, Li et al. 2020; Optuna rather
+than Ray Tune: one in-process study, no cluster, and a journal file that travels with the job's
+checkpoint) with its journal storage in the job's checkpoint folder: every report and decision is
+on disk, so a worker that crashed resumes without re-running finished trials (the running trial
+continues from its own training checkpoint). The trials run one at a time, largest γ first
+(`run_order`), so only one trial's weights exist at once. Two additions of ours, each small and
+explained where it lives: a trial that leaves the allowed clean drop stops counting at the rungs it
+passed before (`_withdraw`), and the drop is widened by its sampling error before the last rung
+(`rung_slack`).
 
 Cost: the plan counts every optimizer step of a trial as one step of the job's own training run
-(a KD step is cheaper than a KDIGA step, so this overcounts) and a validation evaluation as one
-step per batch forward-backward pass of its attack; `SweepPlan` sizes the trials so the expected
-cost, plus the final run, fits ``sweep.budget`` runs, and a hard cap stops the sweep if ASHA
-promotes more than expected.
+(a KD step is cheaper than a KDIGA step, so this overcounts) and a validation evaluation as half a
+step per batch pass of its attack; `make_plan` sizes the trials so the expected cost, plus the
+final run, fills 90% of ``sweep.budget`` runs, and a hard cap at the full budget stops the sweep if
+ASHA promotes more than expected (the report then lists what was not tried).
 """
 
 from __future__ import annotations
