@@ -280,3 +280,47 @@ def test_a_gamma_whose_training_fails_is_stopped_and_the_sweep_goes_on(digits, t
     trials = {t["gamma"]: t for t in out.report["trials"]}
     assert trials[300.0]["state"] == "stopped" and "non-finite" in trials[300.0]["stopped_by"]
     assert trials[0.03]["state"] in (COMPLETE, PRUNED) and out.report["cost"]["stopped_by"] is None
+
+
+KILLED_SWEEP = """
+import sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+from tests.core.test_sweep import ATTACK, TRAIN, _objective, _student
+from kdiga_core import models
+from kdiga_core.config import ObjectiveConfig, TrainConfig
+from kdiga_core.data import load_digits
+from kdiga_core.sweep import choose_gamma
+from kdiga_core.train import train
+digits = load_digits()
+torch.manual_seed(0)
+teacher = train(models.build_model(__import__("tests.core.test_sweep", fromlist=["SPEC"]).SPEC), digits,
+                ObjectiveConfig(method="ce"), TrainConfig(**{{**TRAIN.to_dict(), "epochs": 4}})).model
+choose_gamma(_student(), teacher, digits, _objective(gammas=[0.03, 1.0]), TRAIN, {folder!r}, attack=ATTACK)
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_with_sigkill_resumes_without_rerunning_the_kd_reference(digits, teacher, tmp_path):
+    """A real crash: the process dies (SIGKILL) once the first KDIGA trial has started."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    folder = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SWEEP.format(root=root, folder=str(folder))],
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not (folder / "trial-1" / "last.json").exists():  # trial-1: the largest γ, after the KD reference
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(30)
+    stages = []
+    resumed = choose_gamma(_student(), teacher, digits, _objective(gammas=[0.03, 1.0]), TRAIN, folder,
+                           attack=ATTACK, hooks={"on_step": lambda p: stages.append(p["stage"])})
+    assert not any(s.startswith("γ = 0:") for s in stages)  # the finished KD reference was not trained again
+    assert {t["gamma"] for t in resumed.report["trials"] if t["state"] != "not_run"} == {0.0, 0.03, 1.0}
+    assert resumed.kd_reference is not None  # reloaded from its kept checkpoint
