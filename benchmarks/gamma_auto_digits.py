@@ -14,6 +14,7 @@ Steps (each writes JSON files under --out; `all` prints the commands, run them i
              and on the main pair (cnn_medium → cnn_small, ε 0.1) the full γ grid trained to the
              end and γ auto, 3 seeds each.
   summarize  the tables of REPRODUCTION.md ("γ chosen per job").
+  cost       CPU seconds of a γ-auto job's training against one fixed-γ run (main pair, --seed).
 
 Usage:
     python benchmarks/gamma_auto_digits.py teachers --out runs/gamma
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -151,6 +153,52 @@ def plan(out: Path, part: str = "all") -> list[str]:
     return cmds
 
 
+def measure_cost(out: Path, seed: int) -> dict[str, Any]:
+    """CPU seconds of a γ-auto job's training (sweep + final run) against one fixed-γ run, main pair.
+
+    Process CPU time, not wall time: on a shared machine wall time measures the other tenants. One
+    thread. The fixed-γ run is timed twice and the faster counts (the first warms up the allocator).
+    """
+    import time
+
+    import torch
+
+    from kdiga_core import jobs, models
+    from kdiga_core.config import AttackSpec, ModelSpec, ObjectiveConfig, TrainConfig
+    from kdiga_core.data import load_digits
+    from kdiga_core.sweep import choose_gamma
+    from kdiga_core.train import train
+
+    folder = out / "teachers" / teacher_name(MAIN[0], MAIN[2])
+    card = json.loads((folder / "model_card.json").read_text())
+    teacher = jobs.ModelInput(folder / "model.safetensors", card["spec"]).load().eval()
+    data, cfg = load_digits(), TrainConfig(**{**STUDENT_TRAIN, "seed": seed})
+    spec = ModelSpec(arch=MAIN[1], num_classes=10, in_chans=1, img_size=8)
+
+    def student() -> torch.nn.Module:
+        _seed(seed)
+        return models.build_model(spec)
+
+    def cpu(fn) -> tuple[float, Any]:
+        started = time.process_time()
+        value = fn()
+        return time.process_time() - started, value
+
+    shutil.rmtree(out / "cost" / f"sweep-s{seed}", ignore_errors=True)  # a fresh sweep, not a resumed one
+    one_run = min(cpu(lambda: train(student(), data, ObjectiveConfig(method="kdiga", gamma=3.0), cfg,
+                                    teacher=teacher))[0] for _ in range(2))
+    model = student()
+    sweep_s, sweep = cpu(lambda: choose_gamma(model, teacher, data, ObjectiveConfig(method="kdiga"), cfg,
+                                              out / "cost" / f"sweep-s{seed}", attack=AttackSpec("pgd", eps=MAIN[2])))
+    final_s, _ = cpu(lambda: train(model, data, sweep.final_objective(ObjectiveConfig(method="kdiga")), cfg,
+                                   teacher=teacher))
+    record = {"seed": seed, "one_run_cpu_s": one_run, "sweep_cpu_s": sweep_s, "final_cpu_s": final_s,
+              "chosen": sweep.gamma, "job_runs_cpu": (sweep_s + final_s) / one_run,
+              "job_runs_steps": sweep.report["cost"]["job_runs"]}
+    print(json.dumps(record), flush=True)
+    return record
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -253,7 +301,7 @@ def _seed(seed: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("teachers", "job", "plan", "summarize"))
+    p.add_argument("step", choices=("teachers", "job", "plan", "summarize", "cost"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--teacher")
     p.add_argument("--student")
@@ -270,6 +318,8 @@ def main() -> None:
         train_teachers(args.out)
     elif args.step == "job":
         run_one(args.out, args.teacher, args.student, args.eps, args.seed, args.gamma)
+    elif args.step == "cost":
+        measure_cost(args.out, args.seed)
     elif args.step == "plan":
         print("\n".join(plan(args.out, args.part)))
     else:

@@ -381,6 +381,7 @@ class _Context:
     directory: Path
     hooks: Hooks
     teacher_clean: float | None = None
+    overhead_seconds: float = 0.0  # the teacher's diagnosis: spent, but not training steps
     seconds_per_step: list[float] = field(default_factory=list)
     stopped_by: str | None = None
 
@@ -429,7 +430,9 @@ def choose_gamma(student: nn.Module, teacher: nn.Module, data: DataBundle, objec
     log.info("γ sweep: %s", plan.to_dict())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(directory, plan)
+    facts_started = time.monotonic()
     teacher_facts = transfer.teacher_facts(teacher, sweep_data.x_val, sweep_data.y_val, ctx.attack)
+    ctx.overhead_seconds = time.monotonic() - facts_started
     ctx.teacher_clean = teacher_facts["clean_accuracy"]
     kd_model = _run_trial(ctx, study, KD_GAMMA)
     for gamma in plan.gammas:
@@ -539,7 +542,7 @@ def _train_segment(ctx: _Context, model: nn.Module, gamma: float, folder: Path, 
         raise CancelledError("The job was cancelled.")
     started = time.monotonic()
     epochs_before = _checkpoint_epoch(folder)
-    before = _spent_steps(study, ctx.plan) - epochs_before * ctx.plan.steps_per_epoch
+    before = _spent_steps(study, ctx) - epochs_before * ctx.plan.steps_per_epoch
 
     def on_step(progress: dict[str, Any]) -> None:
         done = before + progress["global_step"]
@@ -607,7 +610,7 @@ def _affordable(ctx: _Context, study, gamma: float, start: int, rung: int) -> bo
     if ctx.stopped_by is not None:
         return False
     steps = ctx.plan.segment_steps(start, rung)
-    if _spent_steps(study, ctx.plan) + steps > ctx.plan.budget_steps + 1e-6:
+    if _spent_steps(study, ctx) + steps > ctx.plan.budget_steps + 1e-6:
         ctx.stopped_by = "budget"
         return False
     time_left = ctx.hooks.get("time_left")
@@ -620,15 +623,18 @@ def _affordable(ctx: _Context, study, gamma: float, start: int, rung: int) -> bo
     return True
 
 
-def _spent_steps(study, plan: SweepPlan) -> float:
-    """Steps spent so far, from what the journal records (so a resumed job counts what came before)."""
-    total = 0.0
-    for frozen in study.get_trials(deepcopy=False):
-        previous = 0
-        for rung in sorted(frozen.intermediate_values):
-            total += plan.segment_steps(previous, rung)
-            previous = rung
-    return total
+def _spent_steps(study, ctx: _Context) -> float:
+    """Steps spent so far: the trials' from what the journal records (so a resumed job counts what came
+    before), plus the teacher's diagnosis converted at the slowest rate seen (it costs time, not steps)."""
+    total = sum(_row_steps({"history": [{"epoch": e} for e in sorted(frozen.intermediate_values)]}, ctx.plan)
+                for frozen in study.get_trials(deepcopy=False))
+    return total + _overhead_steps(ctx)
+
+
+def _overhead_steps(ctx: _Context) -> float:
+    if not ctx.seconds_per_step:
+        return 0.0
+    return ctx.overhead_seconds / max(ctx.seconds_per_step)
 
 
 def _finish(ctx: _Context, folder: Path, gamma: float, model: nn.Module, *, keep: bool) -> nn.Module | None:
@@ -693,7 +699,7 @@ def _section(ctx: _Context, rows: list[dict[str, Any]], choice: dict[str, Any], 
 
     from kdiga_core import transfer
 
-    spent = sum(_row_steps(r, ctx.plan) for r in rows)
+    spent = sum(_row_steps(r, ctx.plan) for r in rows) + _overhead_steps(ctx)
     kd = next(r for r in rows if r["gamma"] == KD_GAMMA)
     verdict = transfer.verdict(teacher_facts, kd, choice, rows, ctx.cfg,
                                student_params=_params(ctx.student), teacher_params=_params(ctx.teacher))
@@ -708,6 +714,7 @@ def _section(ctx: _Context, rows: list[dict[str, Any]], choice: dict[str, Any], 
         "cost": {"budget_runs": ctx.cfg.budget, "sweep_steps": round(spent, 1),
                  "sweep_runs": round(spent / ctx.plan.run_steps, 3),
                  "job_runs": round(1.0 + spent / ctx.plan.run_steps, 3), "sweep_seconds": round(seconds, 2),
+                 "diagnosis_seconds": round(ctx.overhead_seconds, 2),
                  "stopped_by": ctx.stopped_by},
         "search": {"library": f"optuna {optuna.__version__}", "pruner": "SuccessiveHalvingPruner (ASHA)",
                    "order": "KD reference, then descending γ"},
