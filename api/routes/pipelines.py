@@ -97,7 +97,7 @@ class _Planner:
         planned = {"name": step.name, "kind": step.kind, "job_id": pipelines.step_job_id(self.pipeline_id, step.name),
                    "depends_on": sorted(set(deps)), "queue": plan.queue, "spec": plan.spec,
                    "dataset_id": plan.dataset_id, "teacher_id": plan.teacher_id, "labels": request.labels or {},
-                   "job_name": request.name}
+                   "job_name": request.name, "expected_work": plan.work.total}
         self.planned[step.name] = planned
         return planned
 
