@@ -2,7 +2,7 @@
 with an index covering the budget check
 
 Revision ID: 7e3a1c9d2b55
-Revises: 5b1d2e7a9c40
+Revises: a3f1d6c14612
 Create Date: 2026-11-26 10:00:00
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "7e3a1c9d2b55"
-down_revision: str | None = "5b1d2e7a9c40"
+down_revision: str | None = "a3f1d6c14612"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
