@@ -39,6 +39,9 @@ def complete_error_responses(document: dict[str, Any]) -> dict[str, Any]:
             codes = EVERYWHERE + (WITH_KEY if operation.get("security") else ())
             for code in codes:
                 responses.setdefault(str(code), _error_entry(code))
+            for code, answer in responses.items():  # a route that kept FastAPI's default 422 model
+                if "HTTPValidationError" in str(answer.get("content", "")):
+                    responses[code] = _error_entry(int(code))
     schemas = document.get("components", {}).get("schemas", {})
     for name in FASTAPI_VALIDATION_SCHEMAS:
         schemas.pop(name, None)

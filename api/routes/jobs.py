@@ -430,7 +430,9 @@ async def _events(watcher: JobWatcher, owner_id: str, job_id: str) -> AsyncItera
                      "description": "Server-sent events: `progress` (a JobPublic) on each change, then `end`."},
                **error_responses(503)},
 )
-async def stream_job_events(job_id: str, request: Request, owner: CurrentOwner) -> StreamingResponse:
+async def stream_job_events(
+    job_id: str, request: Request, owner: CurrentOwner, settings: SettingsDep
+) -> StreamingResponse:
     """Stream the job as server-sent events (`progress` on each change, then `end`)."""
     if await run_query(request, request.app.state.status_reader.read, owner.id, job_id) is None:
         raise not_found("Job", job_id)

@@ -21,17 +21,19 @@ from sqlalchemy.orm import Session
 
 from api.auth import Owner
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, not_found
-from api.errors import pydantic_sentence
+from api.errors import error_responses, pydantic_sentence
 from api.labels import LabelFilterDep
 from api.routes._common import owned_or_404
 from api.routes.jobs import KEEPALIVE_S, plan_job, require_json
+from api.routing import KdigaRoute
 from api.schemas import JobCreate, Page
 from api.schemas_mlops import PipelineCreate, PipelinePublic, PipelineStep, PipelineStepPublic, Ref, StepRef
 from kdiga_service import crud, pipelines
 from kdiga_service.models import FINISHED_STATES, ApiKey, Job, Pipeline, new_id
 from kdiga_service.settings import Settings
 
-router = APIRouter(prefix="/pipelines", tags=["pipelines"])
+router = APIRouter(prefix="/pipelines", tags=["pipelines"], route_class=KdigaRoute,
+                   responses=error_responses(401, 404, 422))
 
 
 def unprocessable(detail: str) -> HTTPException:

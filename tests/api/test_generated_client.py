@@ -110,6 +110,16 @@ def _call_every_operation(ops: dict, tc: TestClient, url: str) -> None:
     artifacts = call("list_artifacts", 200, job_id=job.id)
     weights = next(a for a in artifacts.data if a.kind == "student_weights")
     call("download_artifact", 200, artifact_id=weights.id)
+    # the MLOps operations: webhook secrets, deliveries, pipelines (and their event stream)
+    assert call("rotate_webhook_secret", 201).secret.startswith("whsec_")
+    call("read_webhook_secrets", 200)
+    call("list_job_deliveries", 200, job_id=job.id)
+    step = {"name": "eval", "kind": "evaluate", "dataset_id": dataset.id, "model": {"teacher_id": teacher.id},
+            "evaluation": {"attacks": [{"name": "pgd", "eps": 0.1}], "max_points": 10}}
+    pipeline = call("create_pipeline", 201, body=models.PipelineCreate.from_dict({"name": "p", "steps": [step]}))
+    assert call("list_pipelines", 200).count == 1 and call("read_pipeline", 200, pipeline_id=pipeline.id).id
+    call("cancel_pipeline", 202, pipeline_id=pipeline.id)
+    call("stream_pipeline_events", 200, pipeline_id=pipeline.id)
     call("delete_teacher", 204, teacher_id=teacher.id)
     call("delete_dataset", 204, dataset_id=uploaded.id)
     assert called == set(ops), set(ops) - called

@@ -68,7 +68,7 @@ def test_unknown_query_parameters_and_status_values_are_refused(client, owner):
     r = client.get("/v1/jobs", headers=owner, params={"statsu": "failed"})
     assert r.status_code == 422
     assert r.json() == {"detail": "Unknown query parameter 'statsu' for this operation; "
-                                  "it takes: kind, limit, offset, status."}
+                                  "it takes: kind, label, limit, offset, status."}
     r = client.get("/v1/jobs", headers=owner, params={"status": "finished"})
     assert r.status_code == 422
     assert r.json() == {"detail": "Unknown status 'finished'; valid names are: cancelled, cancelling, failed, "
