@@ -114,6 +114,7 @@ def _check_limit(session: Session, owner: Owner, settings: Settings, starting: i
             status.HTTP_429_TOO_MANY_REQUESTS,
             f"This pipeline starts {starting} jobs at once and this API key already has {active} active jobs; "
             f"its limit is {limit}.",
+            headers={"Retry-After": str(settings.retry_after_s)},
         )
 
 
@@ -144,7 +145,7 @@ def _owned(session: Session, owner_id: str, pipeline_id: str) -> Pipeline:
 
 # -- routes ----------------------------------------------------------------------------------------
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=PipelinePublic,
-             dependencies=[Depends(require_json)])
+             dependencies=[Depends(require_json)], responses=error_responses(409, 413, 415, 429, 503))
 def create_pipeline(body: PipelineCreate, owner: CurrentOwner, session: SessionDep,
                     settings: SettingsDep) -> PipelinePublic:
     """Create a pipeline: its first steps start now, each later one when the steps it refers to succeed."""
@@ -173,7 +174,8 @@ def read_pipeline(pipeline_id: str, owner: CurrentOwner, session: SessionDep) ->
     return pipeline_public(session, _owned(session, owner.id, pipeline_id))
 
 
-@router.post("/{pipeline_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=PipelinePublic)
+@router.post("/{pipeline_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=PipelinePublic,
+             responses=error_responses(409, 503))
 def cancel_pipeline(pipeline_id: str, owner: CurrentOwner, session: SessionDep) -> PipelinePublic:
     """Cancel a pipeline: no further step starts, and its running steps stop at their next step."""
     pipe = _owned(session, owner.id, pipeline_id)
