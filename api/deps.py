@@ -100,11 +100,17 @@ def not_found(what: str, id: str) -> HTTPException:
     return HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"{what} '{id}' not found.")
 
 
+MAX_PAGE = 500
+MAX_OFFSET = 2**31 - 1  # far beyond any real listing, far below SQLite's and PostgreSQL's 64-bit limits
+
+
 class PageParams:
-    """`?limit=50&offset=0` for list routes."""
+    """`?limit=50&offset=0` for list routes (the only integer query parameters: bounded here)."""
 
     def __init__(
-        self, limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0
+        self,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page.")] = 50,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Rows to skip.")] = 0,
     ):
         self.limit, self.offset = limit, offset
 

@@ -12,9 +12,13 @@ from anyio import to_thread
 from fastapi import FastAPI
 
 from api.auth import AuthCache
+from api.docs import install_docs
 from api.errors import install_error_handlers
+from api.job_watch import JobWatcher
 from api.metrics import Metrics, MetricsMiddleware
+from api.openapi import install_openapi
 from api.pump import pump_forever
+from api.request_id import RequestIdMiddleware
 from api.routes import artifacts, catalog, console, datasets, health, jobs, pipelines, teachers, webhooks
 from api.status_reader import StatusReader
 from api.sweeper import resend_stale
@@ -68,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield
             finally:
                 tasks.cancel_scope.cancel()
+                await app.state.job_watcher.close()
                 app.state.status_reader.close()
 
     app = FastAPI(
@@ -75,6 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Compress an adversarially robust teacher into a small student that keeps its robustness.",
         version="1.0.0",
         lifespan=lifespan,
+        # operationId = the route function's name (create_job, read_job, ...): generated clients get
+        # readable names (FastAPI's default appends the path and method).
+        generate_unique_id_function=lambda route: route.name,
+        docs_url=None,  # served from the fastapi-offline package's assets (api/docs.py), never a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.status_reader = StatusReader(get_engine(settings))
@@ -82,11 +92,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = get_storage(settings)
     app.state.metrics = Metrics(app.state.sessionmaker)
     app.state.auth_cache = AuthCache(settings.auth_cache_ttl_s)
+    app.state.job_watcher = JobWatcher(get_engine(settings), settings.sse_poll_interval_s, inline=settings.is_sqlite)
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    # Outside Starlette's ServerErrorMiddleware (which answers 500s), so even a 500 has its id.
+    build_stack = app.build_middleware_stack
+    app.build_middleware_stack = lambda: RequestIdMiddleware(build_stack())  # type: ignore[method-assign,assignment,return-value]
     # Jobs first: routes are matched in order, and job-status polls are most of the traffic.
     for module in (jobs, teachers, datasets, artifacts, catalog, webhooks, pipelines):
         app.include_router(module.router, prefix="/v1")
     app.include_router(health.router)
     console.install(app)
+    install_docs(app)
+    install_openapi(app)
     return app

@@ -54,22 +54,35 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
-        self.registry.register(JobsCollector(session_factory))
-        self.scrape_registry = self._scrape_registry(session_factory)
+        self.neutral_registry = self._scrape_registry()
+        self.scrape_registry = self._scrape_registry(JobsCollector(session_factory))
 
-    def _scrape_registry(self, session_factory: Callable[[], Session]) -> CollectorRegistry:
-        """What /metrics exposes: this registry, or with several API processes all of theirs.
+    def _scrape_registry(self, jobs: JobsCollector | None = None) -> CollectorRegistry:
+        """What /metrics exposes: request metrics (this process's, or with several API processes
+        all of theirs), plus the jobs gauge for the operator (`jobs`).
 
         Under `uvicorn --workers N` each process counts its own requests; prometheus_client's
         multiprocess mode (PROMETHEUS_MULTIPROC_DIR set before start-up) writes them to files
         that any process's scrape adds up. The jobs gauge is read from the database either way.
         """
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            return self.registry
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        registry.register(JobsCollector(session_factory))
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry.register(_Forward(self.registry))
+        if jobs is not None:
+            registry.register(jobs)
         return registry
+
+
+class _Forward(Collector):
+    """Exposes another registry's metrics (so two scrape registries share one set of counters)."""
+
+    def __init__(self, source: CollectorRegistry):
+        self.source = source
+
+    def collect(self) -> Iterator[Any]:
+        yield from self.source.collect()
 
 
 class MetricsMiddleware:

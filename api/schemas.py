@@ -10,13 +10,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
+from api.redact import redact_server_paths
 from api.schemas_mlops import Labels, LabelsOut, NotifySpec
 
 T = TypeVar("T")
 
 JobKind = Literal["distill", "adversarial_train", "evaluate"]
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 Method = Literal["ce", "kd", "kdiga", "ard", "rslad", "pgd_at", "trades"]
 IGAMode = Literal["auto", "exact", "finite_difference"]
 IGAReduction = Literal["per_sample", "author"]
@@ -24,7 +26,8 @@ Norm = Literal["Linf", "L2"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Non-finite numbers are refused (422): stored as null, they made every job fail later.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # -- mirrors of kdiga_core.config ---------------------------------------------------------------
@@ -245,10 +248,12 @@ class DatasetUploadMetadata(_Strict):
 
 
 class DatasetBuiltinCreate(_Strict):
-    """Register a built-in dataset by name."""
+    """Register a built-in dataset by name (`GET /v1/catalog` lists them)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "digits", "builtin": "digits"}]})
 
     name: str | None = Field(default=None, max_length=200)
-    builtin: str
+    builtin: str = Field(max_length=64, description="A built-in dataset: digits, cifar10 or cifar100.")
     labels: Labels | None = None
 
 
@@ -301,6 +306,26 @@ class Page(BaseModel, Generic[T]):
 class _Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
+    @field_validator("error", mode="after", check_fields=False)
+    @classmethod
+    def _no_server_paths(cls, value: str | None) -> str | None:
+        return redact_server_paths(value)
+
+
+DEFAULT_SAFETENSORS_NORM = 0.5  # kdiga_core.config.ModelSpec: None means 0.5 per channel
+
+
+class NormalizationPublic(BaseModel):
+    """The mean/std a teacher normalises its [0, 1] inputs with, and where they come from."""
+
+    mean: list[float] | None = Field(description="Per channel; null: the model's own graph normalises (ONNX).")
+    std: list[float] | None
+    source: Literal["spec", "default", "model"] = Field(
+        description="spec: given in the metadata or recorded by validation; default: 0.5 per channel "
+        "(safetensors without mean/std; a file that stores its own replaces it at validation); "
+        "model: none added (ONNX without mean/std: the exported graph normalises itself)."
+    )
+
 
 class TeacherPublic(_Public):
     id: str
@@ -314,6 +339,19 @@ class TeacherPublic(_Public):
     created_at: datetime
     source_job_id: str | None
     labels: LabelsOut = Field(default_factory=dict)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def normalization(self) -> NormalizationPublic:
+        """What the model will use: the spec's mean/std, else the format's default."""
+        mean, std = self.spec.get("mean"), self.spec.get("std")
+        if mean is not None and std is not None:
+            return NormalizationPublic(mean=mean, std=std, source="spec")
+        if self.format == "onnx":
+            return NormalizationPublic(mean=mean, std=std, source="model")
+        channels = int(self.spec.get("in_chans") or 3)
+        return NormalizationPublic(mean=mean or [DEFAULT_SAFETENSORS_NORM] * channels,
+                                   std=std or [DEFAULT_SAFETENSORS_NORM] * channels, source="default")
 
 
 class DatasetPublic(_Public):
@@ -392,3 +430,40 @@ class ApiKeyCreated(ApiKeyPublic):
 class HealthPublic(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# -- examples (shown by /docs and by generated clients) ------------------------------------------
+_DATASET_ID = "3f2b1c9e-5d4a-4e8b-9c1d-2a7e6f0b8c41"
+_TEACHER_ID = "8a6d0f3e-1b2c-4d5e-8f9a-0b1c2d3e4f50"
+JOB_EXAMPLES: dict[str, dict[str, Any]] = {
+    "distill": {
+        "summary": "Distill a robust teacher into a small student with KDIGA",
+        "value": {
+            "kind": "distill", "name": "kdiga-cnn-small", "dataset_id": _DATASET_ID, "teacher_id": _TEACHER_ID,
+            "student": {"arch": "cnn_small"},
+            "objective": {"method": "kdiga", "gamma": 5.0},
+            "train": {"epochs": 20, "optimizer": "adamw", "lr": 0.003},
+            "evaluation": {"attacks": [{"name": "pgd", "eps": 0.1}, {"name": "autoattack", "eps": 0.1}],
+                           "max_points": 500},
+        },
+    },
+    "adversarial_train": {
+        "summary": "Make a robust teacher with PGD adversarial training",
+        "value": {
+            "kind": "adversarial_train", "name": "pgd-at-teacher", "dataset_id": _DATASET_ID,
+            "student": {"arch": "cnn_medium"},
+            "objective": {"method": "pgd_at", "attack_eps": 0.1, "attack_step": 0.025, "attack_steps": 10},
+            "train": {"epochs": 10, "optimizer": "adamw", "lr": 0.003},
+            "evaluation": {"attacks": [{"name": "pgd", "eps": 0.1}], "max_points": 500},
+        },
+    },
+    "evaluate": {
+        "summary": "Measure an uploaded model's robustness",
+        "value": {
+            "kind": "evaluate", "name": "teacher-report", "dataset_id": _DATASET_ID,
+            "model": {"teacher_id": _TEACHER_ID},
+            "evaluation": {"attacks": [{"name": "pgd", "eps": 0.1}, {"name": "square", "eps": 0.1}],
+                           "max_points": 200},
+        },
+    },
+}

@@ -20,6 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from kdiga_service.storage import ArtifactStore, StoredObject, StreamWriter, TooLargeError
 
 MAX_FIELD_BYTES = 1024 * 1024
+MAX_FIELDS_BYTES = 2 * MAX_FIELD_BYTES
 HEAD_BYTES = 64
 
 PICKLE_REFUSED = (
@@ -118,11 +119,14 @@ class _Receiver:
         self.writer: StreamWriter | None = None
         self.part: str | None = None
         self.buf = bytearray()
+        self.text_bytes = 0
 
     async def apply(self, kind: str, value: Any) -> None:
         if kind == "begin":
             name, filename = value
             self.part, self.buf = name, bytearray()
+            if "\x00" in name or "\x00" in (filename or ""):
+                raise http_error(400, "A part's name or file name contains a NUL character, which is not allowed.")
             if name == self.file_field:
                 if self.writer is not None or self.upload.stored is not None:
                     raise http_error(400, f"The upload has more than one '{self.file_field}' part.")
@@ -143,10 +147,13 @@ class _Receiver:
                     raise too_large(self.max_bytes) from None
             else:
                 self.buf += value
+                self.text_bytes += len(value)
                 if len(self.buf) > MAX_FIELD_BYTES:
                     raise http_error(
                         413, f"The form field '{self.part}' is larger than {MAX_FIELD_BYTES} bytes."
                     )
+                if self.text_bytes > MAX_FIELDS_BYTES:  # many small fields add up too
+                    raise http_error(413, f"The form fields add up to more than {MAX_FIELDS_BYTES} bytes.")
         elif kind == "end":
             if self.part == self.file_field and self.writer is not None:
                 writer, self.writer = self.writer, None

@@ -8,7 +8,7 @@ loopback only, then measures two endpoints at 1, 16 and 64 concurrent connection
   creation writes a row and publishes to the embedded Redis. Training jobs go to a queue that
   no worker listens to (``KDIGA_QUEUE_TRAIN``), so nothing ever runs them; the one worker
   listens to the evaluation queue only, to validate the dataset. The per-key active-job limit
-  is lifted for the benchmark, or it would answer 429 after a few creations.
+  and work budget are lifted for the benchmark, or it would answer 429 after a few creations.
 
 The load generator is Debian's ``wrk`` (C, epoll, one thread) when it is installed, driven by a
 Lua script that adds the ``Authorization`` header, stops each run after a request count, and
@@ -71,7 +71,8 @@ def start_service(home: Path):
     """The embedded default, with a training queue nobody consumes and no per-key job limit."""
     from kdiga_launcher.supervisor import start_embedded
 
-    env = {"KDIGA_QUEUE_TRAIN": TRAIN_QUEUE, "KDIGA_MAX_CONCURRENT_JOBS_PER_KEY": str(10**9)}
+    env = {"KDIGA_QUEUE_TRAIN": TRAIN_QUEUE, "KDIGA_MAX_CONCURRENT_JOBS_PER_KEY": str(10**9),
+           "KDIGA_MAX_WORK_PER_KEY": str(10**18)}  # thousands of jobs that never run stay active
     service = start_embedded(home, host="127.0.0.1", port=0, workers=0, env=env)
     try:
         queue_eval = os.environ.get("KDIGA_QUEUE_EVAL", "cpu")

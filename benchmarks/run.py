@@ -1,6 +1,6 @@
 """The benchmark harness: `python -m benchmarks.run [--quick] [--cases step,attack,api,flops] [--out BENCHMARKS.md]`.
 
-Cases: step, flops, attack, api (the default set, with layout and threads) and demo.
+Cases: step, flops, attack, api (the default set, with layout and threads), demo and sse.
 Other options: --threads N (torch intra-op threads), --step-budget-s S (start no new step row
 after S seconds), --models/--inputs/--repeats/--teacher (narrow the step case).
 
@@ -226,6 +226,30 @@ def case_api(args, log) -> str:
     ])
 
 
+def case_sse(args, log) -> str:
+    """/healthz latency and the API's CPU while 120 server-sent-event streams sit idle (issue 16)."""
+    from benchmarks import sse_bench
+
+    repo, rows = Path(__file__).resolve().parents[1], []
+    for backend in ("sqlite", "postgres"):
+        try:
+            r = sse_bench.measure(repo, 20 if args.quick else 120, backend)
+        except Exception as exc:  # noqa: BLE001 - PostgreSQL may be absent; say so in the table
+            log(f"  sse on {backend}: {exc}")
+            continue
+        idle, busy = r["idle"], r["with_streams"]
+        rows.append([backend, str(r["streams"]), f"{idle['p50_ms']:.1f}", f"{idle['max_ms']:.1f}",
+                     f"{busy['p50_ms']:.1f}", f"{busy['p99_ms']:.1f}", f"{busy['max_ms']:.1f}",
+                     f"{r['api_cpu_while_streams_idle']:.3f}"])
+        log(f"  sse {backend}: {rows[-1]}")
+    return "\n\n".join([
+        "### /healthz with idle event streams (one API process, `python -m benchmarks.sse_bench`; "
+        f"{sse_bench.PROBES} sequential probes, CPU over {sse_bench.IDLE_WINDOW_S:g} s)",
+        table(["database", "streams", "no streams: p50 ms", "max ms", "with streams: p50 ms", "p99 ms", "max ms",
+               "API cores busy while the streams are idle"], rows),
+    ])
+
+
 # ----------------------------------------------------------------------------- memory layout (ablation)
 
 
@@ -329,7 +353,7 @@ def case_threads(args, log) -> str:
 CASES: dict[str, Callable[..., str]] = {
     "step": case_step, "flops": case_flops, "attack": case_attack, "api": case_api, "layout": case_layout,
     "threads": case_threads, "demo": case_demo, "precision": case_precision,
-    "compile": case_compile,
+    "compile": case_compile, "sse": case_sse,
 }
 DEFAULT_CASES = "step,flops,attack,api,layout,precision,compile,threads,demo"
 

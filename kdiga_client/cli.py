@@ -309,8 +309,18 @@ def _show_teacher(t: Teacher) -> None:
                        ("arch", spec.get("arch")), ("classes", spec.get("num_classes")),
                        ("input", f"{spec.get('in_chans')}×{spec.get('img_size')}×{spec.get('img_size')}"
                         if spec.get("img_size") else None),
+                       ("normalisation", _normalisation(t.normalization)),
                        ("size", _size(t.size_bytes)), ("sha256", t.sha256), ("from job", t.source_job_id),
                        ("created", t.created_at), ("error", f"[red]{t.error}[/]" if t.error else None)]))
+
+
+def _normalisation(norm: dict | None) -> str | None:
+    """'mean 0.5 std 0.5 (default)' from the server's `normalization`, or None (older servers)."""
+    if not norm:
+        return None
+    if norm.get("mean") is None:
+        return f"none added ({norm.get('source')})"
+    return f"mean {norm['mean']} std {norm['std']} ({norm.get('source')})"
 
 
 @teachers_app.command("upload")

@@ -102,6 +102,7 @@ class Teacher(_Model):
     error: str | None = None
     created_at: str | None = None
     source_job_id: str | None = None
+    normalization: dict[str, Any] | None = None  # {mean, std, source}: what the model normalises with
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -237,6 +238,10 @@ def _safe_name(name: str) -> str:
     return name if name not in ("", ".", "..") else "artifact"
 
 
+def _idempotency(key: str | None) -> dict[str, str] | None:
+    return {"Idempotency-Key": key} if key else None
+
+
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
@@ -357,14 +362,19 @@ class Client:
     def upload_teacher(self, path: str | os.PathLike[str], name: str, *, arch: str | None = None,
                        num_classes: int | None = None, in_chans: int | None = None,
                        img_size: int | None = None, mean: list[float] | None = None,
-                       std: list[float] | None = None, class_names: list[str] | None = None) -> Teacher:
-        """Upload a teacher file (safetensors or ONNX), streamed from disk; it starts as `validating`."""
+                       std: list[float] | None = None, class_names: list[str] | None = None,
+                       idempotency_key: str | None = None) -> Teacher:
+        """Upload a teacher file (safetensors or ONNX), streamed from disk; it starts as `validating`.
+
+        With `idempotency_key`, sending the same upload again returns the first teacher (no duplicate).
+        """
         path = Path(path)
         metadata = _drop_none({"name": name, "arch": arch, "num_classes": num_classes, "in_chans": in_chans,
                                "img_size": img_size, "mean": mean, "std": std, "class_names": class_names})
         with path.open("rb") as fh:
             body = self._json("POST", "/v1/teachers", data={"metadata": json.dumps(metadata)},
-                              files={"file": (path.name, fh, "application/octet-stream")})
+                              files={"file": (path.name, fh, "application/octet-stream")},
+                              headers=_idempotency(idempotency_key))
         return Teacher.from_dict(body)
 
     def list_teachers(self, *, limit: int = 50, offset: int = 0) -> Page[Teacher]:
@@ -382,17 +392,20 @@ class Client:
 
     # ------------------------------------------------------------------ datasets
 
-    def upload_dataset(self, path: str | os.PathLike[str], name: str, kind: str = "npz") -> Dataset:
+    def upload_dataset(self, path: str | os.PathLike[str], name: str, kind: str = "npz", *,
+                       idempotency_key: str | None = None) -> Dataset:
         """Upload a dataset file (`npz` or `image_folder_zip`), streamed from disk."""
         path = Path(path)
         with path.open("rb") as fh:
             body = self._json("POST", "/v1/datasets", data={"metadata": json.dumps({"name": name, "kind": kind})},
-                              files={"file": (path.name, fh, "application/octet-stream")})
+                              files={"file": (path.name, fh, "application/octet-stream")},
+                              headers=_idempotency(idempotency_key))
         return Dataset.from_dict(body)
 
-    def register_builtin_dataset(self, name: str, builtin: str) -> Dataset:
-        """Register a built-in dataset (e.g. `digits`) under `name`."""
-        return Dataset.from_dict(self._json("POST", "/v1/datasets", json={"name": name, "builtin": builtin}))
+    def register_builtin_dataset(self, name: str, builtin: str, *, idempotency_key: str | None = None) -> Dataset:
+        """Register a built-in dataset (e.g. `digits`) under `name` (POST /v1/datasets/builtin)."""
+        return Dataset.from_dict(self._json("POST", "/v1/datasets/builtin", json={"name": name, "builtin": builtin},
+                                            headers=_idempotency(idempotency_key)))
 
     def list_datasets(self, *, limit: int = 50, offset: int = 0) -> Page[Dataset]:
         return self._page("/v1/datasets", Dataset, limit, offset)

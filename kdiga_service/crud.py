@@ -123,10 +123,14 @@ def create_teacher(
     source_job_id: str | None = None,
     id: str | None = None,
     labels: Mapping[str, str] | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
 ) -> Teacher:
     """Add a teacher row for an object already in the store (caller commits)."""
     teacher = Teacher(
         labels=dict(labels or {}),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
         owner_id=owner_id,
         name=name,
         format=format,
@@ -202,7 +206,14 @@ def count_active_jobs(session: Session, *, owner_id: str) -> int:
 
 
 def get_job_by_idempotency_key(session: Session, *, owner_id: str, key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key))
+    return get_by_idempotency_key(session, Job, owner_id=owner_id, key=key)
+
+
+def get_by_idempotency_key(session: Session, model: type[M], *, owner_id: str, key: str) -> M | None:
+    """The owner's job, teacher or dataset created with this Idempotency-Key, or None."""
+    return session.scalar(
+        select(model).where(model.owner_id == owner_id, model.idempotency_key == key)  # type: ignore[attr-defined]
+    )
 
 
 def request_cancel(session: Session, *, job: Job) -> Job:
@@ -268,7 +279,8 @@ def _create_step_job(session: Session, pipe: Pipeline, step: Mapping[str, Any]) 
     job = Job(id=step["job_id"], owner_id=pipe.owner_id, kind=step["kind"], name=step.get("job_name"),
               queue=step["queue"], spec=step["spec"], dataset_id=step.get("dataset_id"),
               teacher_id=step.get("teacher_id"), labels=dict(step.get("labels") or {}), pipeline_id=pipe.id,
-              pipeline_step=step["name"], progress={"phase": "queued", "percent": 0.0})
+              pipeline_step=step["name"], progress={"phase": "queued", "percent": 0.0},
+              expected_work=step.get("expected_work"))
     session.add(job)
     job_created(session, job)
     job.enqueued_at = None  # after the insert: the column's default would replace a None given to it

@@ -106,6 +106,9 @@ class Teacher(Base):
     """An uploaded model (safetensors/ONNX), validated by the worker, or produced by a job."""
 
     __tablename__ = "teachers"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "idempotency_key", name="uq_teachers_owner_id_idempotency_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
@@ -124,12 +127,18 @@ class Teacher(Base):
     # (an API crash between commit and publish, a broker that lost its data).
     enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     validated_at: Mapped[datetime | None] = mapped_column(default=None)
+    # An upload's `Idempotency-Key` and the hash of what was sent (file sha256 + metadata).
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class Dataset(Base):
     """An uploaded dataset (npz or image-folder zip) or a registered built-in."""
 
     __tablename__ = "datasets"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "idempotency_key", name="uq_datasets_owner_id_idempotency_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
@@ -152,6 +161,9 @@ class Dataset(Base):
     # (an API crash between commit and publish, a broker that lost its data).
     enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     validated_at: Mapped[datetime | None] = mapped_column(default=None)
+    # An upload's `Idempotency-Key` and the hash of what was sent (file sha256 + metadata).
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class Job(Base):
@@ -160,7 +172,8 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_id_idempotency_key"),
-        Index("ix_jobs_owner_id_status", "owner_id", "status"),
+        # Covers the budget check's COUNT and SUM(expected_work) over a key's active jobs (index only).
+        Index("ix_jobs_owner_id_status_work", "owner_id", "status", "expected_work"),
         Index("ix_jobs_status", "status"),
     )
 
@@ -182,6 +195,9 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The API's estimate of the job's work in passes (kdiga_service/work_budget.py), summed over a
+    # key's active jobs to check its budget.
+    expected_work: Mapped[int | None] = mapped_column(BigInteger, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     labels: Mapped[dict[str, Any] | None] = mapped_column(default=dict)  # {key: value}, api/labels.py
     # A step of a pipeline (kdiga_service.pipelines): created by crud when its inputs are ready.

@@ -103,6 +103,39 @@ class Settings(BaseSettings):
     requeue_check_s: float = Field(
         default=60.0, gt=0, description="How often each API process looks for such tasks."
     )
+    max_json_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest accepted JSON body (and multipart metadata part)."
+    )
+    publish_timeout_s: float = Field(
+        default=2.0, gt=0, description="How long the API waits for the broker when it publishes a task or pings it."
+    )
+    retry_after_s: int = Field(
+        default=10, ge=1, description="`Retry-After` of 429 and 503 answers (seconds)."
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token /metrics requires; unset: /metrics is open and shows request metrics only.",
+    )
+    # Ceilings of the job parameters that multiply work (kdiga_service/work_budget.py).
+    max_epochs: int = Field(default=1000, ge=1, description="Largest `train.epochs`.")
+    min_batch_size: int = Field(default=4, ge=1, description="Smallest `train.batch_size` (per-step overhead; BatchNorm needs > 1).")
+    max_train_attack_steps: int = Field(default=100, ge=1, description="Largest `objective.attack_steps`.")
+    max_attack_iterations: int = Field(
+        default=10_000, ge=1, description="Largest steps × restarts of one evaluation attack."
+    )
+    max_attacks: int = Field(default=16, ge=1, description="Most attacks in `evaluation.attacks`.")
+    max_eval_points: int = Field(default=100_000, ge=1, description="Largest `evaluation.max_points`.")
+    max_smoothing_samples: int = Field(default=100_000, ge=1, description="Largest `evaluation.smoothing_samples`.")
+    max_smoothing_points: int = Field(default=10_000, ge=1, description="Largest `evaluation.smoothing_points`.")
+    max_linearity_steps: int = Field(default=1000, ge=1, description="Largest `evaluation.linearity_steps`.")
+    max_eps_curve_points: int = Field(default=32, ge=1, description="Most radii in `evaluation.eps_curve`.")
+    max_curve_attack_steps: int = Field(default=1000, ge=1, description="Largest `evaluation.curve_attack_steps`.")
+    max_square_queries: int = Field(default=100_000, ge=1, description="Largest `evaluation.square_queries`.")
+    max_work_per_key: int = Field(
+        default=10**10,
+        ge=1,
+        description="Expected passes (forward or backward, per sample) a key's active jobs may add up to.",
+    )
     api_workers: int = Field(
         default=2,
         ge=1,

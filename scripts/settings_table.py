@@ -21,7 +21,7 @@ def settings_table() -> str:
         if default is None:
             value = field.get_default(call_default_factory=True)
             default = "—" if value in (None, {}, "") else f"`{value}`"
-        if name.endswith(("secret_access_key", "admin_key")):
+        if name.endswith(("secret_access_key", "admin_key", "_token")):
             default = "— (secret)"
         what = (field.description or "").replace("|", "\\|")
         rows.append(f"| `KDIGA_{name.upper()}` | {default} | {what} |")

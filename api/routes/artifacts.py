@@ -9,12 +9,22 @@ from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep, not_found
+from api.errors import error_responses
+from api.routing import KdigaRoute
 from api.schemas import ArtifactPublic, Page
 from kdiga_service import crud
 from kdiga_service.models import Artifact
 from kdiga_service.storage import StorageError
 
-router = APIRouter(prefix="/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/artifacts", tags=["artifacts"], route_class=KdigaRoute,
+                   responses=error_responses(401, 404, 422, 503))
+
+
+def content_disposition(name: str) -> str:
+    """`attachment` with a plain ASCII `filename=` (what `curl -OJ` and older clients read) and the
+    exact name as RFC 6266 / 5987 `filename*=` (what browsers prefer)."""
+    plain = "".join(c if 32 <= ord(c) < 127 and c not in '"\\/;' else "_" for c in name) or "download"
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 @router.get("", response_model=Page[ArtifactPublic])
@@ -22,8 +32,8 @@ def list_artifacts(
     owner: CurrentOwner,
     session: SessionDep,
     page: PageDep,
-    job_id: Annotated[str | None, Query()] = None,
-    kind: Annotated[str | None, Query()] = None,
+    job_id: Annotated[str | None, Query(max_length=64, description="Only this job's artifacts.")] = None,
+    kind: Annotated[str | None, Query(max_length=32, description="Only artifacts of this kind.")] = None,
 ) -> Page[ArtifactPublic]:
     """List your artifacts, newest first (optionally for one job or of one kind)."""
     rows, count = crud.list_owned(
@@ -35,7 +45,9 @@ def list_artifacts(
 @router.get(
     "/{artifact_id}",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "Presigned URL."}},
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "The file (Content-Disposition names it)."},
+               307: {"description": "Presigned URL."}},
 )
 def download_artifact(
     artifact_id: str, owner: CurrentOwner, session: SessionDep, store: StorageDep, settings: SettingsDep
@@ -60,7 +72,7 @@ def download_artifact(
 
     headers = {
         "Content-Length": str(artifact.size_bytes),
-        "Content-Disposition": f"attachment; filename*=UTF-8''{quote(artifact.name)}",
+        "Content-Disposition": content_disposition(artifact.name),
         "ETag": f'"{artifact.sha256}"',
         "X-Content-SHA256": artifact.sha256,
     }

@@ -1,27 +1,34 @@
-"""Datasets: upload (npz / image-folder zip) or register a built-in; list; read."""
+"""Datasets: upload (npz / image-folder zip), register a built-in; list; read; delete.
+
+Two operations, one body type each (`POST /v1/datasets` multipart, `POST /v1/datasets/builtin`
+JSON): an operation that declares two request bodies breaks generated clients (issue 17).
+A JSON body sent to `POST /v1/datasets` is still accepted, as before, and documented as deprecated.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, HTTPException, Request, Response, status
-from pydantic import ValidationError
+from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep
-from api.errors import pydantic_sentence
+from api.errors import error_responses
 from api.labels import LabelFilterDep
 from api.routes._common import (
-    QueueUnavailable,
+    IDEMPOTENCY_KEY_DOC,
     delete_with_file,
-    log,
+    find_replay,
+    insert_once,
     owned_or_404,
     parse_json_field,
-    publish,
-    queue_down,
+    publish_or_undo_async,
+    replay,
+    request_digest,
 )
+from api.routes.teachers import upload_digest
+from api.routing import KdigaRoute
 from api.schemas import DatasetBuiltinCreate, DatasetPublic, DatasetUploadMetadata, Page
 from api.uploads import check_dataset_zip, is_multipart, receive_upload
 from kdiga_service import crud
@@ -31,15 +38,33 @@ from kdiga_service.queue import VALIDATE_DATASET, validation_queue
 from kdiga_service.settings import Settings
 from kdiga_service.storage import ArtifactStore, new_key
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=KdigaRoute,
+                   responses=error_responses(401, 404, 422))
 
 NOT_DATASET_BODY = (
-    "Send a dataset as multipart/form-data ('file' + 'metadata') or register a built-in "
-    'with a JSON body like {"builtin": "digits"}.'
+    "Send a dataset file as multipart/form-data ('file' + 'metadata'), or register a built-in "
+    'with POST /v1/datasets/builtin and a JSON body like {"builtin": "digits"}.'
 )
 NOT_ZIP = "A dataset file must be an .npz file or a .zip of class folders."
+NPZ_KEYS = (
+    "An `.npz` holds the arrays `x_train`, `y_train`, `x_test`, `y_test` (required): images as uint8 "
+    "(0..255) or float in [0, 1], laid out (N, C, H, W) or (N, H, W, C) with 1 to 4 channels (or (N, H, W) "
+    "for grayscale), square; labels as integers in [0, num_classes). Optional: `num_classes` (a scalar) and "
+    "`class_names` (1-D strings). Saved with `numpy.savez` (never pickled objects: they are refused). "
+    "A `.zip` of class folders holds `train/<class>/<image>` and `test/<class>/<image>`."
+)
+UPLOAD_DESCRIPTION = f"""Upload a dataset file; the worker validates it.
 
-CREATE_BODY: dict[str, Any] = {
+Send `multipart/form-data` with a `file` part and an optional `metadata` part holding JSON
+(`{{"name": "my-set", "kind": "npz"}}`; `kind` is npz or image_folder_zip, guessed from the file name).
+
+{NPZ_KEYS}
+
+To register a built-in dataset use `POST /v1/datasets/builtin`. *Deprecated*: a JSON body
+`{{"builtin": "digits"}}` sent here is still accepted and does the same.
+"""
+
+UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
@@ -48,22 +73,20 @@ CREATE_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": ".npz or .zip of class folders",
-                        },
+                        "file": {"type": "string", "format": "binary", "description": ".npz or .zip of class folders"},
                         "metadata": {
                             "type": "string",
-                            "description": "JSON: {name, kind: npz|image_folder_zip}",
+                            "description": 'JSON (DatasetUploadMetadata), e.g. {"name": "my-set", "kind": "npz"}',
                         },
                     },
                 }
             },
-            "application/json": {"schema": DatasetBuiltinCreate.model_json_schema()},
         },
     }
 }
+UPLOAD_RESPONSES = {200: {"model": DatasetPublic, "description": "An earlier request with this Idempotency-Key."},
+                    **error_responses(400, 409, 413, 415, 503)}
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200, description=IDEMPOTENCY_KEY_DOC)]
 
 
 def _kind_for(meta: DatasetUploadMetadata, filename: str | None) -> str:
@@ -80,104 +103,111 @@ def _kind_for(meta: DatasetUploadMetadata, filename: str | None) -> str:
     )
 
 
-def _check_early(fields: dict[str, str]) -> None:
-    if "metadata" in fields:
-        parse_json_field(fields["metadata"], DatasetUploadMetadata)
+def _early_check(settings: Settings) -> Any:
+    def check(fields: dict[str, str]) -> None:
+        if "metadata" in fields:
+            parse_json_field(fields["metadata"], DatasetUploadMetadata, max_bytes=settings.max_json_bytes)
+
+    return check
 
 
-def _insert(session: Session, row: Dataset) -> Dataset:
-    session.add(row)
-    session.commit()
-    return row
+def _insert(session: Session, row: Dataset, response: Response) -> Dataset:
+    """Commit the row, or the earlier one if a concurrent request with its Idempotency-Key won."""
+    key = row.idempotency_key or ""
+    return insert_once(session, row, on_duplicate=lambda: replay(
+        find_replay(session, Dataset, row.owner_id, key), row.request_hash or "", key, response))
 
 
-def _undo(session: Session, store: ArtifactStore, row: Dataset) -> None:
-    key = row.storage_key
-    session.delete(row)
-    session.commit()
-    if key:
-        store.delete(key)
-
-
-async def _publish_or_undo(session: Session, settings: Settings, store: ArtifactStore, row: Dataset) -> None:
-    try:
-        await to_thread.run_sync(
-            lambda: publish(settings, VALIDATE_DATASET, row.id, queue=validation_queue(settings))
-        )
-    except QueueUnavailable:
-        log.warning("broker unavailable; dataset %s removed", row.id)
-        await to_thread.run_sync(_undo, session, store, row)
-        raise queue_down() from None
-
-
-async def _create_uploaded(
-    request: Request, owner_id: str, session: Session, settings: Settings, store: ArtifactStore
+async def _stored_dataset(
+    request: Request, owner_id: str, session: Session, settings: Settings, store: ArtifactStore,
+    response: Response, idempotency_key: str | None,
 ) -> Dataset:
     key = new_key(f"datasets/{owner_id}")
     upload = await receive_upload(
-        request, store, key=key, max_bytes=settings.max_upload_bytes, check_fields=_check_early
+        request, store, key=key, max_bytes=settings.max_upload_bytes, check_fields=_early_check(settings)
     )
     assert upload.stored is not None
     try:
-        meta = parse_json_field(upload.fields.get("metadata"), DatasetUploadMetadata)
+        meta = parse_json_field(upload.fields.get("metadata"), DatasetUploadMetadata,
+                                max_bytes=settings.max_json_bytes)
         kind = _kind_for(meta, upload.filename)
         if upload.head[:4] != b"PK\x03\x04":
             raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, NOT_ZIP)
+        digest = upload_digest("dataset", upload.stored.sha256, {**meta.model_dump(mode="json"), "kind": kind})
+        if earlier := await to_thread.run_sync(find_replay, session, Dataset, owner_id, idempotency_key):
+            await to_thread.run_sync(store.delete, key)
+            return replay(earlier, digest, idempotency_key or "", response)  # type: ignore[no-any-return]
         unpacked_cap = 4 * settings.max_upload_bytes
         if problem := await to_thread.run_sync(
             lambda: check_dataset_zip(store, key, max_unpacked_bytes=unpacked_cap)
         ):
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
         row = Dataset(
-            owner_id=owner_id,
-            name=meta.name or upload.filename or "dataset",
-            kind=kind,
-            storage_key=key,
-            size_bytes=upload.stored.size_bytes,
-            sha256=upload.stored.sha256,
-            labels=meta.labels or {},
+            owner_id=owner_id, name=meta.name or (upload.filename or "dataset")[:200], kind=kind, storage_key=key,
+            size_bytes=upload.stored.size_bytes, sha256=upload.stored.sha256, labels=meta.labels or {},
+            idempotency_key=idempotency_key, request_hash=digest,
         )
-        return await to_thread.run_sync(_insert, session, row)
+        row = await to_thread.run_sync(_insert, session, row, response)
     except BaseException:
         await to_thread.run_sync(store.delete, key)
         raise
-
-
-async def _create_builtin(request: Request, owner_id: str, session: Session) -> Dataset:
-    try:
-        body = DatasetBuiltinCreate.model_validate(json.loads(await request.body()))
-    except json.JSONDecodeError:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, "The request body is not valid JSON."
-        ) from None
-    except ValidationError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, pydantic_sentence(exc)) from None
-    if message := check_name("datasets", body.builtin):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
-    row = Dataset(owner_id=owner_id, name=body.name or body.builtin, kind="builtin", builtin=body.builtin,
-                  labels=body.labels or {})
-    return await to_thread.run_sync(_insert, session, row)
-
-
-@router.post(
-    "", status_code=status.HTTP_202_ACCEPTED, response_model=DatasetPublic, openapi_extra=CREATE_BODY
-)
-async def create_dataset(
-    request: Request, owner: CurrentOwner, session: SessionDep, settings: SettingsDep, store: StorageDep
-) -> Dataset:
-    """Upload a dataset file, or register a built-in by name; the worker validates it."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if is_multipart(request):
-        row = await _create_uploaded(request, owner.id, session, settings, store)
-    elif content_type == "application/json":
-        row = await _create_builtin(request, owner.id, session)
-    else:
-        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, NOT_DATASET_BODY)
-    await _publish_or_undo(session, settings, store, row)
+    if row.storage_key != key:
+        await to_thread.run_sync(store.delete, key)
     return row
 
 
-@router.get("", response_model=Page[DatasetPublic])
+async def _builtin_dataset(
+    body: DatasetBuiltinCreate, owner_id: str, session: Session, response: Response, idempotency_key: str | None,
+) -> Dataset:
+    if message := check_name("datasets", body.builtin):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+    digest = request_digest({"kind": "builtin", **body.model_dump(mode="json")})
+    if earlier := await to_thread.run_sync(find_replay, session, Dataset, owner_id, idempotency_key):
+        return replay(earlier, digest, idempotency_key or "", response)  # type: ignore[no-any-return]
+    row = Dataset(owner_id=owner_id, name=body.name or body.builtin, kind="builtin", builtin=body.builtin,
+                  labels=body.labels or {}, idempotency_key=idempotency_key, request_hash=digest)
+    return await to_thread.run_sync(_insert, session, row, response)
+
+
+async def _queue(session: Session, settings: Settings, store: ArtifactStore, row: Dataset, response: Response) -> None:
+    if response.status_code != status.HTTP_200_OK:  # a replay was queued by the first request
+        await publish_or_undo_async(session, settings, row, task=VALIDATE_DATASET,
+                                    queue=validation_queue(settings), store=store, what="dataset")
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=DatasetPublic, openapi_extra=UPLOAD_BODY,
+             description=UPLOAD_DESCRIPTION, responses=UPLOAD_RESPONSES)
+async def create_dataset(
+    request: Request, response: Response, owner: CurrentOwner, session: SessionDep, settings: SettingsDep,
+    store: StorageDep, idempotency_key: IdempotencyKey = None,
+) -> Dataset:
+    """Upload a dataset file (npz or zip of class folders); the worker validates it."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if is_multipart(request):
+        row = await _stored_dataset(request, owner.id, session, settings, store, response, idempotency_key)
+    elif content_type == "application/json":  # the deprecated form of POST /v1/datasets/builtin
+        body = parse_json_field(await request.body(), DatasetBuiltinCreate, max_bytes=settings.max_json_bytes,
+                                what="The request body")
+        row = await _builtin_dataset(body, owner.id, session, response, idempotency_key)
+    else:
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, NOT_DATASET_BODY)
+    await _queue(session, settings, store, row, response)
+    return row
+
+
+@router.post("/builtin", status_code=status.HTTP_202_ACCEPTED, response_model=DatasetPublic,
+             responses={**UPLOAD_RESPONSES, **error_responses(409, 413, 503)})
+async def create_builtin_dataset(
+    body: DatasetBuiltinCreate, response: Response, owner: CurrentOwner, session: SessionDep,
+    settings: SettingsDep, store: StorageDep, idempotency_key: IdempotencyKey = None,
+) -> Dataset:
+    """Register a built-in dataset by name (digits, cifar10, cifar100); the worker checks it is there."""
+    row = await _builtin_dataset(body, owner.id, session, response, idempotency_key)
+    await _queue(session, settings, store, row, response)
+    return row
+
+
+@router.get("", response_model=Page[DatasetPublic], responses=error_responses(503))
 def list_datasets(
     owner: CurrentOwner, session: SessionDep, page: PageDep, labels: LabelFilterDep
 ) -> Page[DatasetPublic]:
@@ -187,13 +217,13 @@ def list_datasets(
     return Page(data=[DatasetPublic.model_validate(r) for r in rows], count=count)
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic)
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=error_responses(503))
 def read_dataset(dataset_id: str, owner: CurrentOwner, session: SessionDep) -> Dataset:
     """Read one dataset (classes, input shape, split sizes once validated)."""
     return owned_or_404(session, Dataset, owner.id, dataset_id, "Dataset")
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(409, 503))
 def delete_dataset(dataset_id: str, owner: CurrentOwner, session: SessionDep, store: StorageDep) -> Response:
     """Delete a dataset and its file (409 while an active job uses it)."""
     row = owned_or_404(session, Dataset, owner.id, dataset_id, "Dataset")

@@ -1,46 +1,72 @@
-"""Jobs: create (idempotent, rate-limited), list, read, events (SSE), cancel, report."""
+"""Jobs: create (idempotent, bounded, rate-limited), list, read, events (SSE), cancel, report."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import anyio
-from anyio import to_thread
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.auth import Owner
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep, not_found, run_query
+from api.errors import error_responses
+from api.job_watch import JobWatcher
 from api.labels import LabelFilterDep
-from api.routes._common import QueueUnavailable, log, owned_or_404, publish, queue_down
+from api.redact import redact_server_paths
+from api.routes._common import (
+    IDEMPOTENCY_KEY_DOC,
+    find_replay,
+    insert_once,
+    log,
+    owned_or_404,
+    publish_or_undo,
+    replay,
+    request_digest,
+)
 from api.routes.webhooks import check_notify
+from api.routing import KdigaRoute
 from api.schemas import (
+    JOB_EXAMPLES,
     EvalConfigSchema,
     JobCreate,
+    JobKind,
     JobPublic,
+    JobStatus,
     ObjectiveConfigSchema,
     Page,
     TrainConfigSchema,
 )
 from kdiga_service import crud
 from kdiga_service.catalog import check_name, methods_by_kind
-from kdiga_service.models import FINISHED_STATES, READY, SUCCEEDED, ApiKey, Dataset, Job, Teacher
+from kdiga_service.models import (
+    ACTIVE_STATES,
+    FINISHED_STATES,
+    READY,
+    SUCCEEDED,
+    ApiKey,
+    Dataset,
+    Job,
+    Teacher,
+)
 from kdiga_service.queue import RUN_JOB, job_queue
 from kdiga_service.settings import Settings
-from kdiga_service.storage import ArtifactStore, StorageError
+from kdiga_service.storage import StorageError
+from kdiga_service.work_budget import JobLimits, WorkEstimate, budget_problem, check_parameters, estimate_work
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=KdigaRoute,
+                   responses=error_responses(401, 404, 422))
 
 MAX_REPORT_BYTES = 64 * 1024 * 1024
 KEEPALIVE_S = 15.0
+DEFAULT_METHOD = {"distill": "kdiga", "adversarial_train": "pgd_at"}
 
 
 def unprocessable(detail: str) -> HTTPException:
@@ -62,14 +88,9 @@ def require_json(request: Request) -> None:
 
 
 # -- validation ----------------------------------------------------------------------------------
-@dataclass
-class JobPlan:
-    """A validated job request, ready to become a row."""
-
-    spec: dict[str, Any]
-    queue: str
-    dataset_id: str
-    teacher_id: str | None
+def _shown(error: str) -> str:
+    """A stored error sentence as callers may see it: no server paths, no final period."""
+    return (redact_server_paths(error) or "").rstrip(".")
 
 
 def _ready_teacher(
@@ -81,7 +102,7 @@ def _ready_teacher(
     if teacher is None:
         raise not_found("Teacher", teacher_id)
     if teacher.status != READY:
-        why = f": {teacher.error.rstrip('.')}." if teacher.error else "; wait until its validation finishes."
+        why = f": {_shown(teacher.error)}." if teacher.error else "; wait until its validation finishes."
         raise conflict(f"Teacher '{teacher_id}' is not ready (status {teacher.status}){why}")
     return teacher
 
@@ -91,7 +112,7 @@ def _ready_dataset(session: Session, owner_id: str, dataset_id: str) -> Dataset:
     if dataset is None:
         raise not_found("Dataset", dataset_id)
     if dataset.status != READY:
-        why = f": {dataset.error.rstrip('.')}." if dataset.error else "; wait until its validation finishes."
+        why = f": {_shown(dataset.error)}." if dataset.error else "; wait until its validation finishes."
         raise conflict(f"Dataset '{dataset_id}' is not ready (status {dataset.status}){why}")
     return dataset
 
@@ -102,10 +123,17 @@ def _check_names(kind: str, names: list[str]) -> None:
             raise unprocessable(message)
 
 
-def _objective(body: JobCreate, default_method: str) -> dict[str, Any]:
+def objective_schema(body: JobCreate) -> ObjectiveConfigSchema:
+    """The request's objective with the kind's default method filled in (None for evaluate jobs)."""
+    default_method = DEFAULT_METHOD.get(body.kind, "kdiga")
     objective = body.objective or ObjectiveConfigSchema(method=default_method)  # type: ignore[arg-type]
     if "method" not in objective.model_fields_set:
         objective = objective.model_copy(update={"method": default_method})
+    return objective
+
+
+def _objective(body: JobCreate) -> dict[str, Any]:
+    objective = objective_schema(body)
     _check_names("methods", [objective.method])
     allowed = methods_by_kind()[body.kind]
     if objective.method not in allowed:
@@ -121,7 +149,13 @@ def _student(session: Session, owner_id: str, body: JobCreate, planned: frozense
         raise unprocessable(f"A {body.kind} job needs 'student' with an 'arch'.")
     _check_names("architectures", [body.student.arch])
     if body.student.weights_id:
-        _ready_teacher(session, owner_id, body.student.weights_id, planned)
+        weights = _ready_teacher(session, owner_id, body.student.weights_id, planned)
+        arch = (weights.spec or {}).get("arch") if weights is not None else body.student.arch
+        if weights is not None and arch != body.student.arch:
+            raise unprocessable(
+                f"Student weights '{weights.id}' are for architecture '{arch}', not '{body.student.arch}'; "
+                f"set student.arch to '{arch}' or choose weights made for '{body.student.arch}'."
+            )
     return body.student.model_dump()
 
 
@@ -133,17 +167,12 @@ def _plan_training(session: Session, owner_id: str, body: JobCreate,
         if not body.teacher_id:
             raise unprocessable("A distill job needs 'teacher_id'.")
         _ready_teacher(session, owner_id, body.teacher_id, planned)
-        objective = _objective(body, "kdiga")
-    else:
-        if body.teacher_id:
-            raise unprocessable(
-                "An adversarial_train job takes no 'teacher_id'; it trains 'student' from data."
-            )
-        objective = _objective(body, "pgd_at")
+    elif body.teacher_id:
+        raise unprocessable("An adversarial_train job takes no 'teacher_id'; it trains 'student' from data.")
     parts = {
         "student": _student(session, owner_id, body, planned),
         "model": None,
-        "objective": objective,
+        "objective": _objective(body),
         "train": (body.train or TrainConfigSchema()).model_dump(),
     }
     return parts, body.teacher_id
@@ -169,14 +198,29 @@ def _plan_evaluate(session: Session, owner_id: str, body: JobCreate,
     return parts, body.model.teacher_id or body.teacher_id
 
 
+@dataclass
+class JobPlan:
+    """A validated job request, ready to become a row."""
+
+    spec: dict[str, Any]
+    queue: str
+    dataset: Dataset
+    teacher_id: str | None
+    work: WorkEstimate
+
+    @property
+    def dataset_id(self) -> str:
+        return self.dataset.id
+
+
 def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Settings, *,
              planned: frozenset[str] = frozenset()) -> JobPlan:
-    """Validate a job request against the caller's resources and the catalog (4xx on any problem).
+    """Validate a job request against the caller's resources, the catalog and the operator's ceilings.
 
     `planned`: ids of teachers and jobs that earlier steps of a pipeline will make (not checked yet).
     """
     _check_names("job_kinds", [body.kind])
-    _ready_dataset(session, owner_id, body.dataset_id)
+    dataset = _ready_dataset(session, owner_id, body.dataset_id)
     evaluation = body.evaluation or EvalConfigSchema()
     _check_names("attacks", [a.name for a in evaluation.attacks])
     if body.kind == "evaluate":
@@ -193,33 +237,54 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         "labels": body.labels or {},
         "notify": check_notify(session, owner_id, body.notify, settings),
     }
-    queue = job_queue(settings, body.kind)
-    return JobPlan(spec=spec, queue=queue, dataset_id=body.dataset_id, teacher_id=teacher_id)
+    if problem := check_parameters(spec, JobLimits.from_settings(settings)):
+        raise unprocessable(problem)
+    work = estimate_work(spec, train_size=dataset.train_size or 0, test_size=dataset.test_size or 0)
+    return JobPlan(spec=spec, queue=job_queue(settings, body.kind), dataset=dataset, teacher_id=teacher_id,
+                   work=work)
 
 
-def request_hash(body: JobCreate) -> str:
-    canonical = json.dumps(
-        body.model_dump(mode="json", exclude_unset=True), sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def normalised_request(body: JobCreate) -> dict[str, Any]:
+    """The request with every default written out, so that omitting a default and writing it out
+    are the same request for `Idempotency-Key` (the configs a kind does not take stay as sent)."""
+    data = body.model_dump(mode="json")
+    if body.kind != "evaluate":
+        data["objective"] = objective_schema(body).model_dump(mode="json")
+        data["train"] = (body.train or TrainConfigSchema()).model_dump(mode="json")
+    data["evaluation"] = (body.evaluation or EvalConfigSchema()).model_dump(mode="json")
+    return data
 
 
-def _replay(job: Job, digest: str, key: str, response: Response) -> Job:
-    if job.request_hash != digest:
-        raise conflict(f"Idempotency-Key '{key}' was already used with a different request body.")
-    response.status_code = status.HTTP_200_OK
-    return job
+def _too_many(settings: Settings, detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail,
+                         headers={"Retry-After": str(settings.retry_after_s)})
 
 
-def _check_limit(session: Session, owner: Owner, settings: Settings) -> None:
+MAX_BIGINT = 2**63 - 1
+
+
+def _active(session: Session, owner_id: str) -> tuple[int, int]:
+    """(count, expected passes) of the key's active jobs: one indexed aggregate query."""
+    count, work = session.execute(
+        select(func.count(), func.coalesce(func.sum(Job.expected_work), 0))
+        .where(Job.owner_id == owner_id, Job.status.in_(ACTIVE_STATES))
+    ).one()
+    return int(count), int(work or 0)
+
+
+def _check_limits(session: Session, owner: Owner, settings: Settings, work: WorkEstimate) -> None:
+    """The key's active-job count and work budget (429 with Retry-After; 422 when the job alone is too big)."""
     # Lock the key's row (PostgreSQL) so two concurrent requests cannot both pass the count.
     session.execute(select(ApiKey.id).where(ApiKey.id == owner.id).with_for_update())
     limit = owner.max_concurrent_jobs or settings.max_concurrent_jobs_per_key
-    if crud.count_active_jobs(session, owner_id=owner.id) >= limit:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            f"This API key already has {limit} active jobs, its limit; wait for one to finish or cancel one.",
-        )
+    active_count, active_work = _active(session, owner.id)
+    if active_count >= limit:
+        raise _too_many(settings, f"This API key already has {limit} active jobs, its limit; "
+                                  "wait for one to finish or cancel one.")
+    problem = budget_problem(work, active_work, active_count, JobLimits.from_settings(settings))
+    if problem is not None:
+        sentence, retry_later = problem
+        raise _too_many(settings, sentence) if retry_later else unprocessable(sentence)
 
 
 # -- routes --------------------------------------------------------------------------------------
@@ -228,55 +293,39 @@ def _check_limit(session: Session, owner: Owner, settings: Settings) -> None:
     status_code=status.HTTP_201_CREATED,
     response_model=JobPublic,
     dependencies=[Depends(require_json)],
-    responses={200: {"model": JobPublic, "description": "An earlier request with this Idempotency-Key."}},
+    responses={200: {"model": JobPublic, "description": "An earlier request with this Idempotency-Key."},
+               **error_responses(409, 413, 415, 429, 503)},
 )
 def create_job(
-    body: JobCreate,
+    body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
     response: Response,
     owner: CurrentOwner,
     session: SessionDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200, description=IDEMPOTENCY_KEY_DOC)] = None,
 ) -> Job:
-    """Create a distill, adversarial_train or evaluate job and queue it."""
-    digest = request_hash(body)
-    if idempotency_key and (
-        existing := crud.get_job_by_idempotency_key(session, owner_id=owner.id, key=idempotency_key)
-    ):
-        return _replay(existing, digest, idempotency_key, response)
+    """Create a distill, adversarial_train or evaluate job and queue it.
+
+    Parameters that multiply work have server-set maxima, and the job's expected work (forward and
+    backward passes, estimated from the spec and the dataset's size) must fit the key's budget.
+    """
+    digest = request_digest(normalised_request(body))
+    if existing := find_replay(session, Job, owner.id, idempotency_key):
+        return replay(existing, digest, idempotency_key or "", response)  # type: ignore[no-any-return]
     plan = plan_job(session, owner.id, body, settings)
-    _check_limit(session, owner, settings)
+    _check_limits(session, owner, settings, plan.work)
     job = Job(
-        owner_id=owner.id,
-        kind=body.kind,
-        name=body.name,
-        queue=plan.queue,
-        spec=plan.spec,
-        dataset_id=plan.dataset_id,
-        teacher_id=plan.teacher_id,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        progress={"phase": "queued", "percent": 0.0},
-        labels=body.labels or {},
+        owner_id=owner.id, kind=body.kind, name=body.name, queue=plan.queue, spec=plan.spec,
+        dataset_id=plan.dataset.id, teacher_id=plan.teacher_id, idempotency_key=idempotency_key,
+        request_hash=digest, progress={"phase": "queued", "percent": 0.0}, labels=body.labels or {},
+        expected_work=min(plan.work.total, MAX_BIGINT),
     )
-    session.add(job)
-    try:
-        crud.job_created(session, job)
-        session.commit()
-    except IntegrityError:  # the same Idempotency-Key raced in from a concurrent request
-        session.rollback()
-        existing = crud.get_job_by_idempotency_key(session, owner_id=owner.id, key=idempotency_key or "")
-        if existing is None:
-            raise
-        return _replay(existing, digest, idempotency_key or "", response)
-    try:
-        publish(settings, RUN_JOB, job.id, queue=plan.queue)
-    except QueueUnavailable:
-        log.warning("broker unavailable; job %s removed", job.id)
-        session.delete(job)
-        session.commit()
-        raise queue_down() from None
-    log.info("job %s queued on %s", job.id, plan.queue)
+    job = insert_once(session, job, before_commit=crud.job_created, on_duplicate=lambda: replay(
+        find_replay(session, Job, owner.id, idempotency_key), digest, idempotency_key or "", response))
+    if response.status_code == status.HTTP_200_OK:
+        return job
+    publish_or_undo(session, settings, job, task=RUN_JOB, queue=plan.queue, what="job")
+    log.info("job %s queued on %s (expected work %.3g passes)", job.id, plan.queue, plan.work.total)
     return job
 
 
@@ -286,8 +335,8 @@ def list_jobs(
     session: SessionDep,
     page: PageDep,
     labels: LabelFilterDep,
-    status_filter: Annotated[str | None, Query(alias="status")] = None,
-    kind: Annotated[str | None, Query()] = None,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    kind: Annotated[JobKind | None, Query()] = None,
 ) -> Page[JobPublic]:
     """List your jobs, newest first (optionally by status, kind or labels: `?label=key=value`)."""
     rows, count = crud.list_owned(
@@ -304,7 +353,8 @@ def _owned_job(session: Session, owner_id: str, job_id: str) -> Job:
 @router.get(
     "/{job_id}",
     response_model=JobPublic,
-    responses={304: {"description": "Not modified since the ETag sent in `If-None-Match`."}},
+    responses={304: {"description": "Not modified since the ETag sent in `If-None-Match`."},
+               **error_responses(503)},
 )
 async def read_job(job_id: str, request: Request, owner: CurrentOwner) -> Response:
     """Read a job: status, progress (with ETA), latest metrics, error, artifacts.
@@ -324,7 +374,8 @@ async def read_job(job_id: str, request: Request, owner: CurrentOwner) -> Respon
     return Response(content=body, media_type="application/json", headers=headers)
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic,
+             responses=error_responses(409, 503))
 def cancel_job(job_id: str, owner: CurrentOwner, session: SessionDep) -> Job:
     """Cancel a job: a queued job never starts; a running one stops at its next step."""
     job = _owned_job(session, owner.id, job_id)
@@ -335,75 +386,107 @@ def cancel_job(job_id: str, owner: CurrentOwner, session: SessionDep) -> Job:
     return job
 
 
-def _job_json(sessionmaker: Any, owner_id: str, job_id: str) -> tuple[str, bool] | None:
-    with sessionmaker() as session:
-        job = crud.get_owned(session, Job, owner_id=owner_id, id=job_id)
-        if job is None:
-            return None
-        return JobPublic.model_validate(job).model_dump_json(), job.status in FINISHED_STATES
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "One server-sent event; `data` is a JobPublic as JSON.",
+    "properties": {"event": {"type": "string", "enum": ["progress", "end"]}, "data": {"type": "string"}},
+}
 
 
-async def _events(request: Request, owner_id: str, job_id: str, interval: float) -> AsyncIterator[str]:
-    sessionmaker, last, last_sent = request.app.state.sessionmaker, None, time.monotonic()
-    while True:
-        loaded = await to_thread.run_sync(_job_json, sessionmaker, owner_id, job_id)
-        if loaded is None:
-            return
-        data, finished = loaded
-        if data != last:
-            yield f"event: progress\ndata: {data}\n\n"
-            last, last_sent = data, time.monotonic()
-        if finished:
-            yield f"event: end\ndata: {data}\n\n"
-            return
-        if time.monotonic() - last_sent > KEEPALIVE_S:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        if await request.is_disconnected():
-            return
-        await anyio.sleep(interval)
+async def _events(watcher: JobWatcher, owner_id: str, job_id: str) -> AsyncIterator[str]:
+    """`progress` on each change, `end` when the job finishes; a comment line keeps idle proxies open.
+
+    Waiting costs nothing: the process's one JobWatcher polls and wakes this stream on a change.
+    A client that disconnects cancels this generator (Starlette), and `finally` stops the watch.
+    """
+    watch, last = watcher.watch(owner_id, job_id), None
+    try:
+        while True:
+            with anyio.move_on_after(KEEPALIVE_S) as idle:
+                await watch.changed.wait()
+            if idle.cancelled_caught:
+                yield ": keep-alive\n\n"
+                continue
+            watch.changed.clear()
+            if watch.gone or watch.state is None:
+                return
+            data, finished = watch.state
+            if data != last:
+                yield f"event: progress\ndata: {data}\n\n"
+                last = data
+            if finished:
+                yield f"event: end\ndata: {data}\n\n"
+                return
+    finally:
+        watcher.unwatch(watch)
 
 
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."}},
+    # `itemSchema` (OpenAPI 3.2's word for one event of a stream) and no `schema`: a generator that
+    # knows no streams then returns the raw body, and schemathesis checks every event against it.
+    responses={200: {"content": {"text/event-stream": {"itemSchema": SSE_EVENT_SCHEMA}},
+                     "description": "Server-sent events: `progress` (a JobPublic) on each change, then `end`."},
+               **error_responses(503)},
 )
 async def stream_job_events(
     job_id: str, request: Request, owner: CurrentOwner, settings: SettingsDep
 ) -> StreamingResponse:
     """Stream the job as server-sent events (`progress` on each change, then `end`)."""
-    if await to_thread.run_sync(_job_json, request.app.state.sessionmaker, owner.id, job_id) is None:
+    if await run_query(request, request.app.state.status_reader.read, owner.id, job_id) is None:
         raise not_found("Job", job_id)
     return StreamingResponse(
-        _events(request, owner.id, job_id, settings.sse_poll_interval_s),
+        _events(request.app.state.job_watcher, owner.id, job_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-def _report_artifact(session: Session, job: Job, kind: str, store: ArtifactStore) -> str:
+def _report_artifact(session: Session, job: Job, kind: str) -> str:
     artifact = crud.find_artifact(session, job_id=job.id, kind=kind)
     if artifact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"Job '{job.id}' has no report yet.")
     return artifact.storage_key
 
 
-@router.get("/{job_id}/report", responses={200: {"content": {"application/json": {}, "text/html": {}}}})
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value
+
+
+class FiniteJSONResponse(JSONResponse):
+    """JSON where NaN and ±Infinity become null (reports hold them: an attack with no point, a ratio of 0)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(finite_json(content), ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8")
+
+
+@router.get("/{job_id}/report", responses={
+    200: {"content": {"application/json": {"schema": {"type": "object"}}, "text/html": {"schema": {"type": "string"}}},
+          "description": "The report (non-finite numbers are null)."},
+    **error_responses(503)})
 def read_job_report(
     job_id: str,
     owner: CurrentOwner,
     session: SessionDep,
     store: StorageDep,
-    format: Annotated[Literal["json", "html"], Query()] = "json",
+    format: Annotated[Literal["json", "html"], Query(description="json (default) or html.")] = "json",
 ) -> Response:
     """The job's robustness report as JSON, or as an HTML page with `?format=html`."""
     job = _owned_job(session, owner.id, job_id)
-    key = _report_artifact(session, job, "report_html" if format == "html" else "report_json", store)
+    key = _report_artifact(session, job, "report_html" if format == "html" else "report_json")
     try:
         data = store.read_bytes(key, max_bytes=MAX_REPORT_BYTES)
     except StorageError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"Job '{job.id}' has no report yet.") from None
     if format == "html":
         return HTMLResponse(data.decode("utf-8", "replace"))
-    return JSONResponse(json.loads(data))
+    return FiniteJSONResponse(json.loads(data))

@@ -21,17 +21,19 @@ from sqlalchemy.orm import Session
 
 from api.auth import Owner
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, not_found
-from api.errors import pydantic_sentence
+from api.errors import error_responses, pydantic_sentence
 from api.labels import LabelFilterDep
 from api.routes._common import owned_or_404
 from api.routes.jobs import KEEPALIVE_S, plan_job, require_json
+from api.routing import KdigaRoute
 from api.schemas import JobCreate, Page
 from api.schemas_mlops import PipelineCreate, PipelinePublic, PipelineStep, PipelineStepPublic, Ref, StepRef
 from kdiga_service import crud, pipelines
 from kdiga_service.models import FINISHED_STATES, ApiKey, Job, Pipeline, new_id
 from kdiga_service.settings import Settings
 
-router = APIRouter(prefix="/pipelines", tags=["pipelines"])
+router = APIRouter(prefix="/pipelines", tags=["pipelines"], route_class=KdigaRoute,
+                   responses=error_responses(401, 404, 422))
 
 
 def unprocessable(detail: str) -> HTTPException:
@@ -97,7 +99,7 @@ class _Planner:
         planned = {"name": step.name, "kind": step.kind, "job_id": pipelines.step_job_id(self.pipeline_id, step.name),
                    "depends_on": sorted(set(deps)), "queue": plan.queue, "spec": plan.spec,
                    "dataset_id": plan.dataset_id, "teacher_id": plan.teacher_id, "labels": request.labels or {},
-                   "job_name": request.name}
+                   "job_name": request.name, "expected_work": plan.work.total}
         self.planned[step.name] = planned
         return planned
 
@@ -112,6 +114,7 @@ def _check_limit(session: Session, owner: Owner, settings: Settings, starting: i
             status.HTTP_429_TOO_MANY_REQUESTS,
             f"This pipeline starts {starting} jobs at once and this API key already has {active} active jobs; "
             f"its limit is {limit}.",
+            headers={"Retry-After": str(settings.retry_after_s)},
         )
 
 
@@ -142,7 +145,7 @@ def _owned(session: Session, owner_id: str, pipeline_id: str) -> Pipeline:
 
 # -- routes ----------------------------------------------------------------------------------------
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=PipelinePublic,
-             dependencies=[Depends(require_json)])
+             dependencies=[Depends(require_json)], responses=error_responses(409, 413, 415, 429, 503))
 def create_pipeline(body: PipelineCreate, owner: CurrentOwner, session: SessionDep,
                     settings: SettingsDep) -> PipelinePublic:
     """Create a pipeline: its first steps start now, each later one when the steps it refers to succeed."""
@@ -171,7 +174,8 @@ def read_pipeline(pipeline_id: str, owner: CurrentOwner, session: SessionDep) ->
     return pipeline_public(session, _owned(session, owner.id, pipeline_id))
 
 
-@router.post("/{pipeline_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=PipelinePublic)
+@router.post("/{pipeline_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=PipelinePublic,
+             responses=error_responses(409, 503))
 def cancel_pipeline(pipeline_id: str, owner: CurrentOwner, session: SessionDep) -> PipelinePublic:
     """Cancel a pipeline: no further step starts, and its running steps stop at their next step."""
     pipe = _owned(session, owner.id, pipeline_id)

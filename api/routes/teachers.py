@@ -1,29 +1,34 @@
-"""Teacher models: upload (validated by the worker), list, read, delete."""
+"""Teacher models: upload (validated by the worker; idempotent with `Idempotency-Key`), list, read, delete."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, Header, HTTPException, Request, Response, status
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep
+from api.errors import error_responses
 from api.labels import LabelFilterDep
 from api.routes._common import (
-    QueueUnavailable,
+    IDEMPOTENCY_KEY_DOC,
     delete_with_file,
-    log,
+    find_replay,
     owned_or_404,
     parse_json_field,
-    publish,
-    queue_down,
+    publish_or_undo_async,
+    replay,
+    request_digest,
 )
+from api.routing import KdigaRoute
 from api.schemas import Page, TeacherMetadata, TeacherPublic
 from api.uploads import (
     PICKLE_REFUSED,
     TORCHSCRIPT_REFUSED,
     UNKNOWN_MODEL_FORMAT,
+    Upload,
     receive_upload,
     sniff_model_format,
 )
@@ -32,9 +37,26 @@ from kdiga_service.catalog import check_name
 from kdiga_service.models import Teacher
 from kdiga_service.queue import VALIDATE_TEACHER, validation_queue
 from kdiga_service.settings import Settings
-from kdiga_service.storage import ArtifactStore, StoredObject, new_key
+from kdiga_service.storage import StoredObject, new_key
 
-router = APIRouter(prefix="/teachers", tags=["teachers"])
+router = APIRouter(prefix="/teachers", tags=["teachers"], route_class=KdigaRoute,
+                   responses=error_responses(401, 404, 422))
+
+UPLOAD_DESCRIPTION = """Upload a teacher (safetensors + metadata, or ONNX); the worker validates it.
+
+Send `multipart/form-data` with a `file` part (safetensors weights or an ONNX file; pickled
+`torch.save` checkpoints are refused) and a `metadata` part holding JSON (TeacherMetadata), for example
+`{"name": "robust-cnn", "arch": "cnn_medium", "num_classes": 10, "in_chans": 1, "img_size": 8,
+"mean": [0.5], "std": [0.5]}`. `arch` and `num_classes` are required for safetensors.
+
+**Normalisation**: inputs are pixels in [0, 1] and the model normalises them inside with `mean`/`std`
+(one value per channel). When they are omitted, a safetensors teacher uses **0.5 per channel** (or the
+mean/std tensors stored in the file, if it has them: validation records what it found), and an ONNX
+teacher uses **none** (its exported graph is expected to normalise itself). The answer's
+`normalization` states what the model will use.
+
+The answer is 202 with `status: validating`; poll `GET /v1/teachers/{id}` until `ready` or `invalid`.
+"""
 
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -50,7 +72,12 @@ UPLOAD_BODY: dict[str, Any] = {
                             "format": "binary",
                             "description": "safetensors or ONNX file",
                         },
-                        "metadata": {"type": "string", "description": "JSON: TeacherMetadata"},
+                        "metadata": {
+                            "type": "string",
+                            "description": "JSON (TeacherMetadata), e.g. "
+                            '{"name": "robust-cnn", "arch": "cnn_medium", "num_classes": 10, "in_chans": 1, '
+                            '"img_size": 8}',
+                        },
                     },
                 }
             }
@@ -75,12 +102,15 @@ def _check_format(fmt: str, meta: TeacherMetadata, settings: Settings) -> None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
 
 
-def _check_early(fields: dict[str, str]) -> None:
-    """Metadata checks that need no file (run before the file streams in, when metadata comes first)."""
-    if "metadata" in fields:
-        meta = parse_json_field(fields["metadata"], TeacherMetadata)
-        if meta.arch is not None and (message := check_name("architectures", meta.arch)):
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+def _early_check(settings: Settings) -> Any:
+    def check(fields: dict[str, str]) -> None:
+        """Metadata checks that need no file (run before the file streams in, when metadata comes first)."""
+        if "metadata" in fields:
+            meta = parse_json_field(fields["metadata"], TeacherMetadata, max_bytes=settings.max_json_bytes)
+            if meta.arch is not None and (message := check_name("architectures", meta.arch)):
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+
+    return check
 
 
 def _insert_teacher(
@@ -90,58 +120,87 @@ def _insert_teacher(
     fmt: str,
     stored: StoredObject,
     filename: str | None,
-) -> Teacher:
-    spec = meta.model_dump(exclude={"name", "labels"})
-    teacher = crud.create_teacher(
-        session,
-        owner_id=owner_id,
-        name=meta.name or filename or "teacher",
-        format=fmt,
-        stored=stored,
-        spec=spec,
-        labels=meta.labels,
-    )
-    session.commit()
+    key: str | None,
+    digest: str,
+) -> Teacher | None:
+    """Insert and commit the row; None when a concurrent upload with the same Idempotency-Key won."""
+    try:
+        teacher = crud.create_teacher(
+            session,
+            owner_id=owner_id,
+            name=meta.name or (filename or "teacher")[:200],
+            format=fmt,
+            stored=stored,
+            spec=meta.model_dump(exclude={"name", "labels"}),
+            labels=meta.labels,
+            idempotency_key=key,
+            request_hash=digest,
+        )
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if key is None:
+            raise
+        return None
     return teacher
 
 
-def _undo(session: Session, store: ArtifactStore, key: str, row: Teacher | None = None) -> None:
-    if row is not None:
-        session.delete(row)
-        session.commit()
-    store.delete(key)
+async def _teacher_row(session: Session, owner_id: str, meta: TeacherMetadata, fmt: str, upload: Upload,
+                       key: str | None, digest: str) -> Teacher:
+    """The row for this upload: an earlier one made with the same Idempotency-Key, else a new one."""
+    if earlier := await to_thread.run_sync(find_replay, session, Teacher, owner_id, key):
+        return earlier  # type: ignore[no-any-return]
+    assert upload.stored is not None
+    inserted = await to_thread.run_sync(_insert_teacher, session, owner_id, meta, fmt, upload.stored,
+                                        upload.filename, key, digest)
+    if inserted is not None:
+        return inserted
+    return await to_thread.run_sync(find_replay, session, Teacher, owner_id, key)  # type: ignore[no-any-return]
+
+
+def upload_digest(kind: str, sha256: str, metadata: dict[str, Any]) -> str:
+    """What makes two uploads the same request: the file's content and the normalised metadata."""
+    return request_digest({"kind": kind, "sha256": sha256, "metadata": metadata})
 
 
 @router.post(
-    "", status_code=status.HTTP_202_ACCEPTED, response_model=TeacherPublic, openapi_extra=UPLOAD_BODY
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TeacherPublic,
+    openapi_extra=UPLOAD_BODY,
+    description=UPLOAD_DESCRIPTION,
+    responses={200: {"model": TeacherPublic, "description": "An earlier upload with this Idempotency-Key."},
+               **error_responses(400, 409, 413, 415, 503)},
 )
 async def create_teacher(
-    request: Request, owner: CurrentOwner, session: SessionDep, settings: SettingsDep, store: StorageDep
+    request: Request,
+    response: Response,
+    owner: CurrentOwner,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StorageDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200, description=IDEMPOTENCY_KEY_DOC)] = None,
 ) -> Teacher:
     """Upload a teacher (safetensors + metadata, or ONNX); the worker validates it."""
     key = new_key(f"teachers/{owner.id}")
     upload = await receive_upload(
-        request, store, key=key, max_bytes=settings.max_upload_bytes, check_fields=_check_early
+        request, store, key=key, max_bytes=settings.max_upload_bytes, check_fields=_early_check(settings)
     )
     assert upload.stored is not None
     try:
-        meta = parse_json_field(upload.fields.get("metadata"), TeacherMetadata)
+        meta = parse_json_field(upload.fields.get("metadata"), TeacherMetadata, max_bytes=settings.max_json_bytes)
         fmt = await to_thread.run_sync(sniff_model_format, store, key, upload.head, upload.filename)
         _check_format(fmt, meta, settings)
-        teacher = await to_thread.run_sync(
-            _insert_teacher, session, owner.id, meta, fmt, upload.stored, upload.filename
-        )
+        digest = upload_digest("teacher", upload.stored.sha256, meta.model_dump(mode="json"))
+        teacher = await _teacher_row(session, owner.id, meta, fmt, upload, idempotency_key, digest)
     except BaseException:
         await to_thread.run_sync(store.delete, key)
         raise
-    try:
-        await to_thread.run_sync(
-            lambda: publish(settings, VALIDATE_TEACHER, teacher.id, queue=validation_queue(settings))
-        )
-    except QueueUnavailable:
-        log.warning("broker unavailable; teacher %s removed", teacher.id)
-        await to_thread.run_sync(_undo, session, store, key, teacher)
-        raise queue_down() from None
+    if teacher.storage_key != key:  # an earlier upload with this key: keep its file, drop this one
+        await to_thread.run_sync(store.delete, key)
+        return replay(teacher, digest, idempotency_key or "", response)  # type: ignore[no-any-return]
+    await publish_or_undo_async(session, settings, teacher, task=VALIDATE_TEACHER,
+                                queue=validation_queue(settings), store=store, what="teacher")
     return teacher
 
 
@@ -161,7 +220,7 @@ def read_teacher(teacher_id: str, owner: CurrentOwner, session: SessionDep) -> T
     return owned_or_404(session, Teacher, owner.id, teacher_id, "Teacher")
 
 
-@router.delete("/{teacher_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{teacher_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(409))
 def delete_teacher(teacher_id: str, owner: CurrentOwner, session: SessionDep, store: StorageDep) -> Response:
     """Delete a teacher and its file (409 while an active job uses it)."""
     teacher = owned_or_404(session, Teacher, owner.id, teacher_id, "Teacher")

@@ -9,7 +9,9 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentOwner, SessionDep
+from api.errors import error_responses
 from api.routes._common import owned_or_404
+from api.routing import KdigaRoute
 from api.schemas_mlops import (
     DeliveriesPublic,
     DeliveryPublic,
@@ -24,7 +26,7 @@ from kdiga_service.models import Job, WebhookSecret, utcnow
 from kdiga_service.settings import Settings
 from kdiga_service.webhooks import UrlPolicy, UrlRefused, check_url
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], route_class=KdigaRoute, responses=error_responses(401, 404, 422))
 
 NO_SECRET = ("This API key has no webhook signing secret yet; create one with POST /v1/webhooks/secret "
              "(it is shown once) before asking for webhooks.")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -15,11 +18,12 @@ from kdiga_service.settings import Settings
 from kdiga_service.storage import get_storage
 
 MAX_UPLOAD = 64 * 1024
+RUN_ID = uuid.uuid4().hex[:10]  # this test session's queue and database names
 REDIS_URL = os.environ.get("KDIGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-RUN_ID = uuid.uuid4().hex[:10]
 
 
 def make_settings(home: Any, database_url: str, **overrides: Any) -> Settings:
+    """Test settings: the real Redis on this run's queue names, small limits."""
     values: dict[str, Any] = dict(
         home=home,
         database_url=database_url,
@@ -110,3 +114,27 @@ def finish(client: TestClient, job_id: str, *, artifacts: dict[str, bytes] | Non
             stored = store.write_bytes(f"jobs/{job_id}/{kind}", data)
             crud.add_artifact(session, job=job, name=f"{kind}.bin", kind=kind, stored=stored)
         assert crud.finish_job(session, job_id, result={"ok": True}, worker_id="test-worker")
+
+
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Run `app` under a real uvicorn server on a free loopback port (in a thread); yields its URL."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

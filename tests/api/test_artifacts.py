@@ -23,7 +23,7 @@ def test_download_artifact(client, owner, other):
     r = client.get(f"/v1/artifacts/{art['id']}", headers=owner)
     assert r.status_code == 200 and r.content == weights
     assert r.headers["content-length"] == str(len(weights))
-    assert r.headers["content-disposition"] == "attachment; filename*=UTF-8''student_weights.bin"
+    assert r.headers["content-disposition"] == 'attachment; filename="student_weights.bin"; filename*=UTF-8\'\'student_weights.bin'
     assert r.headers["x-content-sha256"] == art["sha256"]
     r = client.get(f"/v1/artifacts/{art['id']}", headers=other)
     assert r.status_code == 404 and r.json() == {"detail": f"Artifact '{art['id']}' not found."}

@@ -201,7 +201,12 @@ def test_idempotency_key(client, owner, other, ready, redis_client, settings):
     assert _queued_job_ids(redis_client, settings.queue_train).count(first.json()["id"]) == 1
     r = client.post("/v1/jobs", headers=headers, json={**body, "name": "different"})
     assert r.status_code == 409
-    assert r.json() == {"detail": "Idempotency-Key 'abc-123' was already used with a different request body."}
+    assert r.json() == {"detail": "Idempotency-Key 'abc-123' was already used with a different request."}
+    # The same request with every default written out is the same request (the normalised spec is hashed).
+    spelled_out = {**body, "objective": ObjectiveConfigSchema().model_dump(), "evaluation": EvalConfigSchema().model_dump(),
+                   "train": TrainConfigSchema(epochs=1).model_dump()}
+    r = client.post("/v1/jobs", headers=headers, json=spelled_out)
+    assert r.status_code == 200 and r.json()["id"] == first.json()["id"]
     other_ready = (ready_dataset(client, other), ready_teacher(client, other))
     r = client.post(
         "/v1/jobs", headers={**other, "Idempotency-Key": "abc-123"}, json=distill_body(*other_ready)
