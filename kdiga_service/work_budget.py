@@ -12,7 +12,10 @@ The formula (an upper bound: AutoAttack's later attacks run only on points that 
 earlier ones, and cached teacher outputs are not subtracted):
 
     work = training + evaluation
-    training   = epochs × train_size × passes_per_sample(method)
+    training   = epochs × train_size × passes_per_sample(method) × runs
+        runs = objective.sweep.budget for kdiga with gamma "auto" (the KD reference, the γ trials and
+               the final run together, kdiga_core.sweep keeps within it; the API writes the default
+               sweep out), else 1
         ce 2 (student forward + backward) · kd 3 (+ teacher forward)
         kdiga 8 (teacher forward + input-gradient backward 2; student forward, input-gradient
                 backward and the double backward through it ≈ 6 student forwards, design.md §8)
@@ -135,7 +138,14 @@ def training_passes(spec: dict[str, Any], train_size: int) -> int:
         return 0
     fixed, per_step = TRAINING_PASSES.get(str(objective.get("method")), (8, 2))
     per_sample = fixed + per_step * int(objective.get("attack_steps", 0))
-    return int(train.get("epochs", 0)) * train_size * per_sample
+    return int(int(train.get("epochs", 0)) * train_size * per_sample * training_runs(objective))
+
+
+def training_runs(objective: dict[str, Any]) -> float:
+    """Training runs of the job's TrainConfig the objective costs: a γ sweep's budget, else 1."""
+    if objective.get("method") == "kdiga" and objective.get("gamma") == "auto":
+        return float((objective.get("sweep") or {}).get("budget", 1.0))
+    return 1.0
 
 
 def _attack_passes(attack: dict[str, Any], square_queries: int) -> int:

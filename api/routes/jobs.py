@@ -42,6 +42,7 @@ from api.schemas import (
     JobStatus,
     ObjectiveConfigSchema,
     Page,
+    SweepConfigSchema,
     TrainConfigSchema,
 )
 from kdiga_service import crud
@@ -129,6 +130,9 @@ def objective_schema(body: JobCreate) -> ObjectiveConfigSchema:
     objective = body.objective or ObjectiveConfigSchema(method=default_method)  # type: ignore[arg-type]
     if "method" not in objective.model_fields_set:
         objective = objective.model_copy(update={"method": default_method})
+    if objective.method == "kdiga" and objective.gamma == "auto" and objective.sweep is None:
+        # written out, so the stored spec (and the work estimate) carries the sweep's budget
+        objective = objective.model_copy(update={"sweep": SweepConfigSchema()})
     return objective
 
 

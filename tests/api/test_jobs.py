@@ -12,7 +12,7 @@ from api_helpers import distill_body, finish, new_key, ready_dataset, ready_teac
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from api.schemas import EvalConfigSchema, ObjectiveConfigSchema, TrainConfigSchema
+from api.schemas import EvalConfigSchema, ObjectiveConfigSchema, SweepConfigSchema, TrainConfigSchema
 from kdiga_service import crud
 from kdiga_service.catalog import load_catalog, unknown_name_message
 
@@ -47,7 +47,8 @@ def test_create_distill_job_enqueues_by_name(client, owner, ready, redis_client,
         and job["name"] == "demo"
         and job["attempts"] == 0
     )
-    assert job["spec"]["objective"] == ObjectiveConfigSchema().model_dump()
+    # γ "auto" is the default, and its sweep is written out (its budget is part of the work estimate)
+    assert job["spec"]["objective"] == {**ObjectiveConfigSchema().model_dump(), "sweep": SweepConfigSchema().model_dump()}
     assert job["spec"]["train"] == TrainConfigSchema(epochs=1).model_dump()
     assert job["spec"]["evaluation"] == EvalConfigSchema().model_dump()
     assert job["spec"]["student"]["arch"] == "cnn_tiny" and job["artifacts"] == []

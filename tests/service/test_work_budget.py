@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 from kdiga_service.settings import Settings
-from kdiga_service.work_budget import JobLimits, WorkEstimate, budget_problem, check_parameters, estimate_work
+from kdiga_service.work_budget import (
+    JobLimits,
+    WorkEstimate,
+    budget_problem,
+    check_parameters,
+    estimate_work,
+    training_passes,
+)
 
 LIMITS = JobLimits.from_settings(Settings())
 
@@ -66,3 +73,10 @@ def test_module_is_pure_python():
 
     code = "import sys, kdiga_service.work_budget; assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_gamma_sweep_multiplies_the_training_work_by_its_budget():
+    fixed = {"train": {"epochs": 2}, "objective": {"method": "kdiga", "gamma": 5.0, "attack_steps": 0}}
+    auto = {"train": {"epochs": 2},
+            "objective": {"method": "kdiga", "gamma": "auto", "attack_steps": 0, "sweep": {"budget": 3.0}}}
+    assert training_passes(auto, 100) == 3 * training_passes(fixed, 100) > 0
