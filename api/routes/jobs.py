@@ -318,16 +318,16 @@ def create_job(
         return replay(existing, digest, idempotency_key or "", response)  # type: ignore[no-any-return]
     plan = plan_job(session, owner.id, body, settings)
     _check_limits(session, owner, settings, plan.work)
-    job = Job(
+    new = Job(
         owner_id=owner.id, kind=body.kind, name=body.name, queue=plan.queue, spec=plan.spec,
         dataset_id=plan.dataset.id, teacher_id=plan.teacher_id, idempotency_key=idempotency_key,
         request_hash=digest, progress={"phase": "queued", "percent": 0.0}, labels=body.labels or {},
         expected_work=min(plan.work.total, MAX_BIGINT),
     )
-    job = insert_once(session, job, before_commit=crud.job_created, on_duplicate=lambda: replay(
+    job = insert_once(session, new, before_commit=crud.job_created, on_duplicate=lambda: replay(
         find_replay(session, Job, owner.id, idempotency_key), digest, idempotency_key or "", response))
-    if response.status_code == status.HTTP_200_OK:
-        return job
+    if job is not new:  # a concurrent request with the same Idempotency-Key made it first: already queued
+        return job  # type: ignore[no-any-return]
     publish_or_undo(session, settings, job, task=RUN_JOB, queue=plan.queue, what="job")
     log.info("job %s queued on %s (expected work %.3g passes)", job.id, plan.queue, plan.work.total)
     return job
