@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from kdiga_core import data as data_mod
+from kdiga_core import distributed, formats, models
 from kdiga_core import evaluate as evaluate_mod
-from kdiga_core import formats, models
 from kdiga_core.artifacts import ARTIFACT_KINDS, artifact
 from kdiga_core.config import EvalConfig, ModelSpec, ObjectiveConfig, TrainConfig
 from kdiga_core.errors import CancelledError, KdigaError
@@ -287,6 +287,8 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     result = train(student, job.data, objective, train_cfg, teacher=teacher, on_step=progress,
                    should_cancel=job.hooks.should_cancel, checkpoint_dir=job.workdir / "checkpoint",
                    on_checkpoint=job.hooks.on_checkpoint, resume=resume)
+    if not distributed.is_main():  # DDP: rank 0 alone evaluates and exports
+        return {"artifacts": [], "metrics": {}, "report": {}}
     # evaluated where it was trained; the bundle export takes its own CPU copy
     report = _report(result.model.eval(), teacher, job, progress)
     if sweep is not None:
@@ -373,9 +375,11 @@ def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cf
     name, kind = ("student", "student_weights") if job.kind == "distill" else ("model", "model_weights")
     training = {"kind": job.kind, "objective": objective.to_dict(), "train": train_cfg.to_dict(),
                 "dataset": job.data.name, "steps": result.steps, "seconds": round(result.seconds, 2),
+                "resumed_from_step": result.resumed_from_step, "compute": distributed.batch_plan(train_cfg),
                 "labels": dict(job.spec.get("labels") or {})}
     if sweep is not None:  # the model card says γ was chosen, and how long choosing took
         training["gamma_auto"] = {"chosen": sweep.gamma, "sweep_seconds": round(sweep.seconds, 2)}
+    report["compute"] = training["compute"]  # devices, effective batch and learning rate, in the report
     headline = headline_metrics(report)
     artifacts = formats.save_model_bundle(result.model, job.out, name=name, weights_kind=kind, training=training,
                                           metrics=headline)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from kdiga_service.settings import Settings
 
 RUN_JOB = "kdiga.run_job"
+JOIN_JOB = "kdiga.join_job"  # another host of a multi-host job: take a place in its gang (worker.gang)
 VALIDATE_TEACHER = "kdiga.validate_teacher"
 VALIDATE_DATASET = "kdiga.validate_dataset"
 VALIDATION_TASKS = (VALIDATE_TEACHER, VALIDATE_DATASET)
@@ -27,6 +28,6 @@ def validation_queue(settings: Settings) -> str:
 
 def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
     """Celery's default `task_routes` (every publish also names its queue explicitly)."""
-    routes = {RUN_JOB: {"queue": settings.queue_train}}
+    routes = {RUN_JOB: {"queue": settings.queue_train}, JOIN_JOB: {"queue": settings.queue_train}}
     routes.update({name: {"queue": validation_queue(settings)} for name in VALIDATION_TASKS})
     return routes
