@@ -233,5 +233,6 @@ def join_job(job_id: str, rendezvous_id: str, *, settings: Settings | None = Non
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if code != 0:
-        log.warning("this host's ranks failed", extra={"job_id": job_id, "why": failure_of(launch.tail(60), code)})
+        log.warning("this host's ranks ended early", extra={"job_id": job_id, "why": failure_of(launch.tail(60), code),
+                                                            "torchrun_log": launch.tail()})
     return Outcome("joined", f"torchrun exited with code {code}")

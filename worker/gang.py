@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from kdiga_service import crud
-from kdiga_service.models import CANCELLING, FINISHED_STATES, RUNNING, Job
+from kdiga_service.models import CANCELLING, FINISHED_STATES, RUNNING, SUCCEEDED, Job
 from kdiga_service.queue import JOIN_JOB
 from kdiga_service.settings import Settings
 from worker.common import Outcome, session_for
@@ -108,14 +109,17 @@ def is_current(row: Job | None, rendezvous_id: str) -> bool:
     return row is not None and row.status in (RUNNING, CANCELLING) and row.rendezvous_id == rendezvous_id
 
 
-def still_current(job_id: str, rendezvous_id: str, s: Settings, every_s: float = 2.0):
-    """A `keep_going` callback for a member's torchrun: the rendezvous is still the job's (checked every_s)."""
+def still_current(job_id: str, rendezvous_id: str, s: Settings, every_s: float = 2.0) -> Callable[[], bool]:
+    """A `keep_going` callback for a member's torchrun (the row read every `every_s`): the job still
+    runs this rendezvous, or has just succeeded in it (torchrun then exits by itself)."""
     last, answer = -float("inf"), True
 
     def check() -> bool:
         nonlocal last, answer
         if time.monotonic() - last >= every_s:
-            last, answer = time.monotonic(), is_current(_reload(job_id, s), rendezvous_id)
+            row = _reload(job_id, s)
+            done = row is not None and row.status == SUCCEEDED and row.rendezvous_id == rendezvous_id
+            last, answer = time.monotonic(), done or is_current(row, rendezvous_id)
         return answer
 
     return check
