@@ -123,18 +123,24 @@ def _timing(clock: list[float], cfg: dict[str, Any], ctx, wall: float) -> dict[s
 
 def launch(world: int, cfg: dict[str, Any], workdir: Path, timeout_s: float) -> dict[str, Any]:
     """One world size: torchrun with `world` ranks on this machine; rank 0's timing."""
+    return _launch_mode("scaling", world, cfg, workdir, timeout_s)
+
+
+def _launch_mode(mode: str, world: int, cfg: dict[str, Any], workdir: Path, timeout_s: float) -> Any:
     cfg_path, out_path = workdir / "cfg.json", workdir / f"world{world}.json"
     cfg_path.write_text(json.dumps(cfg))
+    out_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "benchmarks.ddp_bench", "--rank-run", str(cfg_path), str(out_path)]
+           "-m", "benchmarks.ddp_bench", "--mode", mode, "--rank-run", str(cfg_path), str(out_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if cfg["threads_per_rank"]:
-        env["OMP_NUM_THREADS"] = str(cfg["threads_per_rank"])
+    if cfg.get("threads_per_rank") or mode == "batchnorm":
+        env["OMP_NUM_THREADS"] = str(cfg.get("threads_per_rank") or 1)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     if proc.returncode != 0 or not out_path.exists():
         raise RuntimeError(f"torchrun with {world} rank(s) failed (code {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {**json.loads(out_path.read_text()), "launch_wall_s": round(time.perf_counter() - started, 2)}
+    found = json.loads(out_path.read_text())
+    return {**found, "launch_wall_s": round(time.perf_counter() - started, 2)} if isinstance(found, dict) else found
 
 
 def machine(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -164,6 +170,90 @@ def scaling(cfg: dict[str, Any], worlds: list[int], timeout_s: float, log=print)
     return {"settings": cfg, "machine": machine(cfg), "runs": runs, "scaling_efficiency": efficiency, "note": note}
 
 
+# ----------------------------------------------------------------------------- per-rank BatchNorm
+
+BN_ARCHS = ("resnet_small", "cnn_small")  # with BatchNorm, and without it (the control)
+BN_EFFECTIVE_BATCH = 64
+
+
+def bn_rank_main(cfg_path: str, out_path: str) -> None:
+    """One rank of the BatchNorm comparison: KDIGA on digits, then rank 0's test accuracy (clean, PGD)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kdiga_core import distributed
+    from kdiga_core.attacks import build_attack
+    from kdiga_core.config import AttackSpec, ObjectiveConfig, TrainConfig
+    from kdiga_core.data import load_builtin
+    from kdiga_core.models import create_model
+    from kdiga_core.train import train
+
+    cfg = json.loads(Path(cfg_path).read_text())
+    torch.set_num_threads(1)
+    ctx = distributed.init_from_env("cpu", timeout_s=600)
+    data = load_builtin("digits")
+    teacher = create_model("cnn_medium", 10, in_chans=1, img_size=8)
+    teacher.load_state_dict(load_file(cfg["teacher"]))
+    found = []
+    for seed in range(cfg["seeds"]):
+        torch.manual_seed(seed)
+        student = create_model(cfg["arch"], 10, in_chans=1, img_size=8)
+        train_cfg = TrainConfig(epochs=cfg["epochs"], batch_size=BN_EFFECTIVE_BATCH // ctx.world_size, lr=0.05,
+                                seed=seed, device="cpu")
+        objective = ObjectiveConfig(method="kdiga", gamma=1.0, iga_mode="exact")
+        train(student, data, objective, train_cfg, teacher=teacher)
+        x, y = data.x_test, data.y_test
+        with torch.no_grad():
+            clean = (student(x).argmax(1) == y).float().mean().item()
+        x_adv = build_attack(AttackSpec("pgd", eps=0.1, steps=10), seed=seed)(student, x, y)
+        with torch.no_grad():
+            found.append({"clean": clean, "pgd": (student(x_adv).argmax(1) == y).float().mean().item()})
+    if ctx.is_main:
+        Path(out_path).write_text(json.dumps(found))
+    distributed.teardown()
+
+
+def batchnorm_effect(seeds: int, epochs: int, timeout_s: float, log=print) -> dict[str, Any]:
+    """KDIGA students with and without BatchNorm, 1 process vs 2 gloo ranks at the same effective
+    batch (64 vs 2 × 32) and learning rate, over seeds: test accuracy mean ± std."""
+    from safetensors.torch import save_file
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="kdiga-bn-bench-") as tmp:
+        teacher = Path(tmp) / "teacher.safetensors"
+        save_file(_digits_teacher(), str(teacher))
+        for arch in BN_ARCHS:
+            for world in (1, 2):
+                log(f"batchnorm bench: {arch}, {world} rank(s), {seeds} seeds ...")
+                cfg = {"arch": arch, "seeds": seeds, "epochs": epochs, "teacher": str(teacher)}
+                runs = _launch_mode("batchnorm", world, cfg, Path(tmp), timeout_s)
+                results[f"{arch} x{world}"] = {k: _mean_std([r[k] for r in runs]) for k in ("clean", "pgd")}
+    return {"settings": {"seeds": seeds, "epochs": epochs, "effective_batch": BN_EFFECTIVE_BATCH,
+                         "objective": "kdiga exact, gamma 1", "teacher": "cnn_medium, 10 epochs CE on digits",
+                         "attack": "PGD-10, Linf eps 0.1, digits test split"}, "results": results}
+
+
+def _digits_teacher() -> dict[str, Any]:
+    """A cnn_medium trained on digits (CE, 10 epochs, seed 0): the teacher of every run."""
+    import torch
+
+    from kdiga_core.config import ObjectiveConfig, TrainConfig
+    from kdiga_core.data import load_builtin
+    from kdiga_core.models import create_model
+    from kdiga_core.train import train
+
+    torch.manual_seed(0)
+    model = create_model("cnn_medium", 10, in_chans=1, img_size=8)
+    train(model, load_builtin("digits"), ObjectiveConfig(method="ce"), TrainConfig(epochs=10, batch_size=64,
+                                                                                  lr=0.05, device="cpu"))
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -179,6 +269,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=None)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per world size")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--mode", default="scaling", choices=["scaling", "batchnorm"],
+                        help="scaling: images/s over world sizes; batchnorm: accuracy of per-rank BatchNorm")
+    parser.add_argument("--seeds", type=int, default=3, help="batchnorm: seeds per configuration")
+    parser.add_argument("--epochs", type=int, default=10, help="batchnorm: training epochs")
     parser.add_argument("--rank-run", nargs=2, metavar=("CFG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.rank_run and not args.out:
@@ -189,7 +283,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rank_run:
-        rank_main(*args.rank_run)
+        (bn_rank_main if args.mode == "batchnorm" else rank_main)(*args.rank_run)
+        return 0
+    if args.mode == "batchnorm":
+        result = batchnorm_effect(args.seeds, args.epochs, args.timeout_s,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))  # noqa: T201
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["results"], indent=1))  # noqa: T201 - a command-line tool
         return 0
     cfg = settings(args)
     result = scaling(cfg, world_sizes(cfg, args.worlds), args.timeout_s,

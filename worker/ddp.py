@@ -40,7 +40,6 @@ from worker import gang
 from worker.checkpoints import download_checkpoint
 from worker.common import Outcome, scratch_dir, session_for
 from worker.inputs import prepare_inputs
-from worker.runner import _fail, _finish_cancelled
 from worker.torchrun import Launch, Rendezvous, advertised_host, free_port, rank_env
 
 log = logging.getLogger(__name__)
@@ -188,6 +187,20 @@ def failure_of(torchrun_log: str, code: int) -> str:
         return f"torchrun exited with code {code}"
     rank, exitcode, signame = match.groups()
     return f"rank {rank} was killed by {signame}" if signame else f"rank {rank} exited with code {exitcode}"
+
+
+def _fail(job: Job, s: Settings, me: str, error: str) -> Outcome:
+    with session_for(s) as session:
+        crud.fail_job(session, job.id, error=error, worker_id=me)
+    log.error("job failed", extra={"job_id": job.id, "error": error})
+    return Outcome("failed", error)
+
+
+def _finish_cancelled(job: Job, s: Settings, me: str) -> Outcome:
+    with session_for(s) as session:
+        crud.mark_cancelled(session, job.id, worker_id=me)
+    log.info("job cancelled", extra={"job_id": job.id})
+    return Outcome("cancelled")
 
 
 # ----------------------------------------------------------------------------- every host

@@ -246,8 +246,8 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
     if problem := check_parameters(spec, JobLimits.from_settings(settings)):
         raise unprocessable(problem)
     work = estimate_work(spec, train_size=dataset.train_size or 0, test_size=dataset.test_size or 0)
-    return JobPlan(spec=spec, queue=job_queue(settings, body.kind), dataset=dataset, teacher_id=teacher_id,
-                   work=work)
+    queue = job_queue(settings, body.kind, spec["resources"]["devices_per_node"])
+    return JobPlan(spec=spec, queue=queue, dataset=dataset, teacher_id=teacher_id, work=work)
 
 
 def normalised_request(body: JobCreate) -> dict[str, Any]:

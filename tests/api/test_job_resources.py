@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from api_helpers import distill_body, ready_dataset, ready_teacher
 
@@ -11,7 +13,7 @@ def ready(client, owner):
     return ready_dataset(client, owner), ready_teacher(client, owner)
 
 
-def test_resources_default_to_one_device_and_are_kept(client, owner, ready):
+def test_resources_default_to_one_device_and_are_kept(client, owner, ready, redis_client, settings):
     r = client.post("/v1/jobs", headers=owner, json=distill_body(*ready))
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["resources"] == {"nodes": 1, "devices_per_node": 1}
@@ -22,6 +24,9 @@ def test_resources_default_to_one_device_and_are_kept(client, owner, ready):
     spec = r.json()["spec"]
     assert spec["resources"] == {"nodes": 2, "devices_per_node": 4}
     assert spec["train"]["grad_accum_steps"] == 2 and spec["train"]["lr_scaling"] == "linear"
+    # published to the queue of workers that see 4 devices
+    queued = [json.loads(m)["headers"]["argsrepr"] for m in redis_client.lrange(f"{settings.queue_train}-x4", 0, -1)]
+    assert any(r.json()["id"] in args for args in queued)
 
 
 AUTHOR = {"method": "kdiga", "iga_reduction": "author"}

@@ -192,7 +192,7 @@ def workers(tmp_path_factory, teacher_file):
 def _run(workers, request) -> tuple[str, Job]:
     s = workers["settings"]
     job_id = h.create_job_row(s, workers["seeded"]["owner_id"], request)
-    enqueue(s, RUN_JOB, job_id, queue=s.queue_train)
+    enqueue(s, RUN_JOB, job_id, queue=h.job_row(s, job_id).queue)  # the API's queue: gpu-x2 for 2 devices
     return job_id, _finished(s, job_id)
 
 
@@ -227,7 +227,7 @@ def test_a_sigkilled_rank_resumes_from_the_checkpoint_and_succeeds_once(workers)
     store = get_storage(s)
     job_id = h.create_job_row(s, workers["seeded"]["owner_id"],
                               ddp_request(workers["seeded"], epochs=4, batch_size=8))
-    enqueue(s, RUN_JOB, job_id, queue=s.queue_train)
+    enqueue(s, RUN_JOB, job_id, queue=h.job_row(s, job_id).queue)  # the API's queue: gpu-x2 for 2 devices
     pointer = f"{checkpoint_prefix(job_id)}/latest.json"
     h.wait_for(lambda: store.exists(pointer), 240, interval=0.1, what="the first checkpoint")
     victim = h.wait_for(lambda: rank_pid(job_id, 1), 30, what="rank 1")
@@ -246,3 +246,15 @@ def test_a_sigkilled_rank_resumes_from_the_checkpoint_and_succeeds_once(workers)
     logs = b"".join(log.read_bytes() for log in workers["logs"])
     assert b"rank 1 was killed by SIGKILL" in logs
 
+
+
+def test_jobs_on_several_devices_per_host_have_their_own_queue(settings, monkeypatch):
+    from kdiga_service.queue import job_queue
+    from worker import launcher
+
+    assert job_queue(settings, "distill") == job_queue(settings, "distill", 1) == settings.queue_train
+    assert job_queue(settings, "adversarial_train", 4) == f"{settings.queue_train}-x4"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert launcher.visible_gpus() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert launcher.visible_gpus() == 0
