@@ -53,9 +53,10 @@ from kdiga_core.config import ObjectiveConfig, TrainConfig
 from kdiga_core.errors import KdigaError
 
 __all__ = [
-    "RankContext", "accumulation_groups", "agree", "all_reduce_sums", "batch_plan", "check_supported",
-    "context", "epoch_order", "init_from_env", "is_main", "lr_scale", "precompute_teacher", "sampler",
-    "seed_epoch", "steps_per_epoch", "sync_on", "teardown", "wrap",
+    "RankContext", "accumulation_groups", "agree", "all_reduce_sums", "batch_plan", "broadcast_model",
+    "check_supported", "combine_model_report", "context", "epoch_order", "evaluation_share", "init_from_env",
+    "is_main", "lr_scale", "precompute_teacher", "sampler", "seed_epoch", "steps_per_epoch", "sync_on",
+    "teardown", "wrap",
 ]
 
 log = logging.getLogger(__name__)
@@ -300,6 +301,65 @@ def _all_gather_rows(part: Tensor, ctx: RankContext) -> Tensor:
     parts = [torch.empty_like(part) for _ in range(ctx.world_size)]
     dist.all_gather(parts, part.contiguous())
     return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluation_share(index: Tensor, n_all: int, ctx: RankContext) -> Tensor:
+    """This rank's part of `index` (positions among `n_all` evaluation points): every world-th one
+    from its rank. All of it on one rank, and on every rank when there are fewer points than ranks
+    (then `combine_model_report` is the identity and no rank waits for another)."""
+    if not ctx.distributed or n_all < ctx.world_size:
+        return index
+    return index[ctx.rank::ctx.world_size]
+
+
+def combine_model_report(rep: dict[str, Any], n_mine: int, n_smoothing: int, ctx: RankContext,
+                         n_all: int) -> dict[str, Any]:
+    """One model's report measured on each rank's share, made the report of all the points.
+
+    Every accuracy in it (clean, per attack, AutoAttack's stages, the ε-curve, smoothing's certified
+    accuracies and mean radius) is a mean over points, so the whole set's is the mean of the ranks'
+    weighted by their points (one all-reduce); smoothing's count adds up.
+    """
+    if not ctx.distributed or n_all < ctx.world_size:
+        return rep
+    slots = _accuracy_slots(rep)
+    smoothing = rep.get("smoothing") or {}
+    weighted = {f"{i:06d}": container[key] * (n_smoothing if in_smoothing else n_mine)
+                for i, (container, key, in_smoothing) in enumerate(slots)}
+    sums = all_reduce_sums({**weighted, "n": n_mine, "n_smoothing": n_smoothing}, ctx)
+    for i, (container, key, in_smoothing) in enumerate(slots):
+        total = sums["n_smoothing"] if in_smoothing else sums["n"]
+        container[key] = sums[f"{i:06d}"] / total if total else container[key]
+    if smoothing:
+        smoothing["n_points"] = int(sums["n_smoothing"])
+    return rep
+
+
+def _accuracy_slots(rep: dict[str, Any]) -> list[tuple[dict[str, Any], str, bool]]:
+    """(container, key, belongs to smoothing) of every point-averaged number of a model's report,
+    in the same order on every rank."""
+    slots: list[tuple[dict[str, Any], str, bool]] = [(rep, "clean_accuracy", False)]
+    slots += [(rep["attacks"], key, False) for key in sorted(rep.get("attacks") or {})]
+    slots += [(stage, "robust_accuracy", False) for stage in rep.get("autoattack_breakdown") or []]
+    slots += [(point, "accuracy", False) for point in rep.get("eps_curve") or []]
+    smoothing = rep.get("smoothing") or {}
+    if smoothing:
+        slots += [(smoothing, "certified_accuracy", True), (smoothing, "mean_radius", True)]
+        slots += [(point, "certified_accuracy", True) for point in smoothing.get("curve") or []]
+    return slots
+
+
+def broadcast_model(model: nn.Module, ctx: RankContext) -> None:
+    """Give every rank rank 0's parameters and buffers (BatchNorm's running statistics drift apart in
+    the last step, each rank updating its own), so that each measures the model rank 0 saves."""
+    if not ctx.distributed:
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
 
 # ----------------------------------------------------------------------------- agreement and reductions

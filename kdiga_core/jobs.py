@@ -287,10 +287,11 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     result = train(student, job.data, objective, train_cfg, teacher=teacher, on_step=progress,
                    should_cancel=job.hooks.should_cancel, checkpoint_dir=job.workdir / "checkpoint",
                    on_checkpoint=job.hooks.on_checkpoint, resume=resume)
-    if not distributed.is_main():  # DDP: rank 0 alone evaluates and exports
-        return {"artifacts": [], "metrics": {}, "report": {}}
-    # evaluated where it was trained; the bundle export takes its own CPU copy
+    # evaluated where it was trained (DDP: each rank its share of the points); the bundle export takes its
+    # own CPU copy
     report = _report(result.model.eval(), teacher, job, progress)
+    if not distributed.is_main():  # DDP: rank 0 alone writes the files
+        return {"artifacts": [], "metrics": {}, "report": {}}
     if sweep is not None:
         points = evaluate_mod.evaluation_points(job.data, job.eval_cfg.max_points, seed=job.eval_cfg.seed)
         report["gamma_sweep"] = sweep.finish(report, points.x, points.y)

@@ -337,6 +337,7 @@ def train(
             if on_checkpoint is not None:
                 on_checkpoint(Path(checkpoint_dir))
 
+    distributed.broadcast_model(student, ctx)  # DDP: every rank returns rank 0's model, running stats included
     student.eval()
     return TrainResult(model=student, history=history, steps=global_step,
                        seconds=seconds_before + time.perf_counter() - started, resumed_from_step=resumed_from)

@@ -7,9 +7,11 @@ the row for a cancel (and broadcasts it), uploads checkpoints, stores the artifa
 the row, all under the owner id of the worker holding the job (so a rank of an attempt that was
 taken over writes nothing). The other ranks report nothing.
 
-Exit codes tell torchrun, and through it the worker, how the rank ended:
-0 finished or cancelled; 1 the job failed (recorded on the row); 75 the attempt died under it
-(a peer or host lost, a collective timed out): nothing is recorded and the worker retries.
+Exit codes tell torchrun, and through it the worker, how the rank ended: 0 finished (or, for the
+other ranks, cancelled); 1 the job failed (recorded on the row); 3 rank 0 recorded a cancel (not
+0, so that torchrun stops at once any rank still waiting in a collective, e.g. a cancel during the
+evaluation); 75 the attempt died under it (a peer or host lost, a collective timed out): nothing
+is recorded and the worker retries.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from worker.progress import Reporter
 
 log = logging.getLogger(__name__)
 
-EXIT_DONE, EXIT_FAILED, EXIT_ATTEMPT_DIED = 0, 1, 75
+EXIT_DONE, EXIT_FAILED, EXIT_CANCELLED, EXIT_ATTEMPT_DIED = 0, 1, 3, 75
 # What torch.distributed's gloo and NCCL errors say when a peer or the network went away.
 COMMUNICATION_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "broken pipe",
                         "socket", "store", "process group")
@@ -101,17 +103,19 @@ def _run(launch: dict[str, Any], s: Settings, ctx) -> int:
     try:
         result = _call_core(job, Path(launch["workdir"]), launch["inputs"], reporter, store, launch["resume"], s)
     except CancelledError:
-        if ctx.is_main and not reporter.lost:
+        if not ctx.is_main:
+            return EXIT_DONE
+        if not reporter.lost:
             _finish_cancelled(job, s, owner)
-        return EXIT_DONE
+        return EXIT_CANCELLED
     except Exception as exc:  # noqa: BLE001 - sorted out by _ended
         return _ended(launch, s, exc, rank=ctx.rank)
     if not ctx.is_main or reporter.lost:
         return EXIT_DONE
     if reporter.should_cancel(force=True):  # cancelled during the last phase: honour it
         _finish_cancelled(job, s, owner)
-    else:
-        _succeed(job, result, s, store, owner)
+        return EXIT_CANCELLED
+    _succeed(job, result, s, store, owner)
     return EXIT_DONE
 
 

@@ -83,6 +83,7 @@ def every_scenario(rank: int, world: int, port: int, out: str) -> None:
     ctx = join(rank, world, port, timeout_s=HUNG_TIMEOUT_S)
     gradient_match(ctx, out)
     train_loop(ctx, out)
+    sharded_evaluation(ctx, out)
     hung_peer(ctx, out)
 
 
@@ -169,6 +170,45 @@ def _cancel_step(ctx) -> int | None:
         dist.barrier()  # the group still pairs up after every rank stopped
         return len(forwards)
     return None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+EVAL = dict(attacks=[{"name": "pgd", "eps": 0.1, "steps": 5}], max_points=101, eps_curve=(0.0, 0.1),
+            curve_attack_steps=3, linearity_steps=3, smoothing_sigma=0.25, smoothing_points=21,
+            smoothing_samples=20, latency=False, batch_size=32)
+
+
+def digits_student():
+    """A cnn_tiny trained for 4 epochs on digits (about 50% accurate; under DDP when called in a rank)."""
+    from kdiga_core.data import load_builtin
+    from kdiga_core.train import train
+
+    data = load_builtin("digits")
+    torch.manual_seed(0)
+    model = create_model("cnn_tiny", num_classes=10, in_chans=1, img_size=8)
+    train(model, data, ObjectiveConfig(method="ce"), TrainConfig(epochs=4, batch_size=32, lr=0.1, device="cpu"))
+    torch.manual_seed(1)
+    teacher = create_model("cnn_tiny", num_classes=10, in_chans=1, img_size=8).eval()
+    return data, model.eval(), teacher
+
+
+def sharded_evaluation(ctx: distributed.RankContext, out: str) -> None:
+    """`evaluate` on every rank, each on its share of the points; twice, the second time with the
+    teacher's evaluation in rank 0's cache only (rank 1 has another folder, as on another host)."""
+    from safetensors.torch import save_file
+
+    from kdiga_core.config import EvalConfig
+    from kdiga_core.evaluate import DirectoryReportCache, evaluate
+
+    data, model, teacher = digits_student()
+    cfg = EvalConfig(**EVAL)
+    cache = DirectoryReportCache(Path(out, f"cache-rank{ctx.rank}"))
+    first = evaluate(model, data, cfg, teacher=teacher, teacher_cache=cache)
+    second = evaluate(model, data, cfg, teacher=teacher, teacher_cache=cache)
+    if ctx.is_main:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(out, "eval-model.safetensors")))
+    save(out, "eval", ctx.rank, {"first": first, "second": second})
 
 
 # ----------------------------------------------------------------------------- a hung peer

@@ -91,6 +91,37 @@ def test_rank_zero_cancel_stops_every_rank_at_the_same_step(runs):
     assert found(runs, "train", 0)["cancelled_at"] == found(runs, "train", 1)["cancelled_at"] == 2
 
 
+def test_evaluation_points_are_shared_out_and_gathered(runs):
+    from safetensors.torch import load_file
+
+    from kdiga_core.config import EvalConfig
+    from kdiga_core.evaluate import evaluate
+
+    data, model, teacher = ddp_ranks.digits_student()  # one process: the same architecture and teacher
+    model.load_state_dict(load_file(str(runs / "eval-model.safetensors")))  # rank 0's trained weights
+    alone = evaluate(model, data, EvalConfig(**ddp_ranks.EVAL), teacher=teacher)
+    shared = found(runs, "eval", 0)["first"]
+    for role in ("student", "teacher"):
+        one, two = alone["models"][role], shared["models"][role]
+        # deterministic measurements agree exactly; the points are the same 101, split 51 + 50
+        assert two["clean_accuracy"] == pytest.approx(one["clean_accuracy"], abs=1e-6)
+        assert two["eps_curve"][0]["accuracy"] == pytest.approx(one["eps_curve"][0]["accuracy"], abs=1e-6)
+        assert two["sampling_error"]["clean"] == one["sampling_error"]["clean"]
+        assert two["smoothing"]["n_points"] == one["smoothing"]["n_points"] == 21
+        # attacks draw their random starts per share: the same measurement, another draw
+        assert abs(two["attacks"]["pgd-5"] - one["attacks"]["pgd-5"]) <= 0.1
+    assert shared["n_points"] == 101 and "alignment" in shared and shared["sanity"]
+    assert shared["models"]["student"]["stats"]["params"] == alone["models"]["student"]["stats"]["params"]
+
+
+def test_rank_zero_cache_decides_for_every_rank(runs):
+    zero, one = found(runs, "eval", 0), found(runs, "eval", 1)
+    assert zero["first"]["teacher_evaluation"]["cached"] is False
+    assert zero["second"]["teacher_evaluation"]["cached"] is True  # and rank 1, without it, did not wait
+    assert one["second"]["teacher_evaluation"]["cached"] is True
+    assert zero["second"]["models"]["teacher"] == zero["first"]["models"]["teacher"]
+
+
 def test_a_hung_peer_fails_the_collective_within_its_timeout(runs):
     result = found(runs, "hung")
     assert result["outcome"] != "returned"
