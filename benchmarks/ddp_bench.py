@@ -9,7 +9,10 @@ rank-0 cancel broadcast, all-reduced metrics) on synthetic CIFAR-shaped data wit
 so the teacher runs at every step as in a real KDIGA job. The per-device batch is fixed (weak
 scaling, as DDP is used): images/s counts every rank's images over the timed steps, after
 warm-up steps, from rank 0's per-step clock (the loop synchronises each step to report it).
-Scaling efficiency = images/s on N devices / (N × images/s on 1).
+Scaling efficiency = images/s on N devices / (N × images/s on 1). On a CPU machine shared with
+other processes a process's share of the cores grows with the number of processes, which inflates
+that ratio; `cpu_time_efficiency` (images per CPU-second of all ranks, N against 1) does not depend
+on that share (on a GPU it only counts the host's work).
 
 The JSON written to --out holds the machine, the settings and one entry per world size. The
 ``batchnorm`` mode (``--mode batchnorm``) trains a BatchNorm student on digits on 1 process
@@ -48,7 +51,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "teacher": args.teacher or ("resnet50" if gpu else "cnn_medium"),
         "img_size": 32, "in_chans": 3, "num_classes": 10,
         "batch_size": args.batch_size or (128 if gpu else (8 if quick else 32)),
-        "warmup_steps": args.warmup_steps if args.warmup_steps is not None else (1 if quick else 5),
+        "warmup_steps": max(1, args.warmup_steps) if args.warmup_steps is not None else (1 if quick else 5),
         "timed_steps": args.steps or (3 if quick else (50 if gpu else 20)),
         "method": "kdiga", "iga_mode": "auto", "augment": True, "bf16": True,
         "threads_per_rank": 1 if not gpu else None,
@@ -98,11 +101,16 @@ def rank_main(cfg_path: str, out_path: str) -> None:
                             augment=cfg["augment"], bf16=cfg["bf16"], hflip=True)
     obj = ObjectiveConfig(method=cfg["method"], iga_mode=cfg["iga_mode"], gamma=5.0, gamma_warmup=0.0)
     clock: list[float] = []
+    # every rank's CPU seconds from the first timed step on: the teacher runs once a step (augmentation on)
+    cpu_at_step: list[float] = []
+    teacher.register_forward_pre_hook(lambda *_: cpu_at_step.append(time.process_time()))
     started = time.perf_counter()
     train(student, data, obj, train_cfg, teacher=teacher, on_step=lambda _p: clock.append(time.perf_counter()))
     wall = time.perf_counter() - started
+    mine = time.process_time() - cpu_at_step[cfg["warmup_steps"]]
+    cpu_s = distributed.all_reduce_sums({"cpu_s": mine}, ctx)["cpu_s"]
     if ctx.is_main:
-        Path(out_path).write_text(json.dumps(_timing(clock, cfg, ctx, wall)))
+        Path(out_path).write_text(json.dumps({**_timing(clock, cfg, ctx, wall), "cpu_s_timed_all_ranks": cpu_s}))
     distributed.teardown()
 
 
@@ -161,13 +169,17 @@ def scaling(cfg: dict[str, Any], worlds: list[int], timeout_s: float, log=print)
         for world in worlds:
             log(f"ddp bench: {world} rank(s) on {cfg['device']} ...")
             runs.append(launch(world, cfg, Path(tmp), timeout_s))
+    for run in runs:
+        run["images_per_cpu_s"] = run["images_timed"] / run["cpu_s_timed_all_ranks"]
     by_world = {r["world_size"]: r for r in runs}
     one, top = by_world.get(1), by_world.get(max(by_world))
-    efficiency = None
+    efficiency = cpu_efficiency = None
     if one and top and top["world_size"] > 1 and one["images_per_s"] and top["images_per_s"]:
         efficiency = top["images_per_s"] / (top["world_size"] * one["images_per_s"])
+        cpu_efficiency = top["images_per_cpu_s"] / one["images_per_cpu_s"]
     note = None if len(by_world) > 1 else "only one device here: no scaling to measure, images/s of 1 rank only"
-    return {"settings": cfg, "machine": machine(cfg), "runs": runs, "scaling_efficiency": efficiency, "note": note}
+    return {"settings": cfg, "machine": machine(cfg), "runs": runs, "scaling_efficiency": efficiency,
+            "cpu_time_efficiency": cpu_efficiency, "note": note}
 
 
 # ----------------------------------------------------------------------------- per-rank BatchNorm

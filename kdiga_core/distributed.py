@@ -22,8 +22,11 @@ are reproduced by ``tests/core/test_distributed.py``):
 - BatchNorm normalises with each rank's own batch statistics (SyncBatchNorm has no double
   backward, pytorch#61222); DDP broadcasts rank 0's running statistics at every forward, so the
   model that is saved and evaluated is rank 0's. With BatchNorm a DDP step is therefore not the
-  step of one process on the concatenated batch (cosine 0.28 on resnet_small with 8 images per
-  rank; docs/distributed.md has the measured effect on accuracy).
+  step of one process on the concatenated batch (gradient cosine 0.29 on resnet_small, exact IGA,
+  8 images per rank); BENCHMARKS.md ("ddp: per-rank BatchNorm") has the measured effect on the
+  student's accuracy.
+- Evaluation is shared out too: each rank measures every world-th point, and the accuracies,
+  means over points, are gathered as point-weighted means (`combine_model_report`).
 - FSDP has no double backward (pytorch PR #120926) and torch.compile drops higher-order graphs
   (pytorch#181581): neither is used on the exact-IGA path.
 

@@ -31,8 +31,10 @@ def test_quick_scaling_run_writes_json(tmp_path: Path) -> None:
         assert run["steps_timed"] == settings["timed_steps"]
         assert run["images_timed"] == settings["timed_steps"] * settings["batch_size"] * world
         assert run["images_per_s"] > 0 and run["step_ms_median"] > 0
+        assert run["images_per_cpu_s"] == pytest.approx(run["images_timed"] / run["cpu_s_timed_all_ranks"])
     assert result["scaling_efficiency"] == pytest.approx(
         runs[2]["images_per_s"] / (2 * runs[1]["images_per_s"]))
+    assert result["cpu_time_efficiency"] == pytest.approx(runs[2]["images_per_cpu_s"] / runs[1]["images_per_cpu_s"])
     assert result["machine"]["logical_cpus"] >= 1 and result["note"] is None
 
 
