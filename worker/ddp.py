@@ -92,6 +92,9 @@ def run_on_devices(job: Job, s: Settings, me: str) -> Outcome:
         return _fail(job, s, me, f"The job exceeded its time limit of {s.job_soft_time_limit_s} seconds.")
     except KdigaError as exc:  # staging the inputs
         return _fail(job, s, me, str(exc))
+    except Exception as exc:  # noqa: BLE001 - recorded on the row (never left running), traceback in the log
+        log.exception("job on several devices failed with an internal error", extra={"job_id": job.id})
+        return _fail(job, s, me, f"The job failed with an internal error ({type(exc).__name__}: {exc}).")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
