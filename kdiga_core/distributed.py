@@ -177,11 +177,24 @@ def teardown() -> None:
 # ----------------------------------------------------------------------------- checks and batch plan
 
 
+AUTHOR_ON_DEVICES = ("iga_reduction 'author' divides one norm over the whole batch by its squared size, which "
+                     "cannot be split across devices; use 'per_sample' for a job on several devices.")
+SWEEP_ON_DEVICES = ("objective.gamma 'auto' (the default) chooses γ by a sweep that runs on one device; give "
+                    "objective.gamma a number for a job on several devices, e.g. the γ a one-device job chose.")
+
+
 def check_supported(obj_cfg: ObjectiveConfig, ctx: RankContext) -> None:
-    """Refuse what cannot be split across ranks (see the module docstring)."""
-    if ctx.distributed and obj_cfg.method == "kdiga" and obj_cfg.iga_reduction == "author":
-        raise KdigaError("iga_reduction 'author' divides one norm over the whole batch by its squared size, "
-                         "which cannot be split across devices; use 'per_sample' for a job on several devices.")
+    """Refuse what cannot be split across ranks (see the module docstring).
+
+    The γ sweep (kdiga_core.sweep) keeps one Optuna journal in the job's checkpoint folder and trains
+    its trials one after another; its ranks would share the journal, so it is not run under DDP.
+    """
+    if not ctx.distributed or obj_cfg.method != "kdiga":
+        return
+    if obj_cfg.iga_reduction == "author":
+        raise KdigaError(AUTHOR_ON_DEVICES)
+    if obj_cfg.sweeps_gamma:
+        raise KdigaError(SWEEP_ON_DEVICES)
 
 
 def lr_scale(train_cfg: TrainConfig, world_size: int) -> float:

@@ -276,6 +276,7 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     objective = ObjectiveConfig.from_dict(job.spec.get("objective"))
     teacher = job.teacher if job.kind == "distill" else None
     _check_method(job.kind, objective.method, teacher)
+    distributed.check_supported(objective, distributed.context())  # DDP: before the γ sweep would start
     train_cfg = TrainConfig.from_dict(job.spec.get("train"))
     student = _initial_student(job) or _build_student(job.spec.get("student") or {}, job.data)
     sweeping = objective.sweeps_gamma and teacher is not None

@@ -274,9 +274,15 @@ def _resources(body: JobCreate, parts: dict[str, Any], settings: Settings) -> di
     if resources.world_size > 1 and body.kind == "evaluate":
         raise unprocessable("An evaluate job runs on one device; 'resources' applies to training jobs.")
     objective = parts.get("objective") or {}
-    if resources.world_size > 1 and objective.get("method") == "kdiga" and objective.get("iga_reduction") == "author":
-        raise unprocessable("iga_reduction 'author' divides one norm over the whole batch by its squared size, "
-                            "which cannot be split across devices; use 'per_sample' for a job on several devices.")
+    if resources.world_size > 1 and objective.get("method") == "kdiga":
+        if objective.get("iga_reduction") == "author":
+            raise unprocessable("iga_reduction 'author' divides one norm over the whole batch by its squared size, "
+                                "which cannot be split across devices; use 'per_sample' for a job on several "
+                                "devices.")
+        if objective.get("gamma") == "auto":
+            raise unprocessable("objective.gamma 'auto' (the default) chooses γ by a sweep that runs on one "
+                                "device; give objective.gamma a number for a job on several devices, e.g. the γ "
+                                "a one-device job chose.")
     return resources.model_dump()
 
 

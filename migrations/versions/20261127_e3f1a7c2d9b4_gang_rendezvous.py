@@ -1,7 +1,7 @@
 """rendezvous and gang claims on jobs (one job on several worker hosts)
 
 Revision ID: e3f1a7c2d9b4
-Revises: a3f1d6c14612
+Revises: 7e3a1c9d2b55
 Create Date: 2026-11-27 16:00:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "e3f1a7c2d9b4"
-down_revision: str | None = "a3f1d6c14612"
+down_revision: str | None = "7e3a1c9d2b55"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -17,7 +17,7 @@ def test_resources_default_to_one_device_and_are_kept(client, owner, ready, redi
     r = client.post("/v1/jobs", headers=owner, json=distill_body(*ready))
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["resources"] == {"nodes": 1, "devices_per_node": 1}
-    body = distill_body(*ready, resources={"nodes": 2, "devices_per_node": 4},
+    body = distill_body(*ready, resources={"nodes": 2, "devices_per_node": 4}, objective={"gamma": 5.0},
                         train={"epochs": 1, "grad_accum_steps": 2, "lr_scaling": "linear"})
     r = client.post("/v1/jobs", headers=owner, json=body)
     assert r.status_code == 201, r.text
@@ -29,9 +29,11 @@ def test_resources_default_to_one_device_and_are_kept(client, owner, ready, redi
     assert any(r.json()["id"] in args for args in queued)
 
 
-AUTHOR = {"method": "kdiga", "iga_reduction": "author"}
+AUTHOR = {"method": "kdiga", "iga_reduction": "author", "gamma": 5.0}
 SPLIT = ("iga_reduction 'author' divides one norm over the whole batch by its squared size, which cannot be "
          "split across devices; use 'per_sample' for a job on several devices.")
+SWEEP = ("objective.gamma 'auto' (the default) chooses γ by a sweep that runs on one device; give objective.gamma "
+         "a number for a job on several devices, e.g. the γ a one-device job chose.")
 
 
 @pytest.mark.parametrize("patch, detail", [
@@ -42,6 +44,7 @@ SPLIT = ("iga_reduction 'author' divides one norm over the whole batch by its sq
     ({"resources": {"nodes": 0}}, "Invalid value for 'resources.nodes': input should be greater than or equal to 1."),
     ({"resources": {"gpus": 2}}, "Unknown field 'resources.gpus'."),
     ({"resources": {"devices_per_node": 2}, "objective": AUTHOR}, SPLIT),
+    ({"resources": {"nodes": 2}}, SWEEP),
     ({"train": {"grad_accum_steps": 0}},
      "Invalid value for 'train.grad_accum_steps': input should be greater than or equal to 1."),
     ({"train": {"lr_scaling": "cubic"}}, "Unknown lr_scaling 'cubic'; valid names are: linear, none, sqrt."),

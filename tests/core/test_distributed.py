@@ -128,12 +128,15 @@ def test_a_hung_peer_fails_the_collective_within_its_timeout(runs):
     assert ddp_ranks.HUNG_TIMEOUT_S - 0.5 < result["seconds"] < 25  # its timeout, not the 30 s the peer waits
 
 
-def test_author_reduction_is_refused_on_several_devices():
+def test_author_reduction_and_the_gamma_sweep_are_refused_on_several_devices():
     two = distributed.RankContext(rank=0, world_size=2, local_world_size=2, backend="gloo")
     with pytest.raises(KdigaError, match="cannot be split across devices"):
-        distributed.check_supported(ObjectiveConfig(method="kdiga", iga_reduction="author"), two)
+        distributed.check_supported(ObjectiveConfig(method="kdiga", iga_reduction="author", gamma=5.0), two)
     distributed.check_supported(ObjectiveConfig(method="kdiga", iga_reduction="author"), distributed.RankContext())
     distributed.check_supported(ObjectiveConfig(method="kd", iga_reduction="author"), two)
+    with pytest.raises(KdigaError, match="chooses γ by a sweep that runs on one device"):
+        distributed.check_supported(ObjectiveConfig(method="kdiga", gamma="auto"), two)
+    distributed.check_supported(ObjectiveConfig(method="kdiga", gamma=5.0), two)
 
 
 def test_batch_plan_and_learning_rate_scaling():
