@@ -158,7 +158,16 @@ class TrainConfigSchema(_Strict):
     """The training loop's settings (nanoGPT-style: one dataclass)."""
 
     epochs: int = Field(default=10, ge=1, le=10_000)
-    batch_size: int = Field(default=128, ge=1, le=65_536)
+    batch_size: int = Field(
+        default=128, ge=1, le=65_536,
+        description="Per device: one step sees batch_size × devices × grad_accum_steps samples.",
+    )
+    grad_accum_steps: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches whose gradients add up to one optimizer step."
+    )
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        default="none", description="lr follows the effective batch's multiple of batch_size (linear, sqrt) or not."
+    )
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.1, gt=0)
     momentum: float = 0.9
@@ -281,6 +290,18 @@ class ModelRef(_Strict):
         return self
 
 
+class ResourcesSchema(_Strict):
+    """The devices one training job runs on: worker hosts × devices on each (GPUs, or processes on a CPU
+    worker); one process per device, launched with torchrun."""
+
+    nodes: int = Field(default=1, ge=1, description="Worker hosts (a gang that starts together).")
+    devices_per_node: int = Field(default=1, ge=1, description="Devices used on each host.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
 class JobCreate(_Strict):
     """A job request; `objective`, `train` and `evaluation` take kdiga_core's defaults when omitted."""
 
@@ -295,6 +316,7 @@ class JobCreate(_Strict):
     evaluation: EvalConfigSchema | None = None
     labels: Labels | None = None
     notify: NotifySpec | None = None
+    resources: ResourcesSchema | None = None
 
 
 # -- responses -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The benchmark harness: `python -m benchmarks.run [--quick] [--cases step,attack,api,flops] [--out BENCHMARKS.md]`.
 
-Cases: step, flops, attack, api (the default set, with layout and threads), demo and sse.
+Cases: step, flops, attack, api (the default set, with layout and threads), demo, sse and ddp (1 vs 2
+gloo ranks; `python -m benchmarks.ddp_bench` is the same measurement on a GPU machine).
 Other options: --threads N (torch intra-op threads), --step-budget-s S (start no new step row
 after S seconds), --models/--inputs/--repeats/--teacher (narrow the step case).
 
@@ -350,12 +351,39 @@ def case_threads(args, log) -> str:
     ])
 
 
+def case_ddp(args, log) -> str:
+    """One job on 1 rank vs 2 gloo ranks on this CPU machine (a "device" is a process with one core)."""
+    from benchmarks import ddp_bench
+
+    cfg = ddp_bench.settings(argparse.Namespace(device="cpu", quick=args.quick, student=None, teacher=None,
+                                                batch_size=None, steps=None, warmup_steps=None))
+    result = ddp_bench.scaling(cfg, [1, 2], timeout_s=1200, log=log)
+    rows = [[str(r["world_size"]), r["backend"], str(cfg["threads_per_rank"]), str(cfg["batch_size"]),
+             str(r["steps_timed"]), _fmt(r["step_ms_median"], ".0f"), _fmt(r["images_per_s"], ".1f"),
+             _fmt(r["images_per_cpu_s"], ".1f")]
+            for r in result["runs"]]
+    return "\n".join([
+        "### ddp: scaling of one KDIGA job over ranks (CPU, gloo)", "",
+        f"{cfg['student']} student, {cfg['teacher']} teacher, {cfg['img_size']}x{cfg['img_size']}x{cfg['in_chans']} "
+        f"synthetic images with augmentation (the teacher runs every step), iga_mode {cfg['iga_mode']}, "
+        f"{cfg['batch_size']} images per rank and step, {cfg['warmup_steps']} warm-up steps. On this 2-core "
+        "machine each rank gets one core, so 2 ranks use the whole machine and 1 rank half of it; "
+        "`python -m benchmarks.ddp_bench --out FILE.json` measures 1 GPU against every GPU the same way.", "",
+        table(["ranks", "backend", "threads per rank", "batch per rank", "timed steps", "step (ms, median)",
+               "images/s", "images per CPU-second (all ranks)"], rows), "",
+        f"Scaling efficiency (images/s of 2 ranks / 2 × images/s of 1): "
+        f"**{_fmt(result['scaling_efficiency'], '.2f')}**; by CPU time (images per CPU-second, 2 ranks / 1): "
+        f"**{_fmt(result['cpu_time_efficiency'], '.2f')}**. With other processes running, 2 processes get "
+        "a larger share of the cores than 1, which inflates the first ratio; the second does not depend on it.",
+    ])
+
+
 CASES: dict[str, Callable[..., str]] = {
     "step": case_step, "flops": case_flops, "attack": case_attack, "api": case_api, "layout": case_layout,
     "threads": case_threads, "demo": case_demo, "precision": case_precision,
-    "compile": case_compile, "sse": case_sse,
+    "compile": case_compile, "sse": case_sse, "ddp": case_ddp,
 }
-DEFAULT_CASES = "step,flops,attack,api,layout,precision,compile,threads,demo"
+DEFAULT_CASES = "step,flops,attack,api,layout,precision,compile,threads,demo,ddp"
 
 
 # ----------------------------------------------------------------------------- main

@@ -486,7 +486,8 @@ def build_job_spec(base: dict[str, Any] | None = None, *, kind: str | None = Non
                    model_job: str | None = None, objective: dict[str, Any] | None = None,
                    train: dict[str, Any] | None = None, eval_attacks: list[str] | None = None,
                    eval_eps: float | None = None, eval_norm: str | None = None,
-                   evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+                   evaluation: dict[str, Any] | None = None,
+                   resources: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge a --spec file with the flags (flags win); `None` flags leave the spec alone."""
     spec = json.loads(json.dumps(base or {}))  # deep copy
     for key, value in (("kind", kind), ("name", name), ("dataset_id", dataset), ("teacher_id", teacher)):
@@ -501,7 +502,8 @@ def build_job_spec(base: dict[str, Any] | None = None, *, kind: str | None = Non
             student["weights_id"] = student_weights
     if model_teacher is not None or model_job is not None:
         spec["model"] = {"teacher_id": model_teacher} if model_teacher else {"job_id": model_job}
-    for section, values in (("objective", objective), ("train", train), ("evaluation", evaluation)):
+    for section, values in (("objective", objective), ("train", train), ("evaluation", evaluation),
+                            ("resources", resources)):
         values = {k: v for k, v in (values or {}).items() if v is not None}
         if values:
             spec.setdefault(section, {}).update(values)
@@ -601,7 +603,10 @@ def jobs_submit(
         attack_eps: Annotated[float | None, typer.Option(help="Inner attack ε (adversarial methods).")] = None,
         attack_steps: Annotated[int | None, typer.Option(help="Inner attack steps.")] = None,
         epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
-        batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Batch size (per device).")] = None,
+        grad_accum_steps: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+        nodes: Annotated[int | None, typer.Option(help="Worker hosts the job runs on.")] = None,
+        devices_per_node: Annotated[int | None, typer.Option(help="Devices (GPUs) used on each host.")] = None,
         lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
         optimizer: Annotated[str | None, typer.Option(help="sgd | adamw.")] = None,
         device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N.")] = None,
@@ -623,9 +628,9 @@ def jobs_submit(
         objective={"method": method, "gamma": gamma, "alpha": alpha, "tau": tau, "attack_eps": attack_eps,
                    "attack_steps": attack_steps},
         train={"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "device": device,
-               "seed": seed},
+               "seed": seed, "grad_accum_steps": grad_accum_steps},
         eval_attacks=_csv(eval_attacks), eval_eps=eval_eps, eval_norm=eval_norm,
-        evaluation={"max_points": max_points})
+        evaluation={"max_points": max_points}, resources={"nodes": nodes, "devices_per_node": devices_per_node})
     with _client(url, api_key) as client:
         job = client.submit_job(body, idempotency_key=idempotency_key)
         if not json_out:

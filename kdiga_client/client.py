@@ -435,15 +435,17 @@ class Client:
                    train: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None,
                    model: dict[str, Any] | None = None, name: str | None = None,
                    idempotency_key: str | None = None, labels: dict[str, str] | None = None,
-                   notify: dict[str, Any] | None = None) -> Job:
+                   notify: dict[str, Any] | None = None, resources: dict[str, int] | None = None) -> Job:
         """Create a `distill`, `adversarial_train` or `evaluate` job; it starts `queued`.
 
         `labels`: `{key: value}` to find it by (`?label=key=value`); `notify`: `{"url", "events"}`
-        for signed webhooks (see `kdiga_client.webhooks`).
+        for signed webhooks (see `kdiga_client.webhooks`). `resources` (``{"nodes": N,
+        "devices_per_node": M}``) runs a training job on N worker hosts × M devices (GPUs, or
+        processes on a CPU worker); ``train.batch_size`` is then per device.
         """
         body = _drop_none({"kind": kind, "name": name, "dataset_id": dataset_id, "teacher_id": teacher_id,
                            "student": student, "model": model, "objective": objective, "train": train,
-                           "evaluation": evaluation, "labels": labels, "notify": notify})
+                           "evaluation": evaluation, "labels": labels, "notify": notify, "resources": resources})
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return Job.from_dict(self._json("POST", "/v1/jobs", json=body, headers=headers))
 

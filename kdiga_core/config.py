@@ -207,7 +207,9 @@ class TrainConfig(_FromDict):
     """The training loop's settings (nanoGPT-style: one dataclass)."""
 
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int = 128  # per device: one step sees batch_size × devices × grad_accum_steps samples
+    grad_accum_steps: int = 1  # micro-batches whose gradients add up to one optimizer step
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # lr follows the effective batch's multiple of batch_size
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -225,6 +227,8 @@ class TrainConfig(_FromDict):
     def __post_init__(self) -> None:
         _check(1 <= self.epochs <= 10_000, "epochs must be between 1 and 10000.")
         _check(1 <= self.batch_size <= 65_536, "batch_size must be between 1 and 65536.")
+        _check(1 <= self.grad_accum_steps <= 1024, "grad_accum_steps must be between 1 and 1024.")
+        _check(self.lr_scaling in ("none", "linear", "sqrt"), "lr_scaling must be one of: linear, none, sqrt.")
         _check(self.optimizer in ("sgd", "adamw"), "optimizer must be one of: adamw, sgd.")
         _check(self.lr > 0, "lr must be positive.")
         _check(self.schedule in ("cosine", "step", "constant"), "schedule must be one of: constant, cosine, step.")

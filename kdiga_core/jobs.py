@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from kdiga_core import data as data_mod
+from kdiga_core import distributed, formats, models
 from kdiga_core import evaluate as evaluate_mod
-from kdiga_core import formats, models
 from kdiga_core.artifacts import ARTIFACT_KINDS, artifact
 from kdiga_core.config import EvalConfig, ModelSpec, ObjectiveConfig, TrainConfig
 from kdiga_core.errors import CancelledError, KdigaError
@@ -276,6 +276,7 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     objective = ObjectiveConfig.from_dict(job.spec.get("objective"))
     teacher = job.teacher if job.kind == "distill" else None
     _check_method(job.kind, objective.method, teacher)
+    distributed.check_supported(objective, distributed.context())  # DDP: before the γ sweep would start
     train_cfg = TrainConfig.from_dict(job.spec.get("train"))
     student = _initial_student(job) or _build_student(job.spec.get("student") or {}, job.data)
     sweeping = objective.sweeps_gamma and teacher is not None
@@ -287,8 +288,11 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     result = train(student, job.data, objective, train_cfg, teacher=teacher, on_step=progress,
                    should_cancel=job.hooks.should_cancel, checkpoint_dir=job.workdir / "checkpoint",
                    on_checkpoint=job.hooks.on_checkpoint, resume=resume)
-    # evaluated where it was trained; the bundle export takes its own CPU copy
+    # evaluated where it was trained (DDP: each rank its share of the points); the bundle export takes its
+    # own CPU copy
     report = _report(result.model.eval(), teacher, job, progress)
+    if not distributed.is_main():  # DDP: rank 0 alone writes the files
+        return {"artifacts": [], "metrics": {}, "report": {}}
     if sweep is not None:
         points = evaluate_mod.evaluation_points(job.data, job.eval_cfg.max_points, seed=job.eval_cfg.seed)
         report["gamma_sweep"] = sweep.finish(report, points.x, points.y)
@@ -373,9 +377,11 @@ def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cf
     name, kind = ("student", "student_weights") if job.kind == "distill" else ("model", "model_weights")
     training = {"kind": job.kind, "objective": objective.to_dict(), "train": train_cfg.to_dict(),
                 "dataset": job.data.name, "steps": result.steps, "seconds": round(result.seconds, 2),
+                "resumed_from_step": result.resumed_from_step, "compute": distributed.batch_plan(train_cfg),
                 "labels": dict(job.spec.get("labels") or {})}
     if sweep is not None:  # the model card says γ was chosen, and how long choosing took
         training["gamma_auto"] = {"chosen": sweep.gamma, "sweep_seconds": round(sweep.seconds, 2)}
+    report["compute"] = training["compute"]  # devices, effective batch and learning rate, in the report
     headline = headline_metrics(report)
     artifacts = formats.save_model_bundle(result.model, job.out, name=name, weights_kind=kind, training=training,
                                           metrics=headline)

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from kdiga_core import distributed
 from kdiga_core.config import ObjectiveConfig, TrainConfig
 from kdiga_core.errors import CancelledError, KdigaError
 from kdiga_core.objectives import TEACHER_METHODS, build_objective
@@ -50,6 +51,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    resumed_from_step: int = 0  # the global step a resumed run started from (0: from scratch)
 
 
 # ----------------------------------------------------------------------------- device and schedule
@@ -183,10 +185,15 @@ def load_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
     return meta
 
 
-def _check_same_run(meta: dict[str, Any], obj_cfg: ObjectiveConfig, train_cfg: TrainConfig) -> None:
+def _check_same_run(meta: dict[str, Any], obj_cfg: ObjectiveConfig, train_cfg: TrainConfig,
+                    world_size: int = 1) -> None:
     """A resumed run must use the configuration it was started with (the schedule depends on it)."""
     same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # noqa: E731 -- tuples vs lists
-    saved_train = {k: v for k, v in meta["train"].items() if k != "device"}
+    if meta.get("world_size", 1) != world_size:
+        raise KdigaError(f"The checkpoint was made on {meta.get('world_size', 1)} devices, not {world_size}; "
+                         "start without resume.")
+    # a field added since the checkpoint was written counts as its default
+    saved_train = {k: v for k, v in {**TrainConfig().to_dict(), **meta["train"]}.items() if k != "device"}
     wanted_train = {k: v for k, v in train_cfg.to_dict().items() if k != "device"}
     if not (same(meta["objective"], obj_cfg.to_dict()) and same(saved_train, wanted_train)):
         raise KdigaError("The checkpoint was made with a different configuration; start without resume.")
@@ -229,8 +236,10 @@ def train(
     Returns:
         TrainResult with the student in eval mode and per-epoch history.
     """
-    device = resolve_device(train_cfg.device)
-    if device.type == "cpu":
+    ctx = distributed.context()  # DDP: rank facts; world size 1 without torchrun
+    distributed.check_supported(obj_cfg, ctx)
+    device = ctx.device if ctx.distributed else resolve_device(train_cfg.device)
+    if device.type == "cpu" and not ctx.distributed:
         _use_all_cores()
     generator = torch.Generator().manual_seed(train_cfg.seed)
     torch.manual_seed(train_cfg.seed)  # only dropout-like layers draw from the global RNG
@@ -239,32 +248,36 @@ def train(
     if device.type == "cuda":
         student.to(memory_format=torch.channels_last)
     if teacher is not None:
-        teacher.to(device)
-    objective = build_objective(obj_cfg, student, teacher, generator=generator)
+        teacher.to(device)  # DDP: replicated on every rank, never wrapped (it has no gradient)
+    model = distributed.wrap(student, ctx)  # DDP: the objective trains through the wrapper
+    objective = build_objective(obj_cfg, model, teacher, generator=generator)
     optimizer = _make_optimizer(student, train_cfg)
 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     n = len(x_train)
     if n == 0:
         raise KdigaError("The training split is empty.")
-    steps_per_epoch = math.ceil(n / train_cfg.batch_size)
+    steps_per_epoch = distributed.steps_per_epoch(n, train_cfg, ctx)
     total_steps = train_cfg.epochs * steps_per_epoch
+    lr_scale = distributed.lr_scale(train_cfg, ctx.world_size)
     history: list[dict[str, float]] = []
     start_epoch, global_step, seconds_before = 0, 0, 0.0
 
     if resume and checkpoint_dir is not None:
         meta = load_checkpoint(checkpoint_dir, model=student, optimizer=optimizer, generator=generator)
         if meta is not None:
-            _check_same_run(meta, obj_cfg, train_cfg)
+            _check_same_run(meta, obj_cfg, train_cfg, ctx.world_size)
             start_epoch, global_step = meta["epoch"], meta["global_step"]
             history, seconds_before = meta["history"], meta["seconds"]
             log.info("resuming from epoch %d (step %d)", start_epoch, global_step)
+    resumed_from = global_step
 
     # Without augmentation the teacher sees the same inputs every epoch: compute it once.
     use_cache = (teacher is not None and train_cfg.cache_teacher and not train_cfg.augment
                  and obj_cfg.method in TEACHER_METHODS)
     if use_cache:
-        objective.precompute_teacher(x_train, y_train, batch_size=max(256, train_cfg.batch_size))
+        distributed.precompute_teacher(objective, x_train, y_train, batch_size=max(256, train_cfg.batch_size),
+                                       ctx=ctx)
 
     started, session_steps = time.perf_counter(), 0
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -274,37 +287,33 @@ def train(
         epoch_started = time.perf_counter()
         sums: dict[str, Tensor] = {}
         correct = torch.zeros((), device=device)
-        order = torch.randperm(n, generator=generator)
-        for step, index in enumerate(order.split(train_cfg.batch_size), start=1):
-            if should_cancel is not None and should_cancel():
+        seen = micro = 0
+        distributed.seed_epoch(generator, seed=train_cfg.seed, epoch=epoch, ctx=ctx)
+        order = distributed.epoch_order(n, epoch=epoch, seed=train_cfg.seed, generator=generator, ctx=ctx)
+        for step, micro_batches in enumerate(distributed.accumulation_groups(order, train_cfg), start=1):
+            if distributed.agree(should_cancel, ctx):  # rank 0 asks, every rank stops at this step
                 raise CancelledError("Training was cancelled.")
-            lr = lr_at(train_cfg, global_step, total_steps)
+            lr = lr_at(train_cfg, global_step, total_steps) * lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            index = index.to(device)
-            x, y = x_train[index], y_train[index]
-            if train_cfg.augment:
-                from kdiga_core.data import augment_batch
-
-                x = augment_batch(x, generator, pad=max(1, x.shape[-1] // 8), hflip=train_cfg.hflip)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-
-            with _autocast(device, train_cfg):
-                out = objective(x, y, progress=global_step / total_steps, index=index if use_cache else None)
             optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            for i, index in enumerate(micro_batches):
+                with distributed.sync_on(model, last=i == len(micro_batches) - 1):  # DDP: one all-reduce a step
+                    out, y = _micro_step(objective, x_train, y_train, index.to(device), train_cfg, generator,
+                                         progress=global_step / total_steps, cached=use_cache,
+                                         scale=len(micro_batches))
+                # keep running sums on the device: no host sync unless someone listens per step
+                parts = {k: v.detach() if isinstance(v, Tensor) else v for k, v in out.items() if k != "logits"}
+                for key, v in parts.items():
+                    sums[key] = sums.get(key, 0.0) + torch.as_tensor(v, device=device, dtype=torch.float32).detach()
+                correct += (out["logits"].argmax(1) == y).sum()
+                seen, micro = seen + len(y), micro + 1
             optimizer.step()
             global_step += 1
             session_steps += 1
 
-            # keep running sums on the device: no host sync unless someone listens per step
-            parts = {k: v.detach() if isinstance(v, Tensor) else v for k, v in out.items() if k != "logits"}
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=device, dtype=torch.float32).detach()
-            correct += (out["logits"].argmax(1) == y).sum()
-            if on_step is not None:
+            if on_step is not None and ctx.is_main:
                 elapsed = time.perf_counter() - started
                 on_step({
                     "phase": "train", "epoch": epoch + 1, "epochs": train_cfg.epochs, "step": step,
@@ -314,19 +323,38 @@ def train(
                     **{k: float(v) for k, v in parts.items()},
                 })
 
+        totals = distributed.all_reduce_sums({**sums, "_correct": correct, "_seen": seen, "_micro": micro}, ctx)
         record = {"epoch": epoch + 1, "lr": lr, "seconds": time.perf_counter() - epoch_started,
-                  "train_accuracy": float(correct) / n,
-                  **{k: float(v) / steps_per_epoch for k, v in sums.items()}}
+                  "train_accuracy": totals.pop("_correct") / totals.pop("_seen"),
+                  **{k: v / totals["_micro"] for k, v in totals.items() if k != "_micro"}}
         history.append(record)
         log.info("epoch %d/%d %s", epoch + 1, train_cfg.epochs, record)
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and ctx.is_main:  # DDP: rank 0 alone writes
             meta = {"epoch": epoch + 1, "global_step": global_step, "objective": obj_cfg.to_dict(),
-                    "train": train_cfg.to_dict(), "history": history,
+                    "train": train_cfg.to_dict(), "history": history, "world_size": ctx.world_size,
                     "seconds": seconds_before + time.perf_counter() - started}
             save_checkpoint(checkpoint_dir, model=student, optimizer=optimizer, generator=generator, meta=meta)
             if on_checkpoint is not None:
                 on_checkpoint(Path(checkpoint_dir))
 
+    distributed.broadcast_model(student, ctx)  # DDP: every rank returns rank 0's model, running stats included
     student.eval()
     return TrainResult(model=student, history=history, steps=global_step,
-                       seconds=seconds_before + time.perf_counter() - started)
+                       seconds=seconds_before + time.perf_counter() - started, resumed_from_step=resumed_from)
+
+
+def _micro_step(objective: Any, x_train: Tensor, y_train: Tensor, index: Tensor, train_cfg: TrainConfig,
+                generator: torch.Generator, *, progress: float, cached: bool,
+                scale: int) -> tuple[dict[str, Any], Tensor]:
+    """Forward and backward of one micro-batch; the loss is divided by the micro-batches of its step."""
+    x, y = x_train[index], y_train[index]
+    if train_cfg.augment:
+        from kdiga_core.data import augment_batch
+
+        x = augment_batch(x, generator, pad=max(1, x.shape[-1] // 8), hflip=train_cfg.hflip)
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(x.device, train_cfg):
+        out = objective(x, y, progress=progress, index=index if cached else None)
+    (out["loss"] / scale if scale > 1 else out["loss"]).backward()
+    return out, y

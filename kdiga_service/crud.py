@@ -482,6 +482,59 @@ def mark_cancelled(session: Session, job_id: str, *, worker_id: str | None = Non
     return _finish(session, job_id, worker_id, status=CANCELLED)
 
 
+# -- jobs on several hosts (a gang) ---------------------------------------------------------------
+def open_gang(session: Session, job_id: str, *, worker_id: str, rendezvous_id: str, endpoint: str,
+              size: int) -> bool:
+    """The worker holding a job starts gathering its gang: a fresh rendezvous, itself as first member.
+
+    Returns False when the job is no longer running under `worker_id`. Commits.
+    """
+    res = session.execute(
+        update(Job)
+        .where(*_owned_running(job_id, worker_id))
+        .values(rendezvous_id=rendezvous_id, rendezvous_endpoint=endpoint, gang_size=size, gang_claims=1)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def join_gang(session: Session, job_id: str, *, rendezvous_id: str) -> bool:
+    """Count one more worker into the gang of this rendezvous, if it still has a free place.
+
+    One conditional UPDATE, so however many workers race for the places, at most `gang_size`
+    get one. Returns True for this worker's place. Commits.
+    """
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, Job.rendezvous_id == rendezvous_id,
+               Job.gang_claims < Job.gang_size)
+        .values(gang_claims=Job.gang_claims + 1)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def release_job(session: Session, job_id: str, *, worker_id: str, progress: dict[str, Any]) -> bool:
+    """Put a running job back in the queue after an attempt that ended early (a rank died).
+
+    Its attempts count stays, so the next claim counts against the same cap; the heartbeat is
+    cleared so that `claim_job` fails a job whose attempts are used up. Commits.
+    """
+    res = session.execute(
+        update(Job)
+        .where(*_owned_running(job_id, worker_id), Job.status == RUNNING)
+        .values(status=QUEUED, worker_id=None, heartbeat_at=None, rendezvous_id=None, rendezvous_endpoint=None,
+                gang_claims=0, progress={**progress, "updated_at": utcnow().isoformat()})
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount == 1:  # type: ignore[attr-defined]
+        after_state_change(session, job_id, event="job.queued")
+    session.commit()
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
 def get_job(session: Session, job_id: str) -> Job | None:
     """Worker: reload a job row (no owner check), fresh from the database."""
     return session.get(Job, job_id, populate_existing=True)

@@ -203,6 +203,13 @@ class Job(Base):
     # A step of a pipeline (kdiga_service.pipelines): created by crud when its inputs are ready.
     pipeline_id: Mapped[str | None] = mapped_column(ForeignKey("pipelines.id"), default=None, index=True)
     pipeline_step: Mapped[str | None] = mapped_column(String(64), default=None)
+    # A job on several worker hosts (resources.nodes > 1) runs as a gang: the worker holding the row
+    # opens a rendezvous (a fresh id per attempt, and the host:port of its c10d store) and the
+    # others join it; it starts when gang_claims reaches gang_size (worker.gang).
+    rendezvous_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    rendezvous_endpoint: Mapped[str | None] = mapped_column(String(255), default=None)
+    gang_size: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    gang_claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # When its task was last sent to the broker: the sweeper re-sends a task that nobody took
     # (an API crash between commit and publish, a broker that lost its data).

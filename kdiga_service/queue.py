@@ -10,14 +10,26 @@ from __future__ import annotations
 from kdiga_service.settings import Settings
 
 RUN_JOB = "kdiga.run_job"
+JOIN_JOB = "kdiga.join_job"  # another host of a multi-host job: take a place in its gang (worker.gang)
 VALIDATE_TEACHER = "kdiga.validate_teacher"
 VALIDATE_DATASET = "kdiga.validate_dataset"
 VALIDATION_TASKS = (VALIDATE_TEACHER, VALIDATE_DATASET)
 
 
-def job_queue(settings: Settings, kind: str) -> str:
-    """The queue a job of `kind` is published on (stored on the row, so a re-send uses the same)."""
-    return settings.queue_eval if kind == "evaluate" else settings.queue_train
+def job_queue(settings: Settings, kind: str, devices_per_node: int = 1) -> str:
+    """The queue a job of `kind` is published on (stored on the row, so a re-send uses the same).
+
+    A training job on several devices per host goes to the queue of workers that see that many
+    (`multi_device_queue`): a worker's device class is the queues it serves.
+    """
+    if kind == "evaluate":
+        return settings.queue_eval
+    return settings.queue_train if devices_per_node <= 1 else multi_device_queue(settings, devices_per_node)
+
+
+def multi_device_queue(settings: Settings, devices_per_node: int) -> str:
+    """``<train queue>-x<devices>``: jobs that use `devices_per_node` devices on each of their hosts."""
+    return f"{settings.queue_train}-x{devices_per_node}"
 
 
 def validation_queue(settings: Settings) -> str:
@@ -27,6 +39,6 @@ def validation_queue(settings: Settings) -> str:
 
 def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
     """Celery's default `task_routes` (every publish also names its queue explicitly)."""
-    routes = {RUN_JOB: {"queue": settings.queue_train}}
+    routes = {RUN_JOB: {"queue": settings.queue_train}, JOIN_JOB: {"queue": settings.queue_train}}
     routes.update({name: {"queue": validation_queue(settings)} for name in VALIDATION_TASKS})
     return routes

@@ -143,6 +143,31 @@ class Settings(BaseSettings):
     )
     api_host: str = Field(default="127.0.0.1", description="Address the API listens on.")
     api_port: int = Field(default=8000, description="Port the API listens on.")
+    max_nodes: int = Field(
+        default=8, ge=1, description="Most worker hosts one job may ask for (resources.nodes)."
+    )
+    max_devices_per_node: int = Field(
+        default=8,
+        ge=1,
+        description="Most devices (GPUs; processes on a CPU worker) one job may ask for on each host.",
+    )
+    gang_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job on several hosts fails, releasing its workers, if they have not all claimed it by then.",
+    )
+    collective_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="A rank waiting this long for its peers (gloo/NCCL) ends the attempt; it is then retried.",
+    )
+    rendezvous_host: str | None = Field(
+        default=None,
+        description="Address other hosts reach this worker at for a multi-host job; default: its host name's address.",
+    )
+    rendezvous_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of a multi-host job's c10d rendezvous on its first worker; 0: any free port."
+    )
     queue_train: str = Field(default="gpu", description="Celery queue for training jobs.")
     queue_eval: str = Field(default="cpu", description="Celery queue for evaluation and validation.")
 

@@ -7,20 +7,33 @@ the whole device. The embedded default runs one worker listening to every queue.
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import socket
 from collections.abc import Sequence
 
+from kdiga_service.queue import multi_device_queue
 from kdiga_service.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 
 def default_queues() -> list[str]:
-    """Both queues (train on 'gpu', evaluation and validation on 'cpu'): what a lone worker serves."""
+    """What a lone worker serves: training ('gpu'), evaluation and validation ('cpu'), and the queues
+    of jobs on several devices per host that it can run ('gpu-x2', ...): up to its GPUs, or up to
+    KDIGA_MAX_DEVICES_PER_NODE on a CPU-only host, where a "device" is a process."""
     s = get_settings()
-    return [s.queue_train, s.queue_eval]
+    most = visible_gpus() or s.max_devices_per_node
+    return [s.queue_train, s.queue_eval, *(multi_device_queue(s, m) for m in range(2, most + 1))]
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, without importing torch (no CUDA before the pool forks)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return len(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def worker_argv(queues: Sequence[str] | None = None, *, concurrency: int = 1, pool: str = "prefork",

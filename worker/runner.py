@@ -72,6 +72,10 @@ def run_job(job_id: str, *, settings: Settings | None = None, worker_id: str | N
         session.expunge(claimed)
     log.info("job claimed", extra={"job_id": job_id, "kind": claimed.kind, "attempt": claimed.attempts,
                                    "worker_id": me})
+    from worker import ddp  # jobs on several devices: torchrun ranks (imports this module)
+
+    if ddp.on_several_devices(claimed):
+        return ddp.run_on_devices(claimed, s, me)
     return _execute(claimed, s, me)
 
 

@@ -12,7 +12,7 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 from celery.signals import worker_process_init
 
-from kdiga_service.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER
+from kdiga_service.queue import JOIN_JOB, RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER
 from worker import runner, validation
 from worker.celery_app import app
 
@@ -43,6 +43,15 @@ def run_job(self: Task, job_id: str) -> str:
         # Another live worker holds the job: look again later, so that if it dies the job is not lost.
         raise self.retry(countdown=outcome.retry_in, max_retries=None)
     return outcome.status
+
+
+@app.task(name=JOIN_JOB)
+def join_job(job_id: str, rendezvous_id: str) -> str:
+    """Take a place in a multi-host job's gang and run this host's ranks (acknowledged on receipt: a
+    member that dies ends the attempt, and the retried attempt sends new join tasks)."""
+    from worker import ddp
+
+    return ddp.join_job(job_id, rendezvous_id).status
 
 
 @app.task(name=VALIDATE_TEACHER, acks_late=True, reject_on_worker_lost=True)

@@ -42,6 +42,7 @@ from api.schemas import (
     JobStatus,
     ObjectiveConfigSchema,
     Page,
+    ResourcesSchema,
     SweepConfigSchema,
     TrainConfigSchema,
 )
@@ -241,11 +242,12 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         "labels": body.labels or {},
         "notify": check_notify(session, owner_id, body.notify, settings),
     }
+    spec["resources"] = _resources(body, parts, settings)
     if problem := check_parameters(spec, JobLimits.from_settings(settings)):
         raise unprocessable(problem)
     work = estimate_work(spec, train_size=dataset.train_size or 0, test_size=dataset.test_size or 0)
-    return JobPlan(spec=spec, queue=job_queue(settings, body.kind), dataset=dataset, teacher_id=teacher_id,
-                   work=work)
+    queue = job_queue(settings, body.kind, spec["resources"]["devices_per_node"])
+    return JobPlan(spec=spec, queue=queue, dataset=dataset, teacher_id=teacher_id, work=work)
 
 
 def normalised_request(body: JobCreate) -> dict[str, Any]:
@@ -256,7 +258,32 @@ def normalised_request(body: JobCreate) -> dict[str, Any]:
         data["objective"] = objective_schema(body).model_dump(mode="json")
         data["train"] = (body.train or TrainConfigSchema()).model_dump(mode="json")
     data["evaluation"] = (body.evaluation or EvalConfigSchema()).model_dump(mode="json")
+    data["resources"] = (body.resources or ResourcesSchema()).model_dump(mode="json")
     return data
+
+
+def _resources(body: JobCreate, parts: dict[str, Any], settings: Settings) -> dict[str, int]:
+    """The job's hosts × devices, within the operator's limits (422 with one sentence otherwise)."""
+    resources = body.resources or ResourcesSchema()
+    if resources.nodes > settings.max_nodes:
+        raise unprocessable(f"resources.nodes is {resources.nodes} but this service allows at most "
+                            f"{settings.max_nodes} hosts per job (KDIGA_MAX_NODES).")
+    if resources.devices_per_node > settings.max_devices_per_node:
+        raise unprocessable(f"resources.devices_per_node is {resources.devices_per_node} but this service "
+                            f"allows at most {settings.max_devices_per_node} (KDIGA_MAX_DEVICES_PER_NODE).")
+    if resources.world_size > 1 and body.kind == "evaluate":
+        raise unprocessable("An evaluate job runs on one device; 'resources' applies to training jobs.")
+    objective = parts.get("objective") or {}
+    if resources.world_size > 1 and objective.get("method") == "kdiga":
+        if objective.get("iga_reduction") == "author":
+            raise unprocessable("iga_reduction 'author' divides one norm over the whole batch by its squared size, "
+                                "which cannot be split across devices; use 'per_sample' for a job on several "
+                                "devices.")
+        if objective.get("gamma") == "auto":
+            raise unprocessable("objective.gamma 'auto' (the default) chooses γ by a sweep that runs on one "
+                                "device; give objective.gamma a number for a job on several devices, e.g. the γ "
+                                "a one-device job chose.")
+    return resources.model_dump()
 
 
 def _too_many(settings: Settings, detail: str) -> HTTPException:

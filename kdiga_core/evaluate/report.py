@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from kdiga_core import distributed
 from kdiga_core.config import AttackSpec, EvalConfig
 from kdiga_core.data import DataBundle
 from kdiga_core.evaluate.accuracy import attack_key, clean_accuracy, robust_accuracy, sampling_error
@@ -39,6 +41,9 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, *, n
     """The per-model part of the report: clean and robust accuracy with their sampling errors, the
     ε-curve, smoothing on a stratified sub-sample, and size and latency."""
     tracker = tracker or Tracker(None, {})
+    ctx, n_all, x_all, y_all = distributed.context(), len(y), x, y  # DDP: each rank measures its share
+    mine = distributed.evaluation_share(torch.arange(n_all, device=y.device), n_all, ctx)
+    x, y = x[mine], y[mine]
     common: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed)
     rep: dict[str, Any] = {"clean_accuracy": clean_accuracy(model, x, y, batch_size=cfg.batch_size,
                                                             progress=tracker.stage(f"{label}: clean accuracy")),
@@ -49,12 +54,13 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, *, n
                               progress=tracker.stage(f"{label}: {key}"), **common)
         rep["attacks"][key] = res["accuracy"]
         rep["autoattack_breakdown"] = res["breakdown"] or rep["autoattack_breakdown"]
-    rep["sampling_error"] = _sampling_errors(rep, len(y))
     rep["eps_curve"] = eps_curve(model, x, y, norm=threat_model(cfg).norm, eps_grid=curve_grid(cfg),
                                  steps=cfg.curve_attack_steps, progress=tracker.stage(f"{label}: eps curve"), **common)
-    rep["smoothing"] = _smoothing(model, x, y, cfg, n_classes, tracker, label)
+    rep["smoothing"] = _smoothing(model, x_all, y_all, cfg, n_classes, tracker, label, ctx)
+    rep = distributed.combine_model_report(rep, len(y), (rep["smoothing"] or {}).get("n_points", 0), ctx, n_all)
+    rep["sampling_error"] = _sampling_errors(rep, n_all)
     tracker.stage(f"{label}: size and latency")
-    rep["stats"] = model_stats(model, tuple(x.shape[1:]), latency=cfg.latency)
+    rep["stats"] = model_stats(model, tuple(x.shape[1:]), latency=cfg.latency) if ctx.is_main else {}
     return rep
 
 
@@ -65,10 +71,11 @@ def _sampling_errors(rep: dict[str, Any], n: int) -> dict[str, float]:
 
 
 def _smoothing(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, n_classes: int, tracker: Tracker,
-               label: str) -> dict[str, Any] | None:
+               label: str, ctx: distributed.RankContext | None = None) -> dict[str, Any] | None:
     if cfg.smoothing_sigma <= 0 or cfg.smoothing_points <= 0:
         return None
     idx = smoothing_sample(y, cfg.smoothing_points, cfg.seed)
+    idx = distributed.evaluation_share(idx, len(y), ctx or distributed.context())  # DDP: this rank's share
     return certify_smoothing(model, x[idx], y[idx], cfg.smoothing_sigma, n0=cfg.smoothing_samples,
                              n=cfg.smoothing_samples, num_classes=n_classes, batch_size=cfg.batch_size,
                              seed=cfg.seed, progress=tracker.stage(f"{label}: randomized smoothing"))
@@ -137,6 +144,8 @@ def evaluate(
     report["models"], cache_note = _measure(roles, points, cfg, data.num_classes, tracker, teacher_cache)
     if cache_note is not None:
         report["teacher_evaluation"] = cache_note
+    if not distributed.is_main():  # DDP: the rest is rank 0's alone, whose report is the job's
+        return report
     if with_alignment:
         assert teacher is not None
         report["alignment"] = alignment_report(model, teacher, points.x, points.y, threat.eps, norm=threat.norm,
@@ -155,6 +164,8 @@ def _measure(roles: dict[str, nn.Module], points: EvalPoints, cfg: EvalConfig, n
     for role, m in roles.items():
         key = teacher_fingerprint(m, points.x, points.y, cfg) if role == "teacher" and cache is not None else None
         cached = cache.get(key) if cache is not None and key is not None else None
+        if key is not None:  # DDP: rank 0's cache decides for every rank (they measure together or not at all)
+            cached = _agreed(cached)
         if key is not None:
             note = {"cached": cached is not None, "key": key}
         if cached is not None:
@@ -163,7 +174,15 @@ def _measure(roles: dict[str, nn.Module], points: EvalPoints, cfg: EvalConfig, n
             models[role] = cached
             continue
         models[role] = evaluate_model(m, points.x, points.y, cfg, n_classes=n_classes, tracker=tracker, label=role)
-        if cache is not None and key is not None:
+        if cache is not None and key is not None and distributed.is_main():
             cache.put(key, models[role])
     return models, note
+
+
+def _agreed(cached: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The cached evaluation if rank 0 has one (an empty stand-in on a rank without it), else None."""
+    ctx = distributed.context()
+    if not distributed.agree(lambda: cached is not None, ctx):
+        return None
+    return cached if cached is not None else {}
 

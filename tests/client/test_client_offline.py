@@ -42,3 +42,11 @@ def test_build_job_spec_evaluate_model_ref():
     spec = cli.build_job_spec(kind="evaluate", dataset="d", model_job="j1", eval_attacks=["pgd"], eval_norm="L2")
     assert spec == {"kind": "evaluate", "dataset_id": "d", "model": {"job_id": "j1"},
                     "evaluation": {"attacks": [{"name": "pgd", "norm": "L2"}]}}
+
+
+def test_build_job_spec_resources_and_accumulation():
+    spec = cli.build_job_spec(dataset="d", train={"batch_size": 32, "grad_accum_steps": 2},
+                              resources={"nodes": 2, "devices_per_node": None})
+    assert spec == {"kind": "distill", "dataset_id": "d", "train": {"batch_size": 32, "grad_accum_steps": 2},
+                    "resources": {"nodes": 2}}
+    assert "resources" not in cli.build_job_spec(dataset="d", resources={"nodes": None, "devices_per_node": None})

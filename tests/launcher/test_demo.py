@@ -32,7 +32,7 @@ def test_every_recipe_is_a_valid_job_body_for_the_api():
     """The recipes go to POST /v1/jobs as they are: the API's own schema must accept each one."""
     from api.schemas import JobCreate
 
-    for name in ("robust_teacher", "student_kd", "student_kdiga", "student_kdiga_auto"):
+    for name in ("robust_teacher", "student_kd", "student_kdiga", "student_kdiga_auto", "student_kdiga_two_devices"):
         recipe = demo.load_recipe(name)
         body = JobCreate.model_validate({**recipe, "dataset_id": "d", "teacher_id": "t" if recipe["kind"] == "distill" else None})
         assert body.kind == recipe["kind"]

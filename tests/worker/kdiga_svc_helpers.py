@@ -180,13 +180,16 @@ def seed_rows(settings, owner_id: str, teacher_file: Path) -> dict[str, str]:
 
 
 def create_job_row(settings, owner_id: str, request: dict[str, Any]) -> str:
-    """A queued job row shaped like the API's (spec = the request plus defaults)."""
+    """A queued job row shaped like the API's (spec = the request plus defaults), on the API's queue."""
     from kdiga_service.db import get_sessionmaker
     from kdiga_service.models import Job
+    from kdiga_service.queue import job_queue
 
     spec = {**request, "model": request.get("model")}
+    devices = int((request.get("resources") or {}).get("devices_per_node", 1))
     with get_sessionmaker(settings)() as session:
-        job = Job(owner_id=owner_id, kind=request["kind"], name=request.get("name"), queue=settings.queue_train,
+        job = Job(owner_id=owner_id, kind=request["kind"], name=request.get("name"),
+                  queue=job_queue(settings, request["kind"], devices),
                   spec=spec, dataset_id=request["dataset_id"], teacher_id=request.get("teacher_id"),
                   progress={"phase": "queued", "percent": 0.0}, labels=request.get("labels") or {})
         session.add(job)
