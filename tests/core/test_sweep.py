@@ -296,7 +296,19 @@ digits = load_digits()
 torch.manual_seed(0)
 teacher = train(models.build_model(__import__("tests.core.test_sweep", fromlist=["SPEC"]).SPEC), digits,
                 ObjectiveConfig(method="ce"), TrainConfig(**{{**TRAIN.to_dict(), "epochs": 4}})).model
-choose_gamma(_student(), teacher, digits, _objective(gammas=[0.03, 1.0]), TRAIN, {folder!r}, attack=ATTACK)
+folder = __import__("pathlib").Path({folder!r})
+
+
+def hold_once_trial_1_checkpointed(progress):
+    # Stop here (the test SIGKILLs this process) once trial-1 has a checkpoint: on a fast machine the
+    # whole sweep ends between two polls of the test, so the kill must not depend on timing.
+    if (folder / "trial-1" / "last.json").exists():
+        (folder / "hold").touch()
+        __import__("time").sleep(3600)
+
+
+choose_gamma(_student(), teacher, digits, _objective(gammas=[0.03, 1.0]), TRAIN, folder, attack=ATTACK,
+             hooks={{"on_step": hold_once_trial_1_checkpointed}})
 """
 
 
@@ -313,7 +325,7 @@ def test_a_sweep_killed_with_sigkill_resumes_without_rerunning_the_kd_reference(
     proc = subprocess.Popen([sys.executable, "-c", KILLED_SWEEP.format(root=root, folder=str(folder))],
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 240
-    while not (folder / "trial-1" / "last.json").exists():  # trial-1: the largest γ, after the KD reference
+    while not (folder / "hold").exists():  # trial-1 (the largest γ, after the KD reference) has a checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
         time.sleep(0.05)
     proc.kill()

@@ -54,7 +54,8 @@ def test_embedded_kdiga_job_end_to_end(tmp_path, teacher_file):
                              "sweep": {"gammas": [1.0, 100.0], "attack_steps": 1, "validation_points": 50}}
         auto_done = api.follow(api.submit(auto)["id"])
         assert auto_done["status"] == "succeeded", auto_done["error"]
-        assert any(p.get("phase") == "sweep" for p in auto_done["_seen_progress"]), auto_done["_seen_progress"]
+        # (the sweep phase of the progress is asserted in tests/core/test_core_jobs.py: a fast machine
+        # finishes it between two polls here, so the report is what proves the sweep ran)
         report = api.ok(api.http.get(f"/v1/jobs/{auto_done['id']}/report"))
         sweep = report["gamma_sweep"]
         assert {t["gamma"] for t in sweep["trials"]} == {0.0, 1.0, 100.0}
