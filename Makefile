@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install install-dev demo test services lint reproduce bench catalog clean fuzz
+.PHONY: install install-dev demo test services lint typecheck reproduce bench catalog clean fuzz
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,16 @@ demo: install
 services:
 	bash scripts/start-services.sh
 
-test: install-dev services
+# Lint and types first (seconds), then the suite: CI runs this target.
+test: install-dev services lint typecheck
 	$(VENV)/bin/pytest -q
 
 lint: install-dev
-	$(VENV)/bin/ruff check api worker kdiga_core kdiga_client tests benchmarks
+	$(VENV)/bin/ruff check .
+
+# mypy --strict on the service packages and the client (pyproject.toml [tool.mypy] names them).
+typecheck: install-dev
+	$(VENV)/bin/mypy
 
 reproduce: install
 	$(PY) benchmarks/reproduce_digits.py

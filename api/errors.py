@@ -103,7 +103,7 @@ def retry_after_headers(request: Request) -> dict[str, str]:
     return {"Retry-After": str(request.app.state.settings.retry_after_s)}
 
 
-async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:  # noqa: ARG001 - FastAPI handler signature
     return JSONResponse(
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         content={"detail": validation_sentence(exc.errors())},
@@ -122,7 +122,7 @@ async def _on_database_refused(request: Request, exc: Exception) -> JSONResponse
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": DATABASE_REFUSED})
 
 
-async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:
+async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001 - FastAPI handler signature
     rid = current_request_id()
     log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, rid)
     return JSONResponse(

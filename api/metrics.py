@@ -67,7 +67,7 @@ class Metrics:
         """
         registry = CollectorRegistry()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
         else:
             registry.register(_Forward(self.registry))
         if jobs is not None:

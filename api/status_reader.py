@@ -69,6 +69,7 @@ class StatusReader:
         # Autocommit (isolation_level=None): each SELECT is its own read transaction, so a WAL
         # reader always sees the worker's latest committed progress and never holds a snapshot.
         if self._conn is None:
+            assert self.sqlite_path is not None  # this reader is only built for a SQLite database
             conn = sqlite3.connect(self.sqlite_path, isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA query_only=ON")
             self._conn = conn

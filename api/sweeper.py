@@ -22,6 +22,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from api.publish import QueueUnavailable, enqueue
+from kdiga_service import crud
 from kdiga_service.models import QUEUED, VALIDATING, Dataset, Job, Teacher, utcnow
 from kdiga_service.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER, validation_queue
 from kdiga_service.settings import Settings
@@ -81,7 +82,7 @@ def _take(session: Session, model: Any, row: Any, status: str, now: datetime) ->
         update(model).where(model.id == row.id, model.status == status, same).values(enqueued_at=now)
     )
     session.commit()
-    return bool(result.rowcount == 1)
+    return crud.updated_one_row(result)
 
 
 __all__ = ["WAITING", "resend_stale"]

@@ -276,7 +276,7 @@ def case_precision(args, log) -> str:
     repeats = args.repeats or (1 if args.quick else 3)
     res = step_bench.precision_ablation(name, "32x32x3", repeats=repeats, teacher_name=args.teacher)
     out = [[name, mode, f"{a * 1e3:.0f}", f"{b * 1e3:.0f}", f"{a / b:.2f}"] for mode, a, b in res["rows"]]
-    bf16_auto = dict((m, b) for m, _, b in res["rows"]).get("auto_cached")
+    bf16_auto = {m: b for m, _, b in res["rows"]}.get("auto_cached")
     ratio = f"{res['ref_s'] / bf16_auto:.2f}" if bf16_auto else "–"
     return "\n\n".join([
         f"### Precision on CPU (32x32x3, batch {step_bench.BATCH}, median of {repeats}, interleaved)",

@@ -46,7 +46,7 @@ INPUTS = {"32x32x3": (3, 32), "8x8x1": (1, 8)}
 ZOO = ("cnn_small", "resnet18", "test_vit", "mobilenetv2_100", "efficientnet_b0", "mobilenetv3_small_100")
 QUICK_ZOO = ("cnn_small",)
 MODES = ("ce", "kd", "kd_cached", "ref", "auto", "fd", "auto_cached", "fd_cached")
-KDIGA = dict(alpha=0.5, tau=1.0, gamma=10.0)
+KDIGA = {"alpha": 0.5, "tau": 1.0, "gamma": 10.0}
 
 
 def make_model(name: str, in_chans: int, img_size: int) -> nn.Module:

@@ -23,7 +23,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -233,7 +233,7 @@ def watch_jobs(client: Client, jobs: list[Job], *, labels: list[str] | None = No
             try:
                 results[i] = client.wait_job(jobs[i].id, on_progress=bars.update, poll=poll, timeout=timeout)
             except (JobFailedError, JobCancelledError) as exc:
-                bars.update(exc.job)
+                bars.update(cast(Job, exc.job))  # errors.py names it by a Protocol (no import cycle)
                 results[i] = exc
             except KdigaError as exc:
                 results[i] = exc
@@ -314,7 +314,7 @@ def _show_teacher(t: Teacher) -> None:
                        ("created", t.created_at), ("error", f"[red]{t.error}[/]" if t.error else None)]))
 
 
-def _normalisation(norm: dict | None) -> str | None:
+def _normalisation(norm: dict[str, Any] | None) -> str | None:
     """'mean 0.5 std 0.5 (default)' from the server's `normalization`, or None (older servers)."""
     if not norm:
         return None
@@ -489,7 +489,7 @@ def build_job_spec(base: dict[str, Any] | None = None, *, kind: str | None = Non
                    evaluation: dict[str, Any] | None = None,
                    resources: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge a --spec file with the flags (flags win); `None` flags leave the spec alone."""
-    spec = json.loads(json.dumps(base or {}))  # deep copy
+    spec: dict[str, Any] = json.loads(json.dumps(base or {}))  # deep copy
     for key, value in (("kind", kind), ("name", name), ("dataset_id", dataset), ("teacher_id", teacher)):
         if value is not None:
             spec[key] = value

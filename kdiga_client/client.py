@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 from urllib.parse import unquote
 
 import httpx
@@ -55,7 +55,7 @@ class _Model:
     raw: dict[str, Any]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         names = {f.name for f in dataclasses.fields(cls)} - {"raw"}  # type: ignore[arg-type]
         kwargs = {k: v for k, v in data.items() if k in names}
         return cls(**kwargs, raw=dict(data))  # type: ignore[call-arg]
@@ -175,6 +175,7 @@ class JobEvent:
 
 
 T = TypeVar("T")
+_Upload = TypeVar("_Upload", Teacher, Dataset)
 
 
 @dataclass
@@ -240,6 +241,13 @@ def _safe_name(name: str) -> str:
 
 def _idempotency(key: str | None) -> dict[str, str] | None:
     return {"Idempotency-Key": key} if key else None
+
+
+def _object(body: Any) -> dict[str, Any]:
+    """A JSON body that the contract says is an object (a server that sends anything else is not ours)."""
+    if not isinstance(body, dict):
+        raise KdigaError(f"The server sent {type(body).__name__} where the API returns an object.")
+    return body
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -330,12 +338,13 @@ class Client:
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The decoded JSON body (an object for every route that has one; None for a 204)."""
         response = self._request(method, path, **kwargs)
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
 
-    def _page(self, path: str, model: type[_Model], limit: int, offset: int, **params: Any) -> Page:
+    def _page(self, path: str, model: type[_Model], limit: int, offset: int, **params: Any) -> Page[Any]:
         body = self._json("GET", path, params=_drop_none({"limit": limit, "offset": offset, **params}))
         return Page([model.from_dict(d) for d in body.get("data", [])], int(body.get("count", 0)))
 
@@ -343,19 +352,19 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         """GET /healthz."""
-        return self._json("GET", "/healthz")
+        return _object(self._json("GET", "/healthz"))
 
     def ready(self) -> dict[str, Any]:
         """GET /readyz (database and broker reachable)."""
-        return self._json("GET", "/readyz")
+        return _object(self._json("GET", "/readyz"))
 
     def openapi(self) -> dict[str, Any]:
         """GET /openapi.json: the server's schema (what fields this server version accepts)."""
-        return self._json("GET", "/openapi.json")
+        return _object(self._json("GET", "/openapi.json"))
 
     def catalog(self) -> dict[str, Any]:
         """GET /v1/catalog: architectures, attacks, methods, datasets, job kinds."""
-        return self._json("GET", "/v1/catalog")
+        return _object(self._json("GET", "/v1/catalog"))
 
     # ------------------------------------------------------------------ teachers
 
@@ -417,8 +426,8 @@ class Client:
         """Poll until the dataset is `ready` or `invalid` (check `.status` / `.error`)."""
         return self._wait_upload(self.get_dataset, dataset_id, "Dataset", poll, timeout)
 
-    def _wait_upload(self, get: Callable[[str], Any], rid: str, what: str, poll: float,
-                     timeout: float | None) -> Any:
+    def _wait_upload(self, get: Callable[[str], _Upload], rid: str, what: str, poll: float,
+                     timeout: float | None) -> _Upload:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             obj = get(rid)
@@ -569,7 +578,7 @@ class Client:
             raise ValueError("format must be 'json' or 'html'.")
         if format == "html":
             return self._request("GET", f"/v1/jobs/{job_id}/report", params={"format": "html"}).text
-        return self._json("GET", f"/v1/jobs/{job_id}/report")
+        return _object(self._json("GET", f"/v1/jobs/{job_id}/report"))
 
     def download_artifact(self, artifact_id: str, dest: str | os.PathLike[str], *,
                           expected_sha256: str | None = None) -> Path:

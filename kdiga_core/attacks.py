@@ -350,7 +350,7 @@ class APGDCE(_TorchAttack):
 
     name = "apgd-ce"
 
-    def build(self, model: nn.Module, n_classes: int) -> Any:
+    def build(self, model: nn.Module, n_classes: int) -> Any:  # noqa: ARG002 - the registry signature
         import torchattacks
 
         return torchattacks.APGD(
@@ -448,7 +448,7 @@ class Square(_TorchAttack):
         with torch.no_grad():
             return super().perturb(model, x, y)
 
-    def build(self, model: nn.Module, n_classes: int) -> Any:
+    def build(self, model: nn.Module, n_classes: int) -> Any:  # noqa: ARG002 - the registry signature
         import torchattacks
 
         return torchattacks.Square(
@@ -467,7 +467,7 @@ class Square(_TorchAttack):
 def _autoattack_members(
     eps: float, norm: str, *, steps: int, seed: int, n_classes: int | None, n_queries: int
 ) -> list[Attack]:
-    kw: dict[str, Any] = dict(steps=steps, seed=seed, n_classes=n_classes)
+    kw: dict[str, Any] = {"steps": steps, "seed": seed, "n_classes": n_classes}
     return [
         APGDCE(eps, norm, **kw),
         APGDT(eps, norm, **kw),
@@ -625,7 +625,7 @@ def _iterative(cls: type[Attack]) -> Callable[..., Attack]:
 
 ATTACKS: dict[str, Callable[..., Attack]] = {
     "pgd": _build_pgd,
-    "fgsm": lambda spec, **kw: FGSM(spec.eps, spec.norm),
+    "fgsm": lambda spec, **kw: FGSM(spec.eps, spec.norm),  # noqa: ARG005 - the registry signature
     "apgd-ce": _iterative(APGDCE),
     "apgd-t": _iterative(APGDT),
     "fab-t": _iterative(FABT),

@@ -210,7 +210,7 @@ class MLP(nn.Module):
 
 
 @register_model
-def cnn_tiny(num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+def cnn_tiny(num_classes: int, in_chans: int, img_size: int) -> nn.Module:  # noqa: ARG001 - the registry signature
     """~1.5k parameters (3 channels, 10 classes)."""
     return TinyCNN(num_classes, in_chans)
 
@@ -228,13 +228,13 @@ def cnn_medium(num_classes: int, in_chans: int, img_size: int) -> nn.Module:
 
 
 @register_model
-def resnet_small(num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+def resnet_small(num_classes: int, in_chans: int, img_size: int) -> nn.Module:  # noqa: ARG001 - the registry signature
     """PreActResNet-14-like (widths 16/32/64, two blocks per stage), ~0.17M parameters."""
     return PreActResNet(num_classes, in_chans, (16, 32, 64), (2, 2, 2))
 
 
 @register_model
-def preact_resnet18(num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+def preact_resnet18(num_classes: int, in_chans: int, img_size: int) -> nn.Module:  # noqa: ARG001 - the registry signature
     """PreActResNet-18 as used for CIFAR in the robustness literature (~11M parameters)."""
     return PreActResNet(num_classes, in_chans, (64, 128, 256, 512), (2, 2, 2, 2))
 

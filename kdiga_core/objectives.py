@@ -242,7 +242,7 @@ class CEObjective(Objective):
 
     method = "ce"
 
-    def forward(self, x, y, *, progress, index):
+    def forward(self, x, y, *, progress, index):  # noqa: ARG002 - the Objective signature
         logits = self.student(x)
         ce = cross_entropy(logits, y)
         return {"loss": ce, "logits": logits.detach(), "ce": ce.detach()}
@@ -253,7 +253,7 @@ class PGDATObjective(Objective):
 
     method = "pgd_at"
 
-    def forward(self, x, y, *, progress, index):
+    def forward(self, x, y, *, progress, index):  # noqa: ARG002 - the Objective signature
         x_adv = self.attack(lambda xa: cross_entropy(self.student(xa), y), x, self.random_start(x))
         logits = self.student(x_adv)
         ce = cross_entropy(logits, y)
@@ -265,7 +265,7 @@ class TRADESObjective(Objective):
 
     method = "trades"
 
-    def forward(self, x, y, *, progress, index):
+    def forward(self, x, y, *, progress, index):  # noqa: ARG002 - the Objective signature
         with torch.no_grad(), model_mode(self.student):
             z_ref = upcast(self.student(x))
         start = x + _normal(x, 0.001, self.generator)  # TRADES starts next to x, not uniformly
@@ -282,7 +282,7 @@ class ARDObjective(Objective):
 
     method = "ard"
 
-    def forward(self, x, y, *, progress, index):
+    def forward(self, x, y, *, progress, index):  # noqa: ARG002 - the Objective signature
         c = self.cfg
         z_t, _ = self.teacher_batch(x, y, index, need_grad=False)
         x_adv = self.attack(lambda xa: cross_entropy(self.student(xa), y), x, self.random_start(x))
@@ -300,7 +300,7 @@ class RSLADObjective(Objective):
 
     method = "rslad"
 
-    def forward(self, x, y, *, progress, index):
+    def forward(self, x, y, *, progress, index):  # noqa: ARG002 - the Objective signature
         z_t, _ = self.teacher_batch(x, y, index, need_grad=False)
         start = x + _normal(x, 0.001, self.generator)
         x_adv = self.attack(lambda xa: kd_kl(self.student(xa), z_t), x, start)

@@ -492,14 +492,14 @@ def _run_trial(ctx: _Context, study, gamma: float) -> nn.Module | None:
     # a crash between a rung's report and its decision: take the decision now (a repeat is a no-op)
     if 0 < done_epochs < ctx.plan.rungs[-1] and _pruned(trial, gamma):
         study.tell(trial, state=TrialState.PRUNED)
-        return _finish(ctx, folder, gamma, model, keep=False)
+        return _finish(ctx, folder, model, keep=False)
     for rung in ctx.plan.rungs:
         if rung <= done_epochs:
             continue
         if not _affordable(ctx, study, gamma, done_epochs, rung):
             study._storage.set_trial_user_attr(trial._trial_id, "stopped_by", ctx.stopped_by)
             study.tell(trial, state=TrialState.FAIL)
-            return _finish(ctx, folder, gamma, model, keep=False)
+            return _finish(ctx, folder, model, keep=False)
         try:
             clean, robust = _train_segment(ctx, model, gamma, folder, rung, study)
         except KdigaError as exc:  # e.g. a non-finite loss: this γ diverged; the others may not
@@ -508,15 +508,15 @@ def _run_trial(ctx: _Context, study, gamma: float) -> nn.Module | None:
             log.warning("γ sweep: γ=%g stopped: %s", gamma, exc)
             study._storage.set_trial_user_attr(trial._trial_id, "stopped_by", f"training failed: {exc}")
             study.tell(trial, state=TrialState.FAIL)
-            return _finish(ctx, folder, gamma, model, keep=False)
+            return _finish(ctx, folder, model, keep=False)
         _report(ctx, study, trial, gamma, rung, clean, robust)
         done_epochs = rung
         if rung < ctx.plan.rungs[-1] and _pruned(trial, gamma):  # a trial at the last rung has finished
             study.tell(trial, state=TrialState.PRUNED)
-            return _finish(ctx, folder, gamma, model, keep=False)
+            return _finish(ctx, folder, model, keep=False)
         ctx.checkpoint()
     study.tell(trial, study._storage.get_trial(trial._trial_id).intermediate_values[done_epochs])
-    return _finish(ctx, folder, gamma, model, keep=gamma == KD_GAMMA)
+    return _finish(ctx, folder, model, keep=gamma == KD_GAMMA)
 
 
 def _pruned(trial, gamma: float) -> bool:
@@ -637,7 +637,7 @@ def _overhead_steps(ctx: _Context) -> float:
     return ctx.overhead_seconds / max(ctx.seconds_per_step)
 
 
-def _finish(ctx: _Context, folder: Path, gamma: float, model: nn.Module, *, keep: bool) -> nn.Module | None:
+def _finish(ctx: _Context, folder: Path, model: nn.Module, *, keep: bool) -> nn.Module | None:
     """Drop a finished trial's training checkpoint (the journal keeps its numbers); keep the KD reference's."""
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)

@@ -36,7 +36,8 @@ DATASET = "digits"
 
 def load_recipe(name: str) -> dict[str, Any]:
     """A job recipe of examples/digits (the same files the README and REPRODUCTION.md point to)."""
-    return json.loads((RECIPES / f"{name}.json").read_text(encoding="utf-8"))
+    recipe: dict[str, Any] = json.loads((RECIPES / f"{name}.json").read_text(encoding="utf-8"))
+    return recipe
 
 
 # The recipes' settings come from REPRODUCTION.md / benchmarks/reproduce_digits.py, shortened to fit a
@@ -110,7 +111,7 @@ def results_table(reports: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
-def _check(results: list[Job | KdigaError], what: str) -> list[Job]:
+def _check(results: list[Job | KdigaError]) -> list[Job]:
     bad = [r for r in results if isinstance(r, KdigaError)]
     if bad:
         raise bad[0]
@@ -120,7 +121,7 @@ def _check(results: list[Job | KdigaError], what: str) -> list[Job]:
 def _with_overrides(recipe: dict[str, Any], *, epochs: int | None = None, points: int | None = None,
                     autoattack: bool = True) -> dict[str, Any]:
     """A copy of a recipe with the demo's command-line overrides applied."""
-    job = json.loads(json.dumps(recipe))
+    job: dict[str, Any] = json.loads(json.dumps(recipe))
     if epochs:
         job["train"]["epochs"] = epochs
     if points:
@@ -150,15 +151,14 @@ def run_demo(client: Client, out_dir: Path, timer: Timer, *, teacher_epochs: int
                       f"input {dataset.input_shape}")
     with timer.phase("2. robust teacher (adversarial_train, PGD-AT)"):
         job = _submit(client, teacher_recipe, dataset.id)
-        (teacher_job,) = _check(watch_jobs(client, [job], labels=["teacher pgd_at"], out=console), "teacher")
+        (teacher_job,) = _check(watch_jobs(client, [job], labels=["teacher pgd_at"], out=console))
         teacher_id = (teacher_job.result or {}).get("teacher_id")
         if not teacher_id:
             raise KdigaError(f"Job {teacher_job.id} finished without a teacher_id in its result.")
         console.print(f"teacher: {teacher_id}")
     with timer.phase("3. students (distill: KD and KDIGA)"):
         jobs = [_submit(client, recipe, dataset.id, teacher_id) for recipe in students.values()]
-        finished = _check(watch_jobs(client, jobs, labels=[f"student {m}" for m in students], out=console),
-                          "students")
+        finished = _check(watch_jobs(client, jobs, labels=[f"student {m}" for m in students], out=console))
     with timer.phase("4. reports and downloads"):
         reports, paths = {}, {}
         for method, job in zip(students, finished, strict=True):

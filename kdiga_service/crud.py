@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, bindparam, delete, func, or_, select, update
+from sqlalchemy import CursorResult, Engine, Result, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from kdiga_service import outbox, pipelines
@@ -51,6 +51,11 @@ CONTENT_TYPES = {".json": "application/json", ".html": "text/html; charset=utf-8
 
 
 # -- generic owner-scoped reads ------------------------------------------------------------------
+def updated_one_row(result: Result[Any]) -> bool:
+    """Whether an UPDATE matched exactly one row (an UPDATE's result is a CursorResult at run time)."""
+    return cast("CursorResult[Any]", result).rowcount == 1
+
+
 def get_owned(session: Session, model: type[M], *, owner_id: str, id: str) -> M | None:
     """The row with this id if `owner_id` owns it, else None (another owner's row is 'not found')."""
     row = session.get(model, id)
@@ -211,9 +216,9 @@ def get_job_by_idempotency_key(session: Session, *, owner_id: str, key: str) -> 
 
 def get_by_idempotency_key(session: Session, model: type[M], *, owner_id: str, key: str) -> M | None:
     """The owner's job, teacher or dataset created with this Idempotency-Key, or None."""
-    return session.scalar(
-        select(model).where(model.owner_id == owner_id, model.idempotency_key == key)  # type: ignore[attr-defined]
-    )
+    owned = model.owner_id == owner_id, model.idempotency_key == key  # type: ignore[attr-defined]
+    found: M | None = session.execute(select(model).where(*owned)).scalars().first()
+    return found
 
 
 def request_cancel(session: Session, *, job: Job) -> Job:
@@ -420,7 +425,7 @@ def update_progress(
     if milestone and res.rowcount == 1:  # type: ignore[attr-defined]
         after_state_change(session, job_id, event=outbox.PROGRESS_EVENT)
     session.commit()
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return updated_one_row(res)
 
 
 def heartbeat(session: Session, job_id: str, *, worker_id: str | None = None) -> bool:
@@ -432,7 +437,7 @@ def heartbeat(session: Session, job_id: str, *, worker_id: str | None = None) ->
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return updated_one_row(res)
 
 
 def is_cancel_requested(session: Session, job_id: str) -> bool:
@@ -451,7 +456,7 @@ def _finish(session: Session, job_id: str, worker_id: str | None, **values: Any)
     if res.rowcount == 1:  # type: ignore[attr-defined]
         after_state_change(session, job_id, event=f"job.{values['status']}")
     session.commit()
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return updated_one_row(res)
 
 
 def finish_job(
@@ -496,7 +501,7 @@ def open_gang(session: Session, job_id: str, *, worker_id: str, rendezvous_id: s
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return updated_one_row(res)
 
 
 def join_gang(session: Session, job_id: str, *, rendezvous_id: str) -> bool:
@@ -513,7 +518,7 @@ def join_gang(session: Session, job_id: str, *, rendezvous_id: str) -> bool:
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return updated_one_row(res)
 
 
 def release_job(session: Session, job_id: str, *, worker_id: str, progress: dict[str, Any]) -> bool:
@@ -532,7 +537,7 @@ def release_job(session: Session, job_id: str, *, worker_id: str, progress: dict
     if res.rowcount == 1:  # type: ignore[attr-defined]
         after_state_change(session, job_id, event="job.queued")
     session.commit()
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return updated_one_row(res)
 
 
 def get_job(session: Session, job_id: str) -> Job | None:

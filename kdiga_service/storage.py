@@ -191,7 +191,8 @@ class ArtifactStore:
     def open(self, key: str) -> IO[bytes]:
         """Open an object for reading (a seekable binary file object)."""
         try:
-            return self.fs.open(self._path(key), "rb")
+            handle: IO[bytes] = self.fs.open(self._path(key), "rb")
+            return handle
         except FileNotFoundError as exc:
             raise StorageError(f"No object with key {key!r}.") from exc
 
@@ -248,7 +249,7 @@ class ArtifactStore:
     def supports_presign(self) -> bool:
         return not self.is_local and bool({"s3", "s3a", "gs", "gcs"} & _protocols(self.fs))
 
-    def presigned_url(self, key: str, *, expires_s: int = 3600, filename: str | None = None) -> str | None:
+    def presigned_url(self, key: str, *, expires_s: int = 3600, filename: str | None = None) -> str | None:  # noqa: ARG002 - the store interface
         """A time-limited download URL when the backend supports one, else None."""
         if not self.supports_presign:
             return None

@@ -17,7 +17,7 @@ target_metadata = Base.metadata
 PG_LOCK_ID = 0x6B64_6967  # "kdig": one migrator at a time on PostgreSQL
 
 
-def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:  # noqa: ARG001 - alembic hook signature
     """Render our UTCDateTime as a plain sa.DateTime(timezone=True) in revisions."""
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"

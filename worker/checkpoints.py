@@ -65,7 +65,8 @@ def _read_pointer(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
     if not store.exists(key):
         return None
     try:
-        return json.loads(store.read_bytes(key, max_bytes=1 << 20))
+        latest: dict[str, Any] = json.loads(store.read_bytes(key, max_bytes=1 << 20))
+        return latest
     except ValueError:
         return None
 

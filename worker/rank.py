@@ -24,13 +24,17 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdiga_service import crud
 from kdiga_service.settings import Settings, get_settings
 from kdiga_service.storage import get_storage
 from worker.common import session_for
 from worker.progress import Reporter
+
+if TYPE_CHECKING:  # kdiga_core (torch) is imported in the rank only once it runs
+    from kdiga_core.distributed import RankContext
+    from kdiga_service.models import Job
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +49,10 @@ class QuietReporter:
 
     lost = False
 
-    def on_step(self, progress: dict[str, Any]) -> None:
+    def on_step(self, progress: dict[str, Any]) -> None:  # noqa: ARG002 - the Reporter interface
         return None
 
-    def should_cancel(self, *, force: bool = False) -> bool:
+    def should_cancel(self, *, force: bool = False) -> bool:  # noqa: ARG002 - the Reporter interface
         return False
 
     def beat(self) -> None:
@@ -84,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.teardown()
 
 
-def _job(job_id: str, s: Settings):
+def _job(job_id: str, s: Settings) -> Job:
     with session_for(s) as session:
         job = crud.get_job(session, job_id)
         if job is None:
@@ -93,7 +97,7 @@ def _job(job_id: str, s: Settings):
         return job
 
 
-def _run(launch: dict[str, Any], s: Settings, ctx) -> int:
+def _run(launch: dict[str, Any], s: Settings, ctx: RankContext) -> int:
     from kdiga_core.errors import CancelledError
     from worker.runner import _call_core, _finish_cancelled, _succeed
 

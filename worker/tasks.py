@@ -7,6 +7,7 @@ never imports this module.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded
 from celery import Task
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 @worker_process_init.connect
-def _after_fork(**_kwargs) -> None:
+def _after_fork(**_kwargs: Any) -> None:
     """A forked pool process must not reuse the parent's database connections."""
     from kdiga_service.db import dispose_engines
 
@@ -30,7 +31,7 @@ def _after_fork(**_kwargs) -> None:
 class JobTask(Task):
     """Records a hard time limit on the job row: the pool process was killed, so the task could not."""
 
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def]
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def]  # noqa: ARG002 - Celery Task signature
         if isinstance(exc, TimeLimitExceeded) and args:
             runner.fail_after_hard_time_limit(str(args[0]))
 

@@ -24,6 +24,7 @@ from kdiga_service.storage import ArtifactStore
 
 log = logging.getLogger("kdiga.api")
 S = TypeVar("S", bound=BaseModel)
+R = TypeVar("R")  # a row model (Job, Teacher, Dataset)
 M = TypeVar("M")
 
 QUEUE_DOWN = "The job queue is unavailable, so nothing was created; try again shortly."
@@ -54,7 +55,7 @@ def owned_or_404(session: Session, model: type[M], owner_id: str, object_id: str
     row = crud.get_owned(session, model, owner_id=owner_id, id=object_id)  # type: ignore[type-var]
     if row is None:
         raise not_found(what, object_id)
-    return row  # type: ignore[return-value]
+    return row
 
 
 def delete_with_file(session: Session, store: ArtifactStore, row: Any, *, what: str, in_use: bool,
@@ -146,8 +147,8 @@ def find_replay(session: Session, model: Any, owner_id: str, key: str | None) ->
     return crud.get_by_idempotency_key(session, model, owner_id=owner_id, key=key) if key else None
 
 
-def insert_once(session: Session, row: Any, *, on_duplicate: Callable[[], Any],
-                before_commit: Callable[[Session, Any], Any] | None = None) -> Any:
+def insert_once(session: Session, row: R, *, on_duplicate: Callable[[], R],
+                before_commit: Callable[[Session, R], Any] | None = None) -> R:
     """Commit a new row (after `before_commit(session, row)`, in the same transaction); if a concurrent
     request with the same Idempotency-Key won, `on_duplicate()`."""
     from sqlalchemy.exc import IntegrityError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated
 from urllib.parse import quote
 
@@ -66,7 +67,7 @@ def download_artifact(
     except StorageError:
         raise not_found("Artifact file", artifact_id) from None
 
-    def body():  # type: ignore[no-untyped-def]
+    def body() -> Iterator[bytes]:
         yield first
         yield from chunks
 

@@ -15,6 +15,6 @@ router = APIRouter(prefix="/catalog", tags=["catalog"], route_class=KdigaRoute,
 
 
 @router.get("", response_model=CatalogPublic)
-def read_catalog(owner: CurrentOwner) -> CatalogPublic:
+def read_catalog(owner: CurrentOwner) -> CatalogPublic:  # noqa: ARG001 - the dependency authenticates the caller
     """Architectures, attacks, methods, built-in datasets and job kinds this service accepts."""
     return CatalogPublic(**load_catalog(), methods_by_kind=methods_by_kind())

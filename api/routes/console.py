@@ -260,7 +260,7 @@ async def job_page(job_id: str, request: Request, user: UserDep) -> HTMLResponse
 @router.get("/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request, user: UserDep) -> Response:
     """The API's own server-sent events stream, for the signed-in key."""
-    return await job_routes.stream_job_events(job_id, request, user.owner, request.app.state.settings)
+    return await job_routes.stream_job_events(job_id, request, user.owner)
 
 
 @router.get("/jobs/{job_id}/report", response_class=HTMLResponse)
@@ -269,7 +269,7 @@ async def job_report(job_id: str, request: Request, user: UserDep) -> Response:
         return job_routes.read_job_report(job_id, user.owner, session, request.app.state.storage, "html")
 
     try:
-        response = await to_thread.run_sync(_with_session, request, read)
+        response: Response = await to_thread.run_sync(_with_session, request, read)
     except HTTPException as exc:
         return page(request, "not_found.html", {"user": user, "what": exc.detail}, exc.status_code)
     response.headers.update(REPORT_HEADERS)

@@ -354,7 +354,7 @@ def create_job(
     job = insert_once(session, new, before_commit=crud.job_created, on_duplicate=lambda: replay(
         find_replay(session, Job, owner.id, idempotency_key), digest, idempotency_key or "", response))
     if job is not new:  # a concurrent request with the same Idempotency-Key made it first: already queued
-        return job  # type: ignore[no-any-return]
+        return job
     publish_or_undo(session, settings, job, task=RUN_JOB, queue=plan.queue, what="job")
     log.info("job %s queued on %s (expected work %.3g passes)", job.id, plan.queue, plan.work.total)
     return job
@@ -462,7 +462,7 @@ async def _events(watcher: JobWatcher, owner_id: str, job_id: str) -> AsyncItera
                **error_responses(503)},
 )
 async def stream_job_events(
-    job_id: str, request: Request, owner: CurrentOwner, settings: SettingsDep
+    job_id: str, request: Request, owner: CurrentOwner
 ) -> StreamingResponse:
     """Stream the job as server-sent events (`progress` on each change, then `end`)."""
     if await run_query(request, request.app.state.status_reader.read, owner.id, job_id) is None:

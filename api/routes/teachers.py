@@ -155,7 +155,7 @@ async def _teacher_row(session: Session, owner_id: str, meta: TeacherMetadata, f
                                         upload.filename, key, digest)
     if inserted is not None:
         return inserted
-    return await to_thread.run_sync(find_replay, session, Teacher, owner_id, key)  # type: ignore[no-any-return]
+    return await to_thread.run_sync(find_replay, session, Teacher, owner_id, key)
 
 
 def upload_digest(kind: str, sha256: str, metadata: dict[str, Any]) -> str:

@@ -188,7 +188,7 @@ def linearity_bound(
     loss_s, g_s, g_t = gradients or (*input_gradients(student, x, y, batch_size=batch_size),
                                      input_gradients(teacher, x, y, batch_size=batch_size)[1])
     dual = 1 if norm == "Linf" else 2
-    kw: dict[str, Any] = dict(norm=norm, batch_size=batch_size, seed=seed)
+    kw: dict[str, Any] = {"norm": norm, "batch_size": batch_size, "seed": seed}
     measured, gamma = {}, {}
     for role, model in (("student", student), ("teacher", teacher)):
         adv = adversarial_examples(model, x, y, eps, progress=stage(f"{role}: measured PGD-{MEASURED_LOSS_STEPS} loss"),

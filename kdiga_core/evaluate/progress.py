@@ -47,7 +47,7 @@ def stage_label(label: str, part: str | None) -> str:
 
 def silent_stage(_label: str) -> Ticker:
     """A `StageFn` for measurements run outside a report: their ticks go nowhere."""
-    return lambda done, total, part=None: None
+    return lambda done, total, part=None: None  # noqa: ARG005 - the progress signature
 
 
 class Tracker:

@@ -44,7 +44,7 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, *, n
     ctx, n_all, x_all, y_all = distributed.context(), len(y), x, y  # DDP: each rank measures its share
     mine = distributed.evaluation_share(torch.arange(n_all, device=y.device), n_all, ctx)
     x, y = x[mine], y[mine]
-    common: dict[str, Any] = dict(batch_size=cfg.batch_size, seed=cfg.seed)
+    common: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed}
     rep: dict[str, Any] = {"clean_accuracy": clean_accuracy(model, x, y, batch_size=cfg.batch_size,
                                                             progress=tracker.stage(f"{label}: clean accuracy")),
                            "attacks": {}, "autoattack_breakdown": []}

@@ -24,18 +24,18 @@ REDIS_URL = os.environ.get("KDIGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 def make_settings(home: Any, database_url: str, **overrides: Any) -> Settings:
     """Test settings: the real Redis on this run's queue names, small limits."""
-    values: dict[str, Any] = dict(
-        home=home,
-        database_url=database_url,
-        broker_url=REDIS_URL,
-        storage_url=f"file://{home}/artifacts",
-        queue_train=f"kdiga_test_{RUN_ID}_train",
-        queue_eval=f"kdiga_test_{RUN_ID}_eval",
-        max_upload_bytes=MAX_UPLOAD,
-        max_concurrent_jobs_per_key=2,
-        sse_poll_interval_s=0.05,
-        auth_cache_ttl_s=0,
-    )
+    values: dict[str, Any] = {
+        "home": home,
+        "database_url": database_url,
+        "broker_url": REDIS_URL,
+        "storage_url": f"file://{home}/artifacts",
+        "queue_train": f"kdiga_test_{RUN_ID}_train",
+        "queue_eval": f"kdiga_test_{RUN_ID}_eval",
+        "max_upload_bytes": MAX_UPLOAD,
+        "max_concurrent_jobs_per_key": 2,
+        "sse_poll_interval_s": 0.05,
+        "auth_cache_ttl_s": 0,
+    }
     values.update(overrides)
     return Settings(**values)
 

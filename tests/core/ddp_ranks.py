@@ -174,9 +174,9 @@ def _cancel_step(ctx) -> int | None:
 
 # ----------------------------------------------------------------------------- evaluation
 
-EVAL = dict(attacks=[{"name": "pgd", "eps": 0.1, "steps": 5}], max_points=101, eps_curve=(0.0, 0.1),
-            curve_attack_steps=3, linearity_steps=3, smoothing_sigma=0.25, smoothing_points=21,
-            smoothing_samples=20, latency=False, batch_size=32)
+EVAL = {"attacks": [{"name": "pgd", "eps": 0.1, "steps": 5}], "max_points": 101, "eps_curve": (0.0, 0.1),
+            "curve_attack_steps": 3, "linearity_steps": 3, "smoothing_sigma": 0.25, "smoothing_points": 21,
+            "smoothing_samples": 20, "latency": False, "batch_size": 32}
 
 
 def digits_student():

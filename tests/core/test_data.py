@@ -142,24 +142,24 @@ def test_npz_float_nchw_with_metadata(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(y_train=np.array([0, 1, 12] * 4)), "Label 12 in y_train is out of range for 10 classes."),
-        (dict(y_test=np.array([-1, 0, 1, 2, 0, 1])), "Label -1 in y_test is negative."),
+        ({"y_train": np.array([0, 1, 12] * 4)}, "Label 12 in y_train is out of range for 10 classes."),
+        ({"y_test": np.array([-1, 0, 1, 2, 0, 1])}, "Label -1 in y_test is negative."),
         (
-            dict(y_train=np.zeros(12, dtype=np.float32)),
+            {"y_train": np.zeros(12, dtype=np.float32)},
             "y_train must be a 1-D array of integer class labels.",
         ),
-        (dict(y_test=np.arange(5) % 3), "x_test has 6 images but its labels have 5 entries."),
+        ({"y_test": np.arange(5) % 3}, "x_test has 6 images but its labels have 5 entries."),
         (
-            dict(x_train=np.full((12, 3, 8, 8), np.nan, dtype=np.float32)),
+            {"x_train": np.full((12, 3, 8, 8), np.nan, dtype=np.float32)},
             "x_train contains NaN or infinite values.",
         ),
         (
-            dict(x_train=np.full((12, 3, 8, 8), 2.0, dtype=np.float32)),
+            {"x_train": np.full((12, 3, 8, 8), 2.0, dtype=np.float32)},
             "x_train has float values outside [0, 1]",
         ),
-        (dict(x_train=np.zeros((12, 3, 8, 8), dtype=np.int64)), "x_train must be uint8 (0..255) or float"),
-        (dict(x_train=np.zeros((12, 8, 6, 3), dtype=np.uint8)), "x_train has shape (12, 8, 6, 3)"),
-        (dict(x_test=np.zeros((6, 4, 4, 3), dtype=np.uint8)), "x_train images are"),
+        ({"x_train": np.zeros((12, 3, 8, 8), dtype=np.int64)}, "x_train must be uint8 (0..255) or float"),
+        ({"x_train": np.zeros((12, 8, 6, 3), dtype=np.uint8)}, "x_train has shape (12, 8, 6, 3)"),
+        ({"x_test": np.zeros((6, 4, 4, 3), dtype=np.uint8)}, "x_train images are"),
     ],
 )
 def test_npz_validation_errors_are_one_sentence(tmp_path, change, message):

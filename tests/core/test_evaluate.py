@@ -69,16 +69,16 @@ def setup():
 
 
 def _cfg(**kw) -> EvalConfig:
-    base = dict(
-        attacks=(AttackSpec("pgd", eps=0.15, steps=5), AttackSpec("autoattack", eps=0.15, steps=3)),
-        max_points=24,
-        curve_attack_steps=5,
-        linearity_steps=5,
-        smoothing_points=6,
-        smoothing_samples=50,
-        square_queries=30,
-        batch_size=16,
-    )
+    base = {
+        "attacks": (AttackSpec("pgd", eps=0.15, steps=5), AttackSpec("autoattack", eps=0.15, steps=3)),
+        "max_points": 24,
+        "curve_attack_steps": 5,
+        "linearity_steps": 5,
+        "smoothing_points": 6,
+        "smoothing_samples": 50,
+        "square_queries": 30,
+        "batch_size": 16,
+    }
     return EvalConfig(**(base | kw))
 
 

@@ -34,7 +34,7 @@ def param_grad(objective, model, x, y, progress=1.0):
 
 
 def kdiga(**kw):
-    base = dict(method="kdiga", gamma=10.0, gamma_warmup=0.0)
+    base = {"method": "kdiga", "gamma": 10.0, "gamma_warmup": 0.0}
     return ObjectiveConfig(**{**base, **kw})
 
 

@@ -37,7 +37,7 @@ def tiny(seed=0):
 
 
 def cfg(**kw):
-    return TrainConfig(**{**dict(epochs=3, batch_size=32, lr=0.05, device="cpu"), **kw})
+    return TrainConfig(**{**{"epochs": 3, "batch_size": 32, "lr": 0.05, "device": "cpu"}, **kw})
 
 
 def test_ce_training_learns_and_reports_progress():
