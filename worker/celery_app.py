@@ -19,6 +19,7 @@ Reliability settings, and why:
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging
@@ -36,7 +37,7 @@ def restore_interval_s(visibility_timeout_s: float) -> int:
     return int(min(60, max(1, visibility_timeout_s // 4)))
 
 
-def celery_config(settings: Settings) -> dict:
+def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration derived from the service settings."""
     hard = settings.effective_hard_time_limit_s
     if settings.visibility_timeout_s <= hard:
@@ -85,7 +86,7 @@ celery = app  # `celery -A worker.celery_app` finds either name
 
 
 @setup_logging.connect
-def _configure_logging(**_kwargs) -> None:
+def _configure_logging(**_kwargs: Any) -> None:
     """JSON logs with the job id instead of Celery's default format (any receiver disables Celery's)."""
     from worker.logs import configure_logging
 
