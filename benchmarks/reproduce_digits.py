@@ -1,7 +1,14 @@
 """Reproduce the KDIGA claim on scikit-learn's digits, on a CPU, in minutes.
 
-Claim (Shao et al., arXiv 2110.12072; method.md §7): standard KD does not transfer a robust
+Claim (Shao et al., arXiv 2110.12072; docs/method.md §7): standard KD does not transfer a robust
 teacher's adversarial robustness to a student of another architecture; KDIGA does.
+
+The jobs are the recipe files of examples/digits/ (the ones the demo submits to the service):
+`robust_teacher.json` for the teacher, `student_<method>.json` for each student. Their
+architecture, objective and `train` settings are used as they are, except what this script is
+for: a longer schedule (15 teacher and 100 student epochs; --teacher-epochs, --student-epochs),
+CPU, the run's --seed, and --eps / --kdiga when given. Evaluation is this script's own (below),
+not the recipes' `evaluation` section.
 
 Phases (each timed):
  1. teacher: cnn_medium trained with PGD-AT at ε (L∞);
@@ -49,17 +56,24 @@ from kdiga_core.data import load_dataset  # noqa: E402
 from kdiga_core.models import count_parameters, create_model  # noqa: E402
 from kdiga_core.objectives import TEACHER_METHODS  # noqa: E402
 from kdiga_core.train import train  # noqa: E402
+from kdiga_launcher.demo import load_recipe  # noqa: E402  (examples/digits/<name>.json, the demo's reader)
 
-TEACHER_ARCH, STUDENT_ARCH = "cnn_medium", "cnn_small"
+TEACHER_RECIPE = load_recipe("robust_teacher")
+STUDENT_RECIPE = "student_{method}"  # student_ce, student_kd, student_kdiga
+TEACHER_ARCH, STUDENT_ARCH = TEACHER_RECIPE["student"]["arch"], load_recipe("student_kdiga")["student"]["arch"]
+# The reproduction's schedule (REPRODUCTION.md); the recipes' shorter one is the demo's.
+EPOCHS = {"teacher": 15, "student": 100}
+QUICK_EPOCHS = 5
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer epochs and AutoAttack points (demo/tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write all numbers and settings as JSON here")
     p.add_argument(THREADS_FLAG, type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
-    p.add_argument("--eps", type=float, default=0.1, help="L∞ radius in [0, 1] pixel units")
+    p.add_argument("--eps", type=float, default=None,
+                   help="L∞ radius in [0, 1] pixel units (default: the teacher recipe's attack_eps)")
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--student-epochs", type=int, default=None)
     p.add_argument("--student-lr", type=float, default=None)
@@ -72,35 +86,55 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep", default="", help="comma-separated γ values for a KDIGA sweep (PGD-20 only)")
     p.add_argument("--sweep-warmups", default="0,0.3", help="gamma_warmup values for the sweep")
     p.add_argument("--kdiga", type=json.loads, default={},
-                   help='JSON ObjectiveConfig overrides for KDIGA students and the sweep (default: {"iga_noise_eps": eps})')
+                   help="JSON ObjectiveConfig overrides of student_kdiga.json's objective, for KDIGA students and the sweep")
     p.add_argument("--sweep-modes", default="auto", help="iga_mode values for the sweep")
-    return p.parse_args()
+    return p.parse_args(argv)
+
+
+def train_config(recipe: dict[str, Any], epochs: int, args: argparse.Namespace) -> TrainConfig:
+    """The recipe's `train` settings with the reproduction's schedule, seed and device."""
+    return TrainConfig.from_dict({**recipe["train"], "epochs": epochs, "seed": args.seed, "device": "cpu"})
+
+
+def objective(recipe: dict[str, Any], eps: float, **overrides: Any) -> ObjectiveConfig:
+    """The recipe's objective at radius `eps`: the inner attack (step scaled with ε) and the IGA noise."""
+    obj = dict(recipe["objective"])
+    scale = eps / obj["attack_eps"] if obj.get("attack_eps") else None
+    if scale is not None:
+        obj.update(attack_eps=eps, attack_step=obj["attack_step"] * scale)
+    if obj.get("iga_noise_eps"):
+        obj["iga_noise_eps"] = eps
+    return ObjectiveConfig.from_dict({**obj, **overrides})
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Every setting of the run in one place (also written to the JSON)."""
     quick = args.quick
-    eps = args.eps
-    # AdamW: these small plain-ReLU CNNs (no batch norm) barely move in 100 SGD steps at lr 0.05
-    teacher_train = TrainConfig(epochs=args.teacher_epochs or (5 if quick else 15), batch_size=64, optimizer="adamw",
-                                lr=3e-3, weight_decay=0.05, schedule="cosine", seed=args.seed, device="cpu")
-    # PGD-7 with step 2.5ε/7 instead of PGD-10: the same ball coverage for 30% less teacher time
-    teacher_obj = ObjectiveConfig(method="pgd_at", attack_eps=eps, attack_step=2.5 * eps / 7, attack_steps=7)
-    student_train = replace(teacher_train, epochs=args.student_epochs or (5 if quick else 100),
-                            lr=args.student_lr or teacher_train.lr)
-    return {"eps": eps, "teacher_train": teacher_train, "teacher_obj": teacher_obj, "student_train": student_train,
+    eps = args.eps if args.eps is not None else TEACHER_RECIPE["objective"]["attack_eps"]
+    # robust_teacher.json: AdamW (these small plain-ReLU CNNs barely move in 100 SGD steps at lr 0.05),
+    # PGD-7 with step 2.5ε/7 instead of PGD-10 (the same ball coverage for 30% less teacher time)
+    teacher_train = train_config(TEACHER_RECIPE, args.teacher_epochs or (QUICK_EPOCHS if quick else EPOCHS["teacher"]),
+                                 args)
+    student_train = train_config(load_recipe(STUDENT_RECIPE.format(method="kd")),
+                                 args.student_epochs or (QUICK_EPOCHS if quick else EPOCHS["student"]), args)
+    if args.student_lr:
+        student_train = replace(student_train, lr=args.student_lr)
+    return {"eps": eps, "teacher_train": teacher_train, "teacher_obj": objective(TEACHER_RECIPE, eps),
+            "student_train": student_train, "recipes": "examples/digits",
             "aa_points": args.aa_points or (20 if quick else 100), "aa_queries": args.aa_queries,
             "pgd": {"steps": 20, "step_size": 2.5 * eps / 20, "random_start": True}}
 
 
-def student_objective(method: str, **kw: Any) -> ObjectiveConfig:
-    """Library defaults (alpha, tau, gamma, gamma_warmup, iga_mode, fd_step) unless overridden."""
-    return ObjectiveConfig(method=method, **kw)
-
-
-def kdiga_overrides(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Input gradients aligned at x + U(−ε, ε) by default: the sweep's largest gain (REPRODUCTION.md)."""
-    return {"iga_noise_eps": cfg["eps"], **args.kdiga}
+def student_objective(method: str, args: argparse.Namespace, cfg: dict[str, Any], **kw: Any) -> ObjectiveConfig:
+    """examples/digits/student_<method>.json's objective (+ --kdiga for KDIGA), then `kw`."""
+    extra = args.kdiga if method == "kdiga" else {}
+    name = STUDENT_RECIPE.format(method=method)
+    try:
+        recipe = load_recipe(name)
+    except FileNotFoundError:
+        raise SystemExit(f"No recipe examples/digits/{name}.json for method '{method}'; add one or drop it "
+                         "from --methods.") from None
+    return objective(recipe, cfg["eps"], **{**extra, **kw})
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -240,8 +274,7 @@ def main() -> None:
 
     for method in [m for m in args.methods.split(",") if m]:
         # pgd_at here is the student architecture's own adversarial training: its robustness ceiling
-        obj = cfg["teacher_obj"] if method == "pgd_at" else student_objective(
-            method, **(kdiga_overrides(args, cfg) if method == "kdiga" else {}))
+        obj = cfg["teacher_obj"] if method == "pgd_at" else student_objective(method, args, cfg)
         student, seconds, history = train_student(data, teacher, obj, cfg, args.seed, f"student {method}")
         ev = evaluate(student, data, cfg, seed=args.seed, autoattack=not args.skip_aa)
         phases[f"student_{method}_train"], phases[f"student_{method}_eval"] = seconds, ev["eval_seconds"]
@@ -274,8 +307,7 @@ def run_sweep(data: Any, teacher: torch.nn.Module, cfg: dict[str, Any], args: ar
     for mode in args.sweep_modes.split(","):
         for warmup in [float(w) for w in args.sweep_warmups.split(",")]:
             for gamma in gammas:
-                obj = student_objective("kdiga", **{**kdiga_overrides(args, cfg), "gamma": gamma,
-                                                    "gamma_warmup": warmup, "iga_mode": mode})
+                obj = student_objective("kdiga", args, cfg, gamma=gamma, gamma_warmup=warmup, iga_mode=mode)
                 label = f"sweep γ={gamma:g} warmup={warmup:g} {mode}"
                 student, seconds, history = train_student(data, teacher, obj, cfg, args.seed, label)
                 ev = evaluate(student, data, cfg, seed=args.seed, autoattack=False)
