@@ -2,7 +2,8 @@
 
 - every `design.md §N`, `method.md §N` and `style.md habit N` cited anywhere in the repository is a
   section (or habit) of the page in docs/;
-- design.md §3's REST table and the application's routes are the same set, both ways;
+- design.md §3's REST table and the application's routes are the same set, both ways, and each status a
+  row names is one its operations declare;
 - every `KDIGA_*` setting the pages name is a field of `kdiga_service.settings.Settings`.
 """
 
@@ -158,3 +159,25 @@ def test_the_contracts_settings_list_names_real_settings() -> None:
     assert len(names) > 10
     unknown = sorted(n for n in names if n.lower() not in Settings.model_fields)
     assert not unknown, f"contracts.md's settings list names unknown settings: {unknown}"
+
+
+def test_the_status_codes_in_the_rest_table_are_documented_answers(app) -> None:  # type: ignore[no-untyped-def]
+    """A status a row of design.md §3 names (202, 409, 307, ...) is an answer one of its operations declares."""
+    answers: dict[tuple[str, str], set[str]] = {}
+    for path, ops in app.openapi()["paths"].items():
+        for method, op in ops.items():
+            answers[_route_key(method.upper(), path)] = set(op.get("responses", {}))
+    checked = 0
+    for line in section_text("design.md", "3").splitlines():
+        if not line.startswith("| `") or "**not yet**" in line:
+            continue
+        _, first_cell, what, *_ = line.split("|")
+        declared = set().union(*(answers.get(_route_key(m, p), set()) for m, p in ROUTE.findall(first_cell)))
+        for code in re.findall(r"\b([1-5]\d\d)\b", what):
+            assert code in declared, f"design.md §3 says {code} for {first_cell.strip()}, which never answers it"
+            checked += 1
+    assert checked >= 8, "the table's status codes were not found"
+    every = set().union(*answers.values())
+    intro = section_text("design.md", "3").split("|")[0]
+    for code in re.findall(r"\b(4\d\d|5\d\d)\b", intro):
+        assert code in every, f"design.md §3 lists error status {code}, which no operation declares"
