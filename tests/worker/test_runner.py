@@ -321,9 +321,12 @@ def test_adversarial_train_registers_a_teacher_then_evaluate_it(settings, seeded
     assert sorted(a.name for a in h.artifacts_of(settings, job_id)) == ["report.html", "report.json"]
     report = json.loads(get_storage(settings).read_bytes(
         next(a for a in h.artifacts_of(settings, job_id) if a.name == "report.json").storage_key))
-    assert set(report["models"]) == {"student", "teacher"}
-    assert abs(report["models"]["student"]["clean_accuracy"]
-               - h.job_row(settings, trained).metrics["student_clean_accuracy"]) < 1e-6
+    assert set(report["models"]) == {"model", "teacher"}  # an evaluate job's model is no "student"
+    assert abs(report["models"]["model"]["clean_accuracy"]
+               - h.job_row(settings, trained).metrics["model_clean_accuracy"]) < 1e-6
+    assert not any(k.startswith("student_") for k in h.job_row(settings, trained).metrics)  # a teacher job
+    assert report["about"]["models"]["model"]["source_job_id"] == trained
+    assert report["about"]["models"]["teacher"]["id"] == seeded["teacher_id"]
 
 
 @pytest.mark.slow
