@@ -40,6 +40,7 @@ from rich.table import Column, Table
 from kdiga_client import config as cfg
 from kdiga_client.client import Client, Dataset, Job, Teacher
 from kdiga_client.errors import AuthError, JobCancelledError, JobFailedError, KdigaError
+from kdiga_client.progress_lines import JobLines
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -213,7 +214,7 @@ class JobBars:
             percent = 100.0
         phase = (p.phase if p and p.phase and job.status == "running" else job.status) or ""
         epoch = f"epoch {p.epoch}/{p.epochs}" if p and p.epoch and p.epochs else ""
-        if p and p.phase == "evaluate" and job.status == "running":
+        if p and p.phase in ("sweep", "evaluate", "export") and job.status == "running":
             epoch = str(p.raw.get("stage") or "")  # e.g. "student: autoattack"
         eta = "—" if job.is_finished else _duration(p.eta_s if p else None)
         self.progress.update(task, completed=percent, phase=_status(phase) if phase == job.status else phase,
@@ -223,9 +224,14 @@ class JobBars:
 def watch_jobs(client: Client, jobs: list[Job], *, labels: list[str] | None = None,
                out: Console | None = None, poll: float = 1.0,
                timeout: float | None = None) -> list[Job | KdigaError]:
-    """Wait for several jobs at once with one progress bar each; returns each final Job or its error."""
+    """Wait for several jobs at once with one progress bar each; returns each final Job or its error.
+
+    When stdout is not a terminal (a CI log, a pipe) plain lines replace the bars (`JobLines`): one per
+    change of status, phase, stage or epoch, and the last state again every ``KDIGA_PROGRESS_EVERY_S``.
+    """
     results: list[Job | KdigaError] = list(jobs)
-    with JobBars(out) as bars:
+    view = JobBars(out) if (out or console).is_terminal else JobLines()
+    with view as bars:
         for i, job in enumerate(jobs):
             bars.add(job, labels[i] if labels else None)
 
@@ -660,6 +666,7 @@ def jobs_show(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, json_out:
     _end_of_job(job, json_out)
 
 
+@jobs_app.command("follow", help="Follow jobs until they end (the same as `watch`).")
 @jobs_app.command("watch")
 @handle_errors
 def jobs_watch(job_ids: Annotated[list[str], typer.Argument(help="One or more job ids.")],

@@ -40,6 +40,10 @@ METHODS_BY_KIND: dict[str, tuple[str, ...]] = {
 JOB_KINDS: tuple[str, ...] = tuple(METHODS_BY_KIND)
 # A phase's own rate replaces its estimate made beforehand once this much of it is done.
 RATE_AFTER = 0.05
+# What writing the files is expected to take before it starts (the ONNX export and its onnxruntime check of
+# a small CNN took 2-5 s on a busy 2-core machine); its own rate replaces this once the weights are out.
+EXPORT_EXPECTED_S = 4.0
+REPORT_EXPECTED_S = 1.5  # rendering report.html's plots
 
 StepFn = Callable[[dict[str, Any]], None]
 
@@ -149,15 +153,19 @@ class JobProgress:
     stages); this adds ``job_percent`` and ``job_eta_s`` to every progress dict. A phase weighs its
     expected seconds: its own rate (the seconds left over the fraction left) as soon as it reports an
     ETA, or, for evaluation, once `RATE_AFTER` of it is done; before that its plan
-    (`evaluate.expected_seconds`). Writing the files
-    afterwards (about a second for our models) is not a phase of its own. Outside training (which
+    (`evaluate.expected_seconds`). Writing the files (``export``: the model bundle, then the report)
+    is the last phase, its stages reported by `export_stage`. Outside training (which
     checks itself), it also stops the job when ``should_cancel`` says so.
     """
 
-    def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float, sweep: bool = False):
+    def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float, sweep: bool = False,
+                 export_seconds: float | None = None):
         self.hooks = hooks
-        self.seconds = {"train": 0.0, "evaluate": float(eval_seconds)}
-        self.fraction = {"train": 0.0 if train else 1.0, "evaluate": 0.0}
+        export = export_seconds if export_seconds is not None else (
+            (EXPORT_EXPECTED_S if train else 0.0) + REPORT_EXPECTED_S)
+        self.seconds = {"train": 0.0, "evaluate": float(eval_seconds), "export": export}
+        self.fraction = {"train": 0.0 if train else 1.0, "evaluate": 0.0, "export": 0.0}
+        self._export_started: float | None = None
         if sweep:  # γ "auto": the sweep runs before training (kdiga_core.sweep)
             self.seconds, self.fraction = {"sweep": 0.0, **self.seconds}, {"sweep": 0.0, **self.fraction}
         self.job_percent = 0.0
@@ -168,6 +176,14 @@ class JobProgress:
         self._update(progress["phase"], float(progress.get("percent") or 0.0) / 100.0, progress.get("eta_s"))
         if self.hooks.on_step is not None:
             self.hooks.on_step({**progress, **self._overall()})
+
+    def export_stage(self, stage: str, fraction: float) -> None:
+        """Progress of writing the files: ``stage`` starts at ``fraction`` of the export phase."""
+        now = time.monotonic()
+        self._export_started = self._export_started if self._export_started is not None else now
+        elapsed = now - self._export_started
+        eta = elapsed * (1.0 - fraction) / fraction if fraction > 0 else self.seconds["export"]
+        self({"phase": "export", "stage": stage, "percent": round(100.0 * fraction, 2), "eta_s": round(eta, 1)})
 
     def check_cancel(self) -> None:
         """Raise `CancelledError` when ``should_cancel`` says so."""
@@ -358,9 +374,10 @@ def _evaluate_only(job: _Job) -> dict[str, Any]:
     model, reference = _models_to_evaluate(job)
     progress = JobProgress(job.hooks, train=False, eval_seconds=_expected(model, reference, job, resolve_device()))
     report = _report(model, reference, job, progress)
-    progress.check_cancel()
+    progress.export_stage("report", 0.0)
     report["about"] = _about(job, {job.role: model, "teacher": reference}, _evaluated_sha256(job))
     artifacts = _write_report(report, job.out, job.spec, {"kind": "evaluate", "dataset": job.data.name})
+    progress.export_stage("done", 1.0)
     return {"artifacts": artifacts, "metrics": headline_metrics(report), "report": report}
 
 
@@ -424,7 +441,7 @@ def _lineage(job: _Job, about: dict[str, Any]) -> dict[str, Any]:
 def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cfg: TrainConfig,
             report: dict[str, Any], progress: JobProgress, sweep: Any = None) -> dict[str, Any]:
     """The model bundle and the report files, each artifact with its kind."""
-    progress.check_cancel()
+    progress.export_stage("model weights, ONNX and model card", 0.0)
     name, kind = ("student", "student_weights") if job.kind == "distill" else ("model", "model_weights")
     training = {"kind": job.kind, "objective": objective.to_dict(), "train": train_cfg.to_dict(),
                 "dataset": job.data.name, "steps": result.steps, "seconds": round(result.seconds, 2),
@@ -442,7 +459,9 @@ def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cf
     weights = next(a for a in artifacts if a["kind"] == kind)
     about["models"][job.role]["sha256"] = provenance.file_sha256(weights["path"])
     report["about"] = about
+    progress.export_stage("report", EXPORT_EXPECTED_S / (EXPORT_EXPECTED_S + REPORT_EXPECTED_S))
     artifacts += _write_report(report, job.out, job.spec, training)
+    progress.export_stage("done", 1.0)
     return {"artifacts": artifacts, "metrics": headline, "report": report,
             "model_spec": result.model.spec.to_dict(), "model_file": f"{name}.safetensors"}
 

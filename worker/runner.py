@@ -116,6 +116,7 @@ def _execute(job: Job, s: Settings, me: str) -> Outcome:
                 log.info("resuming from checkpoint", extra={"job_id": job.id})
             reporter.start()
             result = _call_core(job, workdir, inputs, reporter, store, resume, s)
+            reporter.settle()  # the last throttled progress, before the row is finished
         if reporter.lost:
             return Outcome("skipped", "another worker took the job over")
         if reporter.should_cancel(force=True):  # cancelled during the last phase: honour it

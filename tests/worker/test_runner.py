@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from datetime import timedelta
 
 import kdiga_svc_helpers as h
@@ -129,6 +130,32 @@ def test_reporter_throttles_writes_and_sees_cancel(settings, seeded):
     _set(settings, job_id, cancel_requested=True)
     reporter._last_check = float("-inf")
     assert reporter.should_cancel() is True
+
+
+def test_reporter_writes_the_update_its_throttle_held_back(settings, seeded):
+    """The last stage of a phase is not lost behind the throttle: the background thread writes it once the
+    interval is over, and `settle` writes what is left when the work ends (a CI log never shows a stale
+    stage)."""
+    job_id = _job(settings, seeded)
+    _claim(settings, job_id)
+    reporter = progress.Reporter(job_id, ownership.worker_identity(),
+                                 settings.model_copy(update={"progress_interval_s": 0.3}))
+    reporter.start()
+    try:
+        reporter.on_step({"phase": "evaluate", "stage": "model: clean accuracy", "percent": 0.0})
+        reporter.on_step({"phase": "evaluate", "stage": "model: pgd-20", "percent": 40.0})  # held back
+        deadline = time.monotonic() + 30
+        while h.job_row(settings, job_id).progress.get("stage") != "model: pgd-20" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert h.job_row(settings, job_id).progress["stage"] == "model: pgd-20"
+        reporter.on_step({"phase": "evaluate", "stage": "model: eps curve", "percent": 60.0})
+        reporter.on_step({"phase": "evaluate", "stage": "done", "percent": 100.0})
+        reporter.settle()
+        assert h.job_row(settings, job_id).progress["stage"] == "done"
+        reporter.on_step({"phase": "evaluate", "stage": "late", "percent": 100.0})  # after settle: nothing
+    finally:
+        reporter.stop()
+    assert h.job_row(settings, job_id).progress["stage"] == "done"
 
 
 def test_reporter_notices_a_lost_claim(settings, seeded):
