@@ -159,6 +159,17 @@ class PipelineStep(_Strict):
 class PipelineCreate(_Strict):
     """Steps run in order of their references; each is an ordinary job, created when its inputs are ready."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "teacher-then-student", "labels": {"project": "digits"},
+        "steps": [
+            {"name": "teacher", "kind": "adversarial_train", "dataset_id": "3f2b1c9e-5d4a-4e8b-9c1d-2a7e6f0b8c41",
+             "student": {"arch": "cnn_medium"}, "objective": {"method": "pgd_at"}},
+            {"name": "student", "kind": "distill", "dataset_id": "3f2b1c9e-5d4a-4e8b-9c1d-2a7e6f0b8c41",
+             "teacher_id": {"step": "teacher"}, "student": {"arch": "cnn_small"},
+             "objective": {"method": "kdiga", "gamma": 5.0}},
+            {"name": "check", "kind": "evaluate", "dataset_id": "3f2b1c9e-5d4a-4e8b-9c1d-2a7e6f0b8c41",
+             "teacher_id": {"step": "teacher"}, "model": {"job_id": {"step": "student"}}}]}]})
+
     name: str | None = Field(default=None, max_length=200)
     labels: Labels | None = None
     notify: NotifySpec | None = None
