@@ -269,6 +269,24 @@ def test_student_weights_for_another_architecture_are_refused_at_submit(client, 
     assert client.post("/v1/jobs", headers=owner, json=body).status_code == 201
 
 
+def test_a_model_for_other_classes_is_refused_at_submit(client, owner):
+    """A teacher, initial weights or evaluated model whose class count is not the dataset's: 422 at submit,
+    naming both counts, not a failure in the worker after queueing."""
+    dataset_id = ready_dataset(client, owner)  # digits: 10 classes
+    r = upload_teacher(client, owner, meta={"arch": "cnn_tiny", "num_classes": 100, "name": "cifar100 teacher"})
+    with client.app.state.sessionmaker() as session:
+        assert crud.set_teacher_validated(session, r.json()["id"], spec=r.json()["spec"])
+    other = r.json()["id"]
+    detail = (f"predicts 100 classes but dataset '{dataset_id}' has 10; choose a model made for this dataset.")
+    for body, role in [(distill_body(dataset_id, other), "teacher"),
+                       ({**distill_body(dataset_id, ready_teacher(client, owner)),
+                         "student": {"arch": "cnn_tiny", "weights_id": other}}, "student's initial weights"),
+                       ({"kind": "evaluate", "dataset_id": dataset_id, "model": {"teacher_id": other}}, "model")]:
+        r = client.post("/v1/jobs", headers=owner, json=body)
+        assert r.status_code == 422 and r.json() == {"detail": f"The {role} '{other}' {detail}"}, r.json()
+    assert client.get("/v1/jobs", headers=owner).json()["count"] == 0
+
+
 # -- normalisation stated ---------------------------------------------------------------------------
 def test_teacher_answers_state_the_normalisation_the_model_will_use(client, owner):
     r = upload_teacher(client, owner, meta={"arch": "cnn_tiny", "num_classes": 10, "in_chans": 1})
