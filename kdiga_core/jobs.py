@@ -350,7 +350,7 @@ def _build_student(student: dict[str, Any], data: data_mod.DataBundle) -> Normal
         raise KdigaError("The job needs student.arch, the architecture to train.")
     spec = ModelSpec(arch=student["arch"], num_classes=data.num_classes, in_chans=data.in_chans,
                      img_size=data.img_size, mean=student.get("mean"), std=student.get("std"),
-                     class_names=tuple(data.class_names) if data.class_names else None)
+                     class_names=tuple(data.class_names) if data.class_names else None, kwargs=student.get("kwargs"))
     return models.build_model(spec)
 
 
