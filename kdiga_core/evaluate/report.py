@@ -155,7 +155,7 @@ def evaluate(
         assert teacher is not None
         report["alignment"] = alignment_report(model, teacher, points.x, points.y, threat.eps, norm=threat.norm,
                                                steps=cfg.linearity_steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                                               stages=tracker.stage)
+                                               stages=tracker.stage, role=role)
     report["sanity"] = report_sanity(report)
     tracker.finish(len(points))
     return report

@@ -168,3 +168,27 @@ def test_browser_screenshot_of_a_real_report_shows_names_and_date_in_its_header(
         assert text in seen, (text, seen)
     for shot in ("report-header.png", "about.png"):
         assert (tmp_path / shot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_every_evaluation_stage_moves_percent_and_has_an_eta(teacher, tmp_path):
+    """An evaluate job with a reference teacher: every stage it reports is one it planned, so percent moves
+    through each (alignment included, whose labels follow the measured model's role) and the ETA is given."""
+    events: list[dict] = []
+    card = _files(teacher)["model_card.json"]
+    inputs = jobs.JobInputs(DIGITS, teacher=_teacher_input(teacher), model_dir=card.parent)
+    evaluation = {**EVAL, "alignment": True, "linearity_steps": 2}
+    jobs.run_job("evaluate", {"evaluation": evaluation}, tmp_path, inputs, jobs.JobHooks(on_step=events.append))
+    evaluating = [e for e in events if e["phase"] == "evaluate"]
+    stages: dict[str, list[float]] = {}
+    for e in evaluating:
+        stages.setdefault(e["stage"], []).append(e["percent"])
+    assert not [s for s in stages if "student" in s], list(stages)
+    assert {"model: input gradients", "model: local linearity", "teacher: local linearity"} <= set(stages)
+    order = list(stages)
+    for stage, following in zip(order, order[1:], strict=False):
+        if any(other.startswith(stage + " (") for other in order):
+            continue  # a stage measured in parts (ε-curve radii): the parts weigh, not the heading
+        # the stage was planned, so it weighs something: the next one starts further on
+        assert stages[following][0] > stages[stage][0], (stage, stages[stage], following, stages[following])
+    assert all(e["eta_s"] is not None for e in evaluating[2:]), [e["eta_s"] for e in evaluating]
+    assert evaluating[-1]["percent"] == 100.0
