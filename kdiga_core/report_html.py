@@ -51,6 +51,7 @@ img.plot { max-width: 100%; height: auto; border: 1px solid var(--line); border-
         color: #fff; font-size: 12px; font-weight: 600; }
 .flag.ok { background: var(--ok); } .flag.bad { background: var(--bad); }
 .sanity.bad td { background: #ffebe9; }
+.warning { border: 1px solid var(--bad); background: #ffebe9; border-radius: 8px; padding: 8px 14px; margin: 0 0 14px; }
 .note { color: var(--muted); font-size: 13px; }
 table.about { margin: 0 0 14px; font-size: 13px; } table.about th { width: 90px; }
 table.about code { font-size: 11px; word-break: break-all; }
@@ -591,7 +592,7 @@ def _about_rows(about: dict[str, Any]) -> list[list[str]]:
         shape = "×".join(str(d) for d in _list(dataset.get("input_shape")))
         said = " · ".join(str(x) for x in (dataset.get("name"), f"{dataset.get('num_classes')} classes"
                                            if dataset.get("num_classes") else None, shape or None,
-                                           f"{_count(dataset.get('size_bytes'))} bytes"
+                                           f"{_fmt(dataset.get('size_bytes'))} bytes"
                                            if dataset.get("size_bytes") else None, dataset.get("id")) if x)
         rows.append(["dataset", _e(said) + (" " + _sha(dataset.get("sha256")) if dataset.get("sha256") else "")])
     rows.append(["made", _e(f"{about.get('generated_at', '?')} (UTC) by kdiga {about.get('service_version', '?')}")])
@@ -604,6 +605,19 @@ def _about_section(about: dict[str, Any]) -> str:
         return ""
     rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in _about_rows(about))
     return f'<table class="about" id="about"><tbody>{rows}</tbody></table>'
+
+
+_LEARNING_CHECKS = ("clean_accuracy_learned", "near_teacher_clean_accuracy", "near_kd_clean_accuracy")
+
+
+def _warning(sanity: list[Any]) -> str:
+    """Above the headline: the checks that say a model has not learned, so no number below flatters it."""
+    failed = [_dict(c) for c in sanity if _dict(c).get("check") in _LEARNING_CHECKS and not _dict(c).get("ok")]
+    if not failed:
+        return ""
+    items = "".join(f"<li>{_e(c.get('message', ''))}</li>" for c in failed)
+    return (f'<div class="warning" id="warning"><b>Read the numbers below with care:</b><ul>{items}</ul>'
+            "</div>")
 
 
 # --------------------------------------------------------------------------- page
@@ -645,7 +659,7 @@ def render_report_html(report: dict[str, Any], title: str, context: dict[str, An
     else:
         names = _attack_names(models, roles)
         # the γ sweep's verdict right after the headline: whether robustness transferred, and why not
-        body += [_headline(models, roles, names, same_run), _sweep_section(_dict(report.get("gamma_sweep"))),
+        body += [_warning(_list(report.get("sanity"))), _headline(models, roles, names, same_run), _sweep_section(_dict(report.get("gamma_sweep"))),
                  _eps_section(models, roles, threat),
                  _attack_section(models, roles, names), _alignment_section(_dict(report.get("alignment"))),
                  _smoothing_section(models, roles), _stats_section(models, roles, same_run)]

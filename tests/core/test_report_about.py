@@ -100,6 +100,8 @@ def test_distill_report_names_job_models_dataset_date_and_version(teacher, tmp_p
     assert not flags[("clean_accuracy_learned", "student")]["ok"]
     assert flags[("clean_accuracy_learned", "teacher")]["ok"]
     assert page.count('class="flag bad"') >= 2
+    warning = page[page.index('id="warning"'): page.index('id="headline"')]  # said before any number
+    assert "far below the teacher" in warning and "has not learned the task" in warning
 
 
 def test_an_evaluate_job_calls_its_model_model(teacher, tmp_path):
