@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from api.arch_kwargs import ArchKwargs
 from kdiga_service.outbox import EVENT_TYPES
 from kdiga_service.webhooks import MAX_URL_LENGTH
 
@@ -132,6 +133,7 @@ class PipelineStudent(_Strict):
     arch: str
     mean: list[float] | None = None
     std: list[float] | None = None
+    kwargs: ArchKwargs = None
     weights_id: Ref | None = None
 
 

@@ -22,7 +22,7 @@ def test_a_vit_with_another_patch_size_is_built_as_described():
     model = models.build_model(ModelSpec(VIT, 10, in_chans=1, img_size=8, kwargs=SMALL_VIT))
     assert model.net.patch_embed.patch_size == (4, 4) and len(model.net.blocks) == 2
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
-    with pytest.raises(Exception):  # the default 16-pixel patches cannot cut an 8x8 image
+    with pytest.raises(RuntimeError):  # the default 16-pixel patches cannot cut an 8x8 image
         models.build_model(ModelSpec(VIT, 10, in_chans=1, img_size=8))(torch.rand(2, 1, 8, 8))
 
 
