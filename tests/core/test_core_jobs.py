@@ -154,7 +154,7 @@ def test_gamma_auto_job_sweeps_then_trains_and_reports_the_choice(tmp_path):
     result = jobs.run_job("distill", spec, tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher),
                           jobs.JobHooks(on_step=events.append))
     phases = [e["phase"] for e in events]
-    assert phases[0] == "sweep" and phases == sorted(phases, key=["sweep", "train", "evaluate"].index)
+    assert phases[0] == "sweep" and phases == sorted(phases, key=["sweep", "train", "evaluate", "export"].index)
     job = [e["job_percent"] for e in events]
     assert job == sorted(job) and job[-1] == 100.0
     sweep = result["report"]["gamma_sweep"]
@@ -164,3 +164,5 @@ def test_gamma_auto_job_sweeps_then_trains_and_reports_the_choice(tmp_path):
     method = "kd" if sweep["chosen"]["gamma"] == 0 else "kdiga"
     assert card["training"]["objective"]["method"] == method and card["training"]["objective"]["sweep"] is None
     assert (tmp_path / "work" / "checkpoint" / "sweep" / "optuna.journal").exists()
+    checks = {f["check"] for f in result["report"]["sanity"]}
+    assert "near_kd_clean_accuracy" in checks  # the KD reference's check, added once the sweep is done
