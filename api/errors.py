@@ -131,6 +131,27 @@ async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:  # no
     )
 
 
+class RetryAfterMiddleware:
+    """Every 429 and 503 answer says when to try again: a `Retry-After` header is added where the route
+    (a console page, a health check, a future limit) did not set one. Pure ASGI, so streams pass untouched."""
+
+    def __init__(self, app: Any, seconds: int):
+        self.app, self.header = app, (b"retry-after", str(int(seconds)).encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_retry_after(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (429, 503):
+                headers = list(message.get("headers") or [])
+                if not any(k.lower() == b"retry-after" for k, _ in headers):
+                    message = {**message, "headers": [*headers, self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_retry_after)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     for down in (sa_exc.OperationalError, sa_exc.TimeoutError, sa_exc.DisconnectionError):

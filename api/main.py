@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from api.auth import AuthCache
 from api.docs import install_docs
-from api.errors import install_error_handlers
+from api.errors import RetryAfterMiddleware, install_error_handlers
 from api.job_watch import JobWatcher
 from api.metrics import Metrics, MetricsMiddleware
 from api.openapi import install_openapi
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.job_watcher = JobWatcher(get_engine(settings), settings.sse_poll_interval_s, inline=settings.is_sqlite)
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RetryAfterMiddleware, seconds=settings.retry_after_s)
     # Outside Starlette's ServerErrorMiddleware (which answers 500s), so even a 500 has its id.
     build_stack = app.build_middleware_stack
     app.build_middleware_stack = lambda: RequestIdMiddleware(build_stack())  # type: ignore[method-assign,assignment,return-value]

@@ -10,8 +10,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
+from api.arch_kwargs import (  # noqa: F401 (re-exported: the drift test reads them here)
+    ARCH_KWARGS,
+    MAX_ARCH_KWARGS,
+    MAX_KWARG_FLOAT,
+    MAX_KWARG_INT,
+    MAX_KWARG_LIST,
+    ArchKwargs,
+    check_arch_kwargs,
+)
 from api.redact import redact_server_paths
 from api.schemas_mlops import Labels, LabelsOut, NotifySpec
 
@@ -46,6 +62,7 @@ class ModelSpecSchema(_Strict):
     mean: list[float] | None = Field(default=None, description="None: 0.5 per channel.")
     std: list[float] | None = Field(default=None, description="None: 0.5 per channel.")
     class_names: list[str] | None = None
+    kwargs: ArchKwargs = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpecSchema:
@@ -234,6 +251,7 @@ class TeacherMetadata(_Strict):
     mean: list[float] | None = None
     std: list[float] | None = None
     class_names: list[str] | None = None
+    kwargs: ArchKwargs = None
     labels: Labels | None = None
 
     @model_validator(mode="after")
@@ -267,11 +285,12 @@ class DatasetBuiltinCreate(_Strict):
 
 
 class StudentSpec(_Strict):
-    """The student to train: an architecture (plus optional normalisation and initial weights)."""
+    """The student to train: an architecture (plus optional normalisation, timm kwargs and initial weights)."""
 
     arch: str
     mean: list[float] | None = None
     std: list[float] | None = None
+    kwargs: ArchKwargs = None
     weights_id: str | None = Field(
         default=None, description="A ready teacher whose weights initialise the student."
     )

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from api.arch_kwargs import ArchKwargs
 from kdiga_service.outbox import EVENT_TYPES
 from kdiga_service.webhooks import MAX_URL_LENGTH
 
@@ -132,6 +133,7 @@ class PipelineStudent(_Strict):
     arch: str
     mean: list[float] | None = None
     std: list[float] | None = None
+    kwargs: ArchKwargs = None
     weights_id: Ref | None = None
 
 
@@ -158,6 +160,17 @@ class PipelineStep(_Strict):
 
 class PipelineCreate(_Strict):
     """Steps run in order of their references; each is an ordinary job, created when its inputs are ready."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "teacher-then-student", "labels": {"project": "digits"},
+        "steps": [
+            {"name": "teacher", "kind": "adversarial_train", "dataset_id": "3f2b1c9e-5d4a-4e8b-9c1d-2a7e6f0b8c41",
+             "student": {"arch": "cnn_medium"}, "objective": {"method": "pgd_at"}},
+            {"name": "student", "kind": "distill", "dataset_id": "3f2b1c9e-5d4a-4e8b-9c1d-2a7e6f0b8c41",
+             "teacher_id": {"step": "teacher"}, "student": {"arch": "cnn_small"},
+             "objective": {"method": "kdiga", "gamma": 5.0}},
+            {"name": "check", "kind": "evaluate", "dataset_id": "3f2b1c9e-5d4a-4e8b-9c1d-2a7e6f0b8c41",
+             "teacher_id": {"step": "teacher"}, "model": {"job_id": {"step": "student"}}}]}]})
 
     name: str | None = Field(default=None, max_length=200)
     labels: Labels | None = None

@@ -40,6 +40,7 @@ from rich.table import Column, Table
 from kdiga_client import config as cfg
 from kdiga_client.client import Client, Dataset, Job, Teacher
 from kdiga_client.errors import AuthError, JobCancelledError, JobFailedError, KdigaError
+from kdiga_client.progress_lines import JobLines
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -121,6 +122,19 @@ def _csv_floats(text: str | None, name: str) -> list[float] | None:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
         raise _Fail(f"{name} must be comma-separated numbers, e.g. 0.5,0.5,0.5.") from exc
+
+
+def _json_object(text: str | None, name: str) -> dict[str, Any] | None:
+    """A flag holding a JSON object (timm kwargs), or None when not given."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise _Fail(f'{name} must be a JSON object, e.g. \'{{"patch_size": 4}}\'.')
+    return value
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -213,7 +227,7 @@ class JobBars:
             percent = 100.0
         phase = (p.phase if p and p.phase and job.status == "running" else job.status) or ""
         epoch = f"epoch {p.epoch}/{p.epochs}" if p and p.epoch and p.epochs else ""
-        if p and p.phase == "evaluate" and job.status == "running":
+        if p and p.phase in ("sweep", "evaluate", "export") and job.status == "running":
             epoch = str(p.raw.get("stage") or "")  # e.g. "student: autoattack"
         eta = "—" if job.is_finished else _duration(p.eta_s if p else None)
         self.progress.update(task, completed=percent, phase=_status(phase) if phase == job.status else phase,
@@ -223,9 +237,14 @@ class JobBars:
 def watch_jobs(client: Client, jobs: list[Job], *, labels: list[str] | None = None,
                out: Console | None = None, poll: float = 1.0,
                timeout: float | None = None) -> list[Job | KdigaError]:
-    """Wait for several jobs at once with one progress bar each; returns each final Job or its error."""
+    """Wait for several jobs at once with one progress bar each; returns each final Job or its error.
+
+    When stdout is not a terminal (a CI log, a pipe) plain lines replace the bars (`JobLines`): one per
+    change of status, phase, stage or epoch, and the last state again every ``KDIGA_PROGRESS_EVERY_S``.
+    """
     results: list[Job | KdigaError] = list(jobs)
-    with JobBars(out) as bars:
+    view = JobBars(out) if (out or console).is_terminal else JobLines()
+    with view as bars:
         for i, job in enumerate(jobs):
             bars.add(job, labels[i] if labels else None)
 
@@ -335,12 +354,15 @@ def teachers_upload(
         mean: Annotated[str | None, typer.Option(help="Per-channel mean, e.g. 0.49,0.48,0.45.")] = None,
         std: Annotated[str | None, typer.Option(help="Per-channel std.")] = None,
         class_names: Annotated[str | None, typer.Option(help="Comma-separated class names.")] = None,
+        arch_kwargs: Annotated[str | None, typer.Option(help='timm kwargs of a non-default shape, JSON: '
+                                                        '\'{"patch_size": 4}\'.')] = None,
         wait: WaitOpt = True, url: UrlOpt = None, api_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Upload a teacher model; with --wait (default) wait until the worker validated it."""
     with _client(url, api_key) as client:
         teacher = client.upload_teacher(path, name or path.stem, arch=arch, num_classes=num_classes,
                                         in_chans=in_chans, img_size=img_size, mean=_csv_floats(mean, "--mean"),
-                                        std=_csv_floats(std, "--std"), class_names=_csv(class_names))
+                                        std=_csv_floats(std, "--std"), class_names=_csv(class_names),
+                                        arch_kwargs=_json_object(arch_kwargs, "--arch-kwargs"))
         if wait:
             with console.status("Validating the teacher...") if not json_out else _nullcontext():
                 teacher = client.wait_teacher(teacher.id)
@@ -483,7 +505,7 @@ def datasets_show(dataset_id: str, url: UrlOpt = None, api_key: KeyOpt = None, j
 def build_job_spec(base: dict[str, Any] | None = None, *, kind: str | None = None, name: str | None = None,
                    dataset: str | None = None, teacher: str | None = None, student_arch: str | None = None,
                    student_weights: str | None = None, model_teacher: str | None = None,
-                   model_job: str | None = None, objective: dict[str, Any] | None = None,
+                   model_job: str | None = None, student_kwargs: dict[str, Any] | None = None, objective: dict[str, Any] | None = None,
                    train: dict[str, Any] | None = None, eval_attacks: list[str] | None = None,
                    eval_eps: float | None = None, eval_norm: str | None = None,
                    evaluation: dict[str, Any] | None = None,
@@ -494,8 +516,10 @@ def build_job_spec(base: dict[str, Any] | None = None, *, kind: str | None = Non
         if value is not None:
             spec[key] = value
     spec.setdefault("kind", "distill")
-    if student_arch is not None or student_weights is not None:
+    if student_arch is not None or student_weights is not None or student_kwargs is not None:
         student = spec.setdefault("student", {})
+        if student_kwargs is not None:
+            student["kwargs"] = student_kwargs
         if student_arch is not None:
             student["arch"] = student_arch
         if student_weights is not None:
@@ -594,6 +618,8 @@ def jobs_submit(
         teacher: Annotated[str | None, typer.Option(help="Teacher id (distill).")] = None,
         student_arch: Annotated[str | None, typer.Option(help="Student (or trained model) architecture.")] = None,
         student_weights: Annotated[str | None, typer.Option(help="A ready teacher id whose weights start the student.")] = None,
+        student_kwargs: Annotated[str | None, typer.Option(help='timm kwargs of the student, JSON: '
+                                                           '\'{"patch_size": 4, "depth": 6}\'.')] = None,
         model_teacher: Annotated[str | None, typer.Option(help="evaluate: the teacher id to measure.")] = None,
         model_job: Annotated[str | None, typer.Option(help="evaluate: the job id whose student to measure.")] = None,
         method: Annotated[str | None, typer.Option(help="kdiga | kd | ce | ard | rslad | pgd_at | trades.")] = None,
@@ -625,6 +651,7 @@ def jobs_submit(
     body = build_job_spec(
         _read_spec(spec), kind=kind, name=name, dataset=dataset, teacher=teacher, student_arch=student_arch,
         student_weights=student_weights, model_teacher=model_teacher, model_job=model_job,
+        student_kwargs=_json_object(student_kwargs, "--student-kwargs"),
         objective={"method": method, "gamma": gamma, "alpha": alpha, "tau": tau, "attack_eps": attack_eps,
                    "attack_steps": attack_steps},
         train={"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "device": device,
@@ -660,6 +687,7 @@ def jobs_show(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, json_out:
     _end_of_job(job, json_out)
 
 
+@jobs_app.command("follow", help="Follow jobs until they end (the same as `watch`).")
 @jobs_app.command("watch")
 @handle_errors
 def jobs_watch(job_ids: Annotated[list[str], typer.Argument(help="One or more job ids.")],

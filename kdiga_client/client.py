@@ -372,14 +372,17 @@ class Client:
                        num_classes: int | None = None, in_chans: int | None = None,
                        img_size: int | None = None, mean: list[float] | None = None,
                        std: list[float] | None = None, class_names: list[str] | None = None,
-                       idempotency_key: str | None = None) -> Teacher:
+                       arch_kwargs: dict[str, Any] | None = None, idempotency_key: str | None = None) -> Teacher:
         """Upload a teacher file (safetensors or ONNX), streamed from disk; it starts as `validating`.
+
+        `arch_kwargs`: timm keyword arguments of a non-default shape (a ViT's ``{"patch_size": 4}``).
 
         With `idempotency_key`, sending the same upload again returns the first teacher (no duplicate).
         """
         path = Path(path)
         metadata = _drop_none({"name": name, "arch": arch, "num_classes": num_classes, "in_chans": in_chans,
-                               "img_size": img_size, "mean": mean, "std": std, "class_names": class_names})
+                               "img_size": img_size, "mean": mean, "std": std, "class_names": class_names,
+                               "kwargs": arch_kwargs})
         with path.open("rb") as fh:
             body = self._json("POST", "/v1/teachers", data={"metadata": json.dumps(metadata)},
                               files={"file": (path.name, fh, "application/octet-stream")},

@@ -32,6 +32,54 @@ def _check(cond: bool, message: str) -> None:
         raise KdigaError(message)
 
 
+# timm keyword arguments a model spec may give (`ModelSpec.kwargs`): the shape of the network only. Nothing
+# that loads weights or files (pretrained, checkpoint_path, pretrained_cfg...) and nothing the spec already
+# sets (num_classes, in_chans, img_size). api/schemas.py mirrors this list (tests/api/test_schema_drift.py).
+ARCH_KWARGS: tuple[str, ...] = (
+    "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token", "global_pool",
+    "no_embed_class", "reg_tokens", "init_values", "drop_rate", "drop_path_rate", "window_size", "depths",
+    "dims", "channels", "widths", "num_features", "stem_type", "stem_width",
+)
+MAX_ARCH_KWARGS = 16
+MAX_KWARG_INT = 4096  # ints (and list items) in [0, 4096]; floats in [0, 64]; strings up to 64 characters
+MAX_KWARG_FLOAT = 64.0
+MAX_KWARG_LIST = 16
+
+
+def check_arch_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`ModelSpec.kwargs` checked: known names (`ARCH_KWARGS`), bounded scalars or short lists of ints.
+
+    Raises:
+        KdigaError: one sentence naming the first bad entry.
+    """
+    if kwargs is None:
+        return None
+    _check(isinstance(kwargs, dict), "kwargs must be an object of timm keyword arguments.")
+    _check(len(kwargs) <= MAX_ARCH_KWARGS, f"kwargs may hold at most {MAX_ARCH_KWARGS} entries.")
+    for key, value in kwargs.items():
+        _check(key in ARCH_KWARGS, f"kwargs.{key} is not a keyword a model spec may set; valid names are: "
+               f"{', '.join(sorted(ARCH_KWARGS))}.")
+        _check(_kwarg_ok(value), f"kwargs.{key} must be a boolean, an integer in [0, {MAX_KWARG_INT}], a number in "
+               f"[0, {MAX_KWARG_FLOAT:g}], a name of at most 64 characters, or a list of at most {MAX_KWARG_LIST} "
+               "such integers.")
+    return {k: list(v) if isinstance(v, list | tuple) else v for k, v in kwargs.items()}
+
+
+def _kwarg_ok(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return 0 <= value <= MAX_KWARG_INT
+    if isinstance(value, float):
+        return math.isfinite(value) and 0.0 <= value <= MAX_KWARG_FLOAT
+    if isinstance(value, str):
+        return 0 < len(value) <= 64
+    if isinstance(value, list | tuple):
+        return len(value) <= MAX_KWARG_LIST and all(isinstance(v, int) and not isinstance(v, bool)
+                                                   and 0 <= v <= MAX_KWARG_INT for v in value)
+    return False
+
+
 class _FromDict:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None):
@@ -62,8 +110,11 @@ class ModelSpec(_FromDict):
     mean: tuple[float, ...] | None = None  # None: 0.5 per channel
     std: tuple[float, ...] | None = None  # None: 0.5 per channel
     class_names: tuple[str, ...] | None = None
+    # timm keyword arguments that shape the network (a ViT's patch_size, depth...): `check_arch_kwargs`
+    kwargs: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kwargs", check_arch_kwargs(self.kwargs))
         _check(self.num_classes >= 2, "num_classes must be at least 2.")
         _check(self.in_chans >= 1, "in_chans must be at least 1.")
         _check(4 <= self.img_size <= 1024, "img_size must be between 4 and 1024 pixels.")

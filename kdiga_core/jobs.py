@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kdiga_core import data as data_mod
-from kdiga_core import distributed, formats, models
+from kdiga_core import distributed, formats, models, provenance
 from kdiga_core import evaluate as evaluate_mod
 from kdiga_core.artifacts import ARTIFACT_KINDS, artifact
 from kdiga_core.config import EvalConfig, ModelSpec, ObjectiveConfig, TrainConfig
@@ -40,6 +40,10 @@ METHODS_BY_KIND: dict[str, tuple[str, ...]] = {
 JOB_KINDS: tuple[str, ...] = tuple(METHODS_BY_KIND)
 # A phase's own rate replaces its estimate made beforehand once this much of it is done.
 RATE_AFTER = 0.05
+# What writing the files is expected to take before it starts (the ONNX export and its onnxruntime check of
+# a small CNN took 2-5 s on a busy 2-core machine); its own rate replaces this once the weights are out.
+EXPORT_EXPECTED_S = 4.0
+REPORT_EXPECTED_S = 1.5  # rendering report.html's plots
 
 StepFn = Callable[[dict[str, Any]], None]
 
@@ -74,6 +78,10 @@ class JobInputs:
         allow_torchscript: The operator allows TorchScript files.
         teacher_cache_dir: Where the teacher's evaluation is kept between jobs (the same teacher,
             points and settings give the same numbers, so a second student of one teacher skips it).
+        about: What the caller knows of the job, for the report's ``about`` block and the model card's
+            lineage (`provenance.about`): ``{"job": {id, name}, "teacher": {id, name, source_job_id},
+            "model": {id, name, source_job_id}, "dataset": {id, name, sha256, size_bytes},
+            "service_version"}``, each part optional.
     """
 
     dataset: dict[str, Any]
@@ -82,6 +90,7 @@ class JobInputs:
     initial_student: ModelInput | None = None
     allow_torchscript: bool = False
     teacher_cache_dir: Path | None = None
+    about: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("model_dir", "teacher_cache_dir"):
@@ -144,15 +153,19 @@ class JobProgress:
     stages); this adds ``job_percent`` and ``job_eta_s`` to every progress dict. A phase weighs its
     expected seconds: its own rate (the seconds left over the fraction left) as soon as it reports an
     ETA, or, for evaluation, once `RATE_AFTER` of it is done; before that its plan
-    (`evaluate.expected_seconds`). Writing the files
-    afterwards (about a second for our models) is not a phase of its own. Outside training (which
+    (`evaluate.expected_seconds`). Writing the files (``export``: the model bundle, then the report)
+    is the last phase, its stages reported by `export_stage`. Outside training (which
     checks itself), it also stops the job when ``should_cancel`` says so.
     """
 
-    def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float, sweep: bool = False):
+    def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float, sweep: bool = False,
+                 export_seconds: float | None = None):
         self.hooks = hooks
-        self.seconds = {"train": 0.0, "evaluate": float(eval_seconds)}
-        self.fraction = {"train": 0.0 if train else 1.0, "evaluate": 0.0}
+        export = export_seconds if export_seconds is not None else (
+            (EXPORT_EXPECTED_S if train else 0.0) + REPORT_EXPECTED_S)
+        self.seconds = {"train": 0.0, "evaluate": float(eval_seconds), "export": export}
+        self.fraction = {"train": 0.0 if train else 1.0, "evaluate": 0.0, "export": 0.0}
+        self._export_started: float | None = None
         if sweep:  # γ "auto": the sweep runs before training (kdiga_core.sweep)
             self.seconds, self.fraction = {"sweep": 0.0, **self.seconds}, {"sweep": 0.0, **self.fraction}
         self.job_percent = 0.0
@@ -163,6 +176,14 @@ class JobProgress:
         self._update(progress["phase"], float(progress.get("percent") or 0.0) / 100.0, progress.get("eta_s"))
         if self.hooks.on_step is not None:
             self.hooks.on_step({**progress, **self._overall()})
+
+    def export_stage(self, stage: str, fraction: float) -> None:
+        """Progress of writing the files: ``stage`` starts at ``fraction`` of the export phase."""
+        now = time.monotonic()
+        self._export_started = self._export_started if self._export_started is not None else now
+        elapsed = now - self._export_started
+        eta = elapsed * (1.0 - fraction) / fraction if fraction > 0 else self.seconds["export"]
+        self({"phase": "export", "stage": stage, "percent": round(100.0 * fraction, 2), "eta_s": round(eta, 1)})
 
     def check_cancel(self) -> None:
         """Raise `CancelledError` when ``should_cancel`` says so."""
@@ -204,6 +225,11 @@ class _Job:
 
     def __post_init__(self) -> None:
         self.eval_cfg = EvalConfig.from_dict(self.spec.get("evaluation"))
+
+    @property
+    def role(self) -> str:
+        """The measured model's name in the report and the metrics: a distilled ``student``, else ``model``."""
+        return "student" if self.kind == "distill" else "model"
 
     @property
     def out(self) -> Path:
@@ -296,6 +322,7 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     if sweep is not None:
         points = evaluate_mod.evaluation_points(job.data, job.eval_cfg.max_points, seed=job.eval_cfg.seed)
         report["gamma_sweep"] = sweep.finish(report, points.x, points.y)
+        report["sanity"] = evaluate_mod.report_sanity(report)  # now with the KD reference's check
     return _export(job, result, objective, train_cfg, report, progress, sweep)
 
 
@@ -323,7 +350,7 @@ def _build_student(student: dict[str, Any], data: data_mod.DataBundle) -> Normal
         raise KdigaError("The job needs student.arch, the architecture to train.")
     spec = ModelSpec(arch=student["arch"], num_classes=data.num_classes, in_chans=data.in_chans,
                      img_size=data.img_size, mean=student.get("mean"), std=student.get("std"),
-                     class_names=tuple(data.class_names) if data.class_names else None)
+                     class_names=tuple(data.class_names) if data.class_names else None, kwargs=student.get("kwargs"))
     return models.build_model(spec)
 
 
@@ -347,8 +374,10 @@ def _evaluate_only(job: _Job) -> dict[str, Any]:
     model, reference = _models_to_evaluate(job)
     progress = JobProgress(job.hooks, train=False, eval_seconds=_expected(model, reference, job, resolve_device()))
     report = _report(model, reference, job, progress)
-    progress.check_cancel()
+    progress.export_stage("report", 0.0)
+    report["about"] = _about(job, {job.role: model, "teacher": reference}, _evaluated_sha256(job))
     artifacts = _write_report(report, job.out, job.spec, {"kind": "evaluate", "dataset": job.data.name})
+    progress.export_stage("done", 1.0)
     return {"artifacts": artifacts, "metrics": headline_metrics(report), "report": report}
 
 
@@ -367,13 +396,52 @@ def _report(model: torch.nn.Module, teacher: torch.nn.Module | None, job: _Job,
             progress: JobProgress) -> dict[str, Any]:
     log.info("evaluating on %s", evaluate_mod.model_device(model))
     return evaluate_mod.evaluate(model, job.data, job.eval_cfg, teacher=teacher, on_progress=progress,
-                                 teacher_cache=job.cache)
+                                 teacher_cache=job.cache, role=job.role)
+
+
+def _about(job: _Job, models_by_role: dict[str, torch.nn.Module | None], sha256: dict[str, str | None]
+           ) -> dict[str, Any]:
+    """The report's ``about`` block: the job, each model with its arch, parameters and sha256, the dataset."""
+    known = job.inputs.about or {}
+    entries = {}
+    for role, model in models_by_role.items():
+        if model is not None:
+            said = known.get("teacher" if role == "teacher" else "model") or {}
+            entries[role] = provenance.model_entry(model, sha256=sha256.get(role), known=said)
+    summary = job.data.summary()
+    dataset = {"name": job.data.name} | {k: summary[k] for k in ("num_classes", "input_shape", "train_size",
+                                                                 "test_size")}
+    return provenance.about(job.kind, known, entries, dataset)
+
+
+def _teacher_sha256(job: _Job) -> str | None:
+    return provenance.file_sha256(job.inputs.teacher.path) if job.inputs.teacher is not None else None
+
+
+def _evaluated_sha256(job: _Job) -> dict[str, str | None]:
+    """The sha256 of each evaluated model's weights: the bundle's (from its checked card) or the file's."""
+    teacher = _teacher_sha256(job)
+    if job.inputs.model_dir is None:
+        return {job.role: teacher}
+    card = json.loads((job.inputs.model_dir / "model_card.json").read_text(encoding="utf-8"))
+    files = card.get("files") or {}
+    weights = next((n for n, f in files.items() if n.endswith(".safetensors")), None) or next(iter(files), None)
+    return {job.role: (files.get(weights) or {}).get("sha256"), "teacher": teacher}
+
+
+def _lineage(job: _Job, about: dict[str, Any]) -> dict[str, Any]:
+    """The model card's lineage: the teacher it learned from (id, sha256, arch) and the data it saw."""
+    out: dict[str, Any] = {"job": about["job"], "dataset": about["dataset"],
+                           "service_version": about["service_version"]}
+    if "teacher" in about["models"]:
+        out["teacher"] = about["models"]["teacher"]
+    return out
 
 
 def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cfg: TrainConfig,
             report: dict[str, Any], progress: JobProgress, sweep: Any = None) -> dict[str, Any]:
     """The model bundle and the report files, each artifact with its kind."""
-    progress.check_cancel()
+    progress.export_stage("model weights, ONNX and model card", 0.0)
     name, kind = ("student", "student_weights") if job.kind == "distill" else ("model", "model_weights")
     training = {"kind": job.kind, "objective": objective.to_dict(), "train": train_cfg.to_dict(),
                 "dataset": job.data.name, "steps": result.steps, "seconds": round(result.seconds, 2),
@@ -382,10 +450,18 @@ def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cf
     if sweep is not None:  # the model card says γ was chosen, and how long choosing took
         training["gamma_auto"] = {"chosen": sweep.gamma, "sweep_seconds": round(sweep.seconds, 2)}
     report["compute"] = training["compute"]  # devices, effective batch and learning rate, in the report
+    about = _about(job, {job.role: result.model, "teacher": job.teacher if job.kind == "distill" else None},
+                   {"teacher": _teacher_sha256(job)})
+    training["lineage"] = _lineage(job, about)
     headline = headline_metrics(report)
     artifacts = formats.save_model_bundle(result.model, job.out, name=name, weights_kind=kind, training=training,
                                           metrics=headline)
+    weights = next(a for a in artifacts if a["kind"] == kind)
+    about["models"][job.role]["sha256"] = provenance.file_sha256(weights["path"])
+    report["about"] = about
+    progress.export_stage("report", EXPORT_EXPECTED_S / (EXPORT_EXPECTED_S + REPORT_EXPECTED_S))
     artifacts += _write_report(report, job.out, job.spec, training)
+    progress.export_stage("done", 1.0)
     return {"artifacts": artifacts, "metrics": headline, "report": report,
             "model_spec": result.model.spec.to_dict(), "model_file": f"{name}.safetensors"}
 
@@ -409,7 +485,7 @@ def _write_report(report: dict[str, Any], out_dir: Path, spec: dict[str, Any],
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     _atomic_write(json_path, json.dumps(report, indent=2, sort_keys=True))
-    context = {"job": training, "evaluation": spec.get("evaluation") or {}}
+    context = {"job": {k: v for k, v in training.items() if k != "lineage"}, "evaluation": spec.get("evaluation") or {}}
     _atomic_write(html_path, render_report_html(report, title="KDIGA robustness report", context=context))
     return [artifact(json_path, "report_json"), artifact(html_path, "report_html")]
 

@@ -267,15 +267,23 @@ def _disable_fused_attention(net: nn.Module) -> None:
             setattr(module, "fused_attn", False)  # noqa: B010 (an attribute timm reads, not a submodule)
 
 
-def _create_timm(name: str, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
-    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
+def _create_timm(name: str, num_classes: int, in_chans: int, img_size: int,
+                 extra: dict[str, Any] | None = None) -> nn.Module:
+    kwargs: dict[str, Any] = {**(extra or {}), "pretrained": False, "num_classes": num_classes, "in_chans": in_chans}
     try:
-        # ViTs and friends need img_size to size their position embeddings.
-        net = timm.create_model(name, img_size=img_size, **kwargs)
-    except TypeError as exc:
-        if "img_size" not in str(exc):
+        try:
+            # ViTs and friends need img_size to size their position embeddings.
+            net = timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+            net = timm.create_model(name, **kwargs)  # CNNs take any size and refuse the keyword
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        if not extra:
             raise
-        net = timm.create_model(name, **kwargs)  # CNNs take any size and refuse the keyword
+        given = ", ".join(f"{k}={v!r}" for k, v in extra.items())
+        raise KdigaError(f"Architecture '{name}' cannot be built with kwargs {given} "
+                         f"({type(exc).__name__}: {str(exc)[:200]}).") from exc
     _disable_fused_attention(net)
     _use_twice_differentiable_activations(net)
     return net
@@ -321,9 +329,11 @@ def build_model(spec: ModelSpec) -> NormalizedModel:
         UnknownNameError: `spec.arch` is neither ours nor a timm architecture.
     """
     if spec.arch in _REGISTRY:
+        if spec.kwargs:
+            raise KdigaError(f"kwargs apply to timm architectures only; '{spec.arch}' is one of ours and takes none.")
         net = _REGISTRY[spec.arch](spec.num_classes, spec.in_chans, spec.img_size)
     elif spec.arch in _timm_models():
-        net = _create_timm(spec.arch, spec.num_classes, spec.in_chans, spec.img_size)
+        net = _create_timm(spec.arch, spec.num_classes, spec.in_chans, spec.img_size, spec.kwargs)
     else:
         raise _unknown_architecture(spec.arch)
     return NormalizedModel(net, spec)

@@ -25,7 +25,8 @@ from typing import Any
 
 TEACHER_COLOR = "#4c72b0"
 STUDENT_COLOR = "#dd8452"
-_ROLE_ORDER = ("teacher", "student")
+_ROLE_ORDER = ("teacher", "student", "model")
+_SUBJECTS = ("student", "model")  # the measured model's role: a distilled student, or a model on its own
 
 _CSS = """
 :root { --ok:#1a7f37; --bad:#cf222e; --muted:#57606a; --line:#d0d7de; --bg:#f6f8fa; }
@@ -50,7 +51,10 @@ img.plot { max-width: 100%; height: auto; border: 1px solid var(--line); border-
         color: #fff; font-size: 12px; font-weight: 600; }
 .flag.ok { background: var(--ok); } .flag.bad { background: var(--bad); }
 .sanity.bad td { background: #ffebe9; }
+.warning { border: 1px solid var(--bad); background: #ffebe9; border-radius: 8px; padding: 8px 14px; margin: 0 0 14px; }
 .note { color: var(--muted); font-size: 13px; }
+table.about { margin: 0 0 14px; font-size: 13px; } table.about th { width: 90px; }
+table.about code { font-size: 11px; word-break: break-all; }
 .row { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
 .row img.plot { flex: 0 1 620px; } .row table { min-width: 0; }
 code { background: var(--bg); padding: 1px 4px; border-radius: 4px; }
@@ -178,7 +182,7 @@ def _curve_points(points: Any, x_key: str, y_key: str) -> list[tuple[float, floa
 def _line_plot(series: dict[str, list[tuple[float, float]]], *, xlabel: str, ylabel: str, title: str,
                img_id: str, alt: str, vline: float | None = None, vline_label: str = "") -> str:
     fig, ax = _figure()
-    colors = {"teacher": TEACHER_COLOR, "student": STUDENT_COLOR}
+    colors = {"teacher": TEACHER_COLOR, "student": STUDENT_COLOR, "model": STUDENT_COLOR}
     for role, pts in series.items():
         xs, ys = zip(*pts, strict=True)
         ax.plot(xs, [100 * y for y in ys], marker="o", lw=2, ms=4, label=_mpl_text(role),
@@ -251,8 +255,14 @@ def _card(label: str, value: str, pair: str = "", css: str = "card") -> str:
     return f'<div class="{css}"><div class="label">{_e(label)}</div><div class="value">{value}</div>{pair_html}</div>'
 
 
-def _headline(models: dict[str, Any], roles: list[str], names: list[str]) -> str:
-    teacher, student = _dict(models.get("teacher")), _dict(models.get("student"))
+def _subject(models: dict[str, Any]) -> str | None:
+    """The measured model's role (student or model), or None when the report holds the teacher alone."""
+    return next((r for r in _SUBJECTS if isinstance(models.get(r), dict)), None)
+
+
+def _headline(models: dict[str, Any], roles: list[str], names: list[str], same_run: bool) -> str:
+    subject = _subject(models)
+    teacher, student = _dict(models.get("teacher")), _dict(models.get(subject or ""))
     main = student or _dict(models.get(roles[0]))
     cards = []
     hero = _headline_attack(names)
@@ -261,7 +271,7 @@ def _headline(models: dict[str, Any], roles: list[str], names: list[str]) -> str
         if kept is not None:
             s_acc, t_acc = _dict(student.get("attacks")).get(hero), _dict(teacher.get("attacks")).get(hero)
             cards.append(_card(f"robustness kept ({hero})", _e(f"{100 * kept:.0f}%"),
-                               _e(f"the student keeps {_pct(s_acc)} robust accuracy where the teacher has "
+                               _e(f"the {subject} keeps {_pct(s_acc)} robust accuracy where the teacher has "
                                   f"{_pct(t_acc)}"), "card hero"))
     for metric, getter in [("clean", lambda m: m.get("clean_accuracy"))] + [
             (name, lambda m, n=name: _dict(m.get("attacks")).get(n)) for name in names]:
@@ -271,15 +281,22 @@ def _headline(models: dict[str, Any], roles: list[str], names: list[str]) -> str
             pair = _e(f"teacher {_pct(getter(teacher))}" + (f" · kept {100 * kept:.0f}%" if kept is not None else ""))
         cards.append(_card(f"{metric} accuracy", _e(_pct(getter(main))), pair))
     stats_s, stats_t = _dict(student.get("stats")), _dict(teacher.get("stats"))
-    if _num(stats_s.get("params")) and _num(stats_t.get("params")):
-        ratio = _num(stats_t["params"]) / _num(stats_s["params"])
-        cards.append(_card("smaller", _e(f"{ratio:.1f}×"),
-                           _e(f"{_count(stats_s['params'])} vs {_count(stats_t['params'])} params")))
-    if _num(stats_s.get("latency_ms")) and _num(stats_t.get("latency_ms")):
-        ratio = _num(stats_t["latency_ms"]) / _num(stats_s["latency_ms"])
-        cards.append(_card("faster", _e(f"{ratio:.1f}×"),
-                           _e(f"{_fmt(stats_s['latency_ms'])} vs {_fmt(stats_t['latency_ms'])} ms")))
+    cards.append(_ratio_card(("smaller", "larger"), stats_s.get("params"), stats_t.get("params"),
+                             lambda v: _count(v), "params"))
+    if same_run:  # latencies of two runs (a teacher's reused from an earlier job) are never set side by side
+        cards.append(_ratio_card(("faster", "slower"), stats_s.get("latency_ms"), stats_t.get("latency_ms"),
+                                 lambda v: _fmt(v), "ms"))
     return f'<section id="headline"><div class="cards">{"".join(cards)}</div></section>'
+
+
+def _ratio_card(words: tuple[str, str], mine: Any, theirs: Any, fmt: Any, unit: str) -> str:
+    """"3.2× smaller" when the measured model's number is below the teacher's, "1.5× larger" when above;
+    nothing when either is missing or a ratio would round to 0.0× (it would say nothing true)."""
+    m, t = _num(mine), _num(theirs)
+    if not m or not t or m <= 0 or t <= 0:
+        return ""
+    word, ratio = (words[0], t / m) if m <= t else (words[1], m / t)
+    return _card(word, _e(f"{ratio:.1f}×"), _e(f"{fmt(m)} vs {fmt(t)} {unit} (teacher)"))
 
 
 def _eps_section(models: dict[str, Any], roles: list[str], threat: dict[str, Any]) -> str:
@@ -298,7 +315,8 @@ def _eps_section(models: dict[str, Any], roles: list[str], threat: dict[str, Any
 
 
 def _attack_section(models: dict[str, Any], roles: list[str], names: list[str]) -> str:
-    both = "teacher" in roles and "student" in roles
+    subject = _subject(models)
+    both = "teacher" in roles and subject is not None
     headers = ["attack"] + roles + (["kept"] if both else [])
     rows = []
     for label, getter in [("clean", lambda m: m.get("clean_accuracy"))] + [
@@ -306,7 +324,7 @@ def _attack_section(models: dict[str, Any], roles: list[str], names: list[str]) 
         row = [_e(label)] + [_e(_pct_pm(getter(models[r]), _dict(models[r].get("sampling_error")).get(label)))
                              for r in roles]
         if both:
-            kept = _kept(getter(models["student"]), getter(models["teacher"]))
+            kept = _kept(getter(models[subject]), getter(models["teacher"]))
             row.append("—" if kept is None else _e(f"{100 * kept:.0f}%"))
         rows.append(row)
     out = '<section id="attacks"><h2>Accuracy under attack</h2>' + _table(headers, rows, table_id="table-attacks")
@@ -375,17 +393,20 @@ def _smoothing_section(models: dict[str, Any], roles: list[str]) -> str:
                            table_id="table-smoothing") + "</div></section>")
 
 
-def _stats_section(models: dict[str, Any], roles: list[str]) -> str:
+def _stats_section(models: dict[str, Any], roles: list[str], same_run: bool) -> str:
     stats = {r: _dict(models[r].get("stats")) for r in roles if _dict(models[r].get("stats"))}
     if not stats:
         return ""
+    earlier = "" if same_run or "teacher" not in stats else (
+        '<p class="note" id="latency-earlier-run">The teacher\'s latency was measured by an earlier job (its '
+        "evaluation was reused), on a machine and load that may differ: it is not compared with this job's.</p>")
     batch = next((s.get("latency_batch") for s in stats.values() if s.get("latency_batch")), None)
     rows = [[_e(r), _e(_count(s.get("params"))), _e(_count(s.get("macs"))), _e(_fmt(s.get("latency_ms"), 3))]
             for r, s in stats.items()]
     note = f'<p class="note">Latency measured on the exported model, batch size {_e(batch)}.</p>' if batch else ""
     return ('<section id="size"><h2>Model size and latency</h2>'
             + _table(["model", "parameters", "MACs", "latency (ms)"], rows, table_id="table-size")
-            + note + "</section>")
+            + note + earlier + "</section>")
 
 
 def _sanity_section(sanity: list[Any]) -> str:
@@ -549,6 +570,56 @@ def _transfer_table(transfer: dict[str, Any]) -> str:
             + _table(["measure", "value"], rows, table_id="table-transfer"))
 
 
+# --------------------------------------------------------------------------- what the report describes
+
+
+def _sha(value: Any) -> str:
+    return f"<code>sha256 {_e(value)}</code>" if value else ""
+
+
+def _about_rows(about: dict[str, Any]) -> list[list[str]]:
+    job, dataset = _dict(about.get("job")), _dict(about.get("dataset"))
+    rows = []
+    if job:
+        rows.append(["job", _e(" · ".join(str(x) for x in (job.get("name") or "(no name)", job.get("kind"),
+                                                             job.get("id")) if x))])
+    for role, m in _dict(about.get("models")).items():
+        m = _dict(m)
+        said = " · ".join(str(x) for x in (m.get("name"), m.get("arch"), f"{_count(m.get('params'))} parameters",
+                                           m.get("id")) if x)
+        rows.append([_e(role), _e(said) + (" " + _sha(m.get("sha256")) if m.get("sha256") else "")])
+    if dataset:
+        shape = "×".join(str(d) for d in _list(dataset.get("input_shape")))
+        said = " · ".join(str(x) for x in (dataset.get("name"), f"{dataset.get('num_classes')} classes"
+                                           if dataset.get("num_classes") else None, shape or None,
+                                           f"{_fmt(dataset.get('size_bytes'))} bytes"
+                                           if dataset.get("size_bytes") else None, dataset.get("id")) if x)
+        rows.append(["dataset", _e(said) + (" " + _sha(dataset.get("sha256")) if dataset.get("sha256") else "")])
+    rows.append(["made", _e(f"{about.get('generated_at', '?')} (UTC) by kdiga {about.get('service_version', '?')}")])
+    return rows
+
+
+def _about_section(about: dict[str, Any]) -> str:
+    """Who and what: the job, each model (arch, parameters, sha256), the dataset, the date and version."""
+    if not about:
+        return ""
+    rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in _about_rows(about))
+    return f'<table class="about" id="about"><tbody>{rows}</tbody></table>'
+
+
+_LEARNING_CHECKS = ("clean_accuracy_learned", "near_teacher_clean_accuracy", "near_kd_clean_accuracy")
+
+
+def _warning(sanity: list[Any]) -> str:
+    """Above the headline: the checks that say a model has not learned, so no number below flatters it."""
+    failed = [_dict(c) for c in sanity if _dict(c).get("check") in _LEARNING_CHECKS and not _dict(c).get("ok")]
+    if not failed:
+        return ""
+    items = "".join(f"<li>{_e(c.get('message', ''))}</li>" for c in failed)
+    return (f'<div class="warning" id="warning"><b>Read the numbers below with care:</b><ul>{items}</ul>'
+            "</div>")
+
+
 # --------------------------------------------------------------------------- page
 
 
@@ -565,6 +636,9 @@ def render_report_html(report: dict[str, Any], title: str, context: dict[str, An
         `plot-bound`, `plot-smoothing` and `plot-gamma-sweep` (each present only when its data is).
     """
     report = _dict(report)
+    about = _dict(report.get("about"))
+    if _dict(about.get("job")).get("name"):
+        title = f"{title}: {about['job']['name']}"
     models = _dict(report.get("models"))
     roles = _roles(models)
     threat = _dict(report.get("threat_model"))
@@ -575,17 +649,20 @@ def render_report_html(report: dict[str, Any], title: str, context: dict[str, An
         how = "stratified by class" if _dict(report.get("points")).get("method") == "stratified" else ""
         sub_parts.append(f"{report['n_points']} test points" + (f" ({how})" if how else ""))
     if roles and "teacher" not in roles:
-        sub_parts.append("no teacher given: student only")
-    body = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(" · ".join(sub_parts))}</p>']
+        sub_parts.append(f"no teacher given: {roles[0]} only")
+    if about.get("generated_at"):
+        sub_parts.append(f"{about['generated_at']} UTC")
+    body = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(" · ".join(sub_parts))}</p>', _about_section(about)]
+    same_run = not _dict(report.get("teacher_evaluation")).get("cached")
     if not roles:
         body.append('<p class="note" id="empty">This report has no model results.</p>')
     else:
         names = _attack_names(models, roles)
         # the γ sweep's verdict right after the headline: whether robustness transferred, and why not
-        body += [_headline(models, roles, names), _sweep_section(_dict(report.get("gamma_sweep"))),
+        body += [_warning(_list(report.get("sanity"))), _headline(models, roles, names, same_run), _sweep_section(_dict(report.get("gamma_sweep"))),
                  _eps_section(models, roles, threat),
                  _attack_section(models, roles, names), _alignment_section(_dict(report.get("alignment"))),
-                 _smoothing_section(models, roles), _stats_section(models, roles)]
+                 _smoothing_section(models, roles), _stats_section(models, roles, same_run)]
     body += [_sanity_section(_list(report.get("sanity"))), _settings_section(context, report)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -38,6 +38,7 @@ def prepare_inputs(job: Job, s: Settings, store: ArtifactStore, stack: ExitStack
         if dataset.status != READY:
             raise KdigaError(f"The dataset is not ready (status: {dataset.status}).")
         out["dataset"] = dataset_input(dataset, s, store, stack)
+        out["about"] = about = job_about(job, dataset)
         model_ref = dict((job.spec or {}).get("model") or {})
         teacher_id = job.teacher_id or model_ref.get("teacher_id")
         if teacher_id:
@@ -48,8 +49,14 @@ def prepare_inputs(job: Job, s: Settings, store: ArtifactStore, stack: ExitStack
                 raise KdigaError(f"The teacher is not ready (status: {teacher.status}).")
             out["teacher_path"] = stack.enter_context(store.local_path(teacher.storage_key))
             out["teacher_spec"] = dict(teacher.spec or {})
+            # evaluate with model.teacher_id alone: that teacher is the model measured, not a reference
+            alone = job.kind == "evaluate" and not model_ref.get("job_id")
+            about["model" if alone else "teacher"] = {"id": teacher.id, "name": teacher.name,
+                                                      "source_job_id": teacher.source_job_id}
         if model_ref.get("job_id"):
             out["model_dir"] = _download_model_bundle(session, store, model_ref["job_id"], workdir / "model")
+            source = session.get(Job, model_ref["job_id"])
+            about["model"] = {"source_job_id": model_ref["job_id"], "name": source.name if source else None}
         weights_id = ((job.spec or {}).get("student") or {}).get("weights_id")
         if weights_id:  # a pre-trained student: an uploaded model whose weights initialise it
             weights = session.get(Teacher, weights_id)
@@ -58,6 +65,26 @@ def prepare_inputs(job: Job, s: Settings, store: ArtifactStore, stack: ExitStack
             out["student_path"] = stack.enter_context(store.local_path(weights.storage_key))
             out["student_spec"] = dict(weights.spec or {})
     return out
+
+
+def job_about(job: Job, dataset: Dataset) -> dict[str, Any]:
+    """What the rows say of the job, for its report's ``about`` block and its model card's lineage."""
+    return {"job": {"id": job.id, "name": job.name},
+            "dataset": {"id": dataset.id, "name": dataset.name, "sha256": dataset.sha256,
+                        "size_bytes": dataset.size_bytes, "source": dataset.builtin and f"builtin:{dataset.builtin}"},
+            "service_version": service_version()}
+
+
+def service_version() -> str:
+    """The installed kdiga distribution's version (the package's own when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdiga")
+    except PackageNotFoundError:
+        from kdiga_core import __version__
+
+        return __version__
 
 
 def dataset_input(dataset: Dataset, s: Settings, store: ArtifactStore, stack: ExitStack) -> dict[str, Any]:

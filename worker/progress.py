@@ -1,8 +1,10 @@
 """Progress, cancellation and heartbeat for one running job, all through its row.
 
-Progress goes to the row at most once per `progress_interval_s`; a background thread refreshes the
-heartbeat so long phases without progress (evaluation, export) do not look dead; cancellation is
-cooperative (`should_cancel`, throttled like progress).
+Progress goes to the row at most once per `progress_interval_s`; an update that arrived sooner is kept and
+written by the background thread once the interval is over (so the last stage of a phase is never lost
+behind a slow one: a CI log would show a stale stage for minutes). The same thread refreshes the heartbeat
+so long phases without progress do not look dead; cancellation is cooperative (`should_cancel`, throttled
+like progress).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class Reporter:
         self._quarter = 0  # the last quarter of the work reported as a milestone (job.progress webhooks)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pending: dict[str, Any] | None = None  # the newest update not written yet (throttled)
+        self._write_lock = threading.Lock()
+        self._settled = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._beat_loop, name=f"heartbeat-{self.job_id[:8]}",
@@ -53,12 +58,41 @@ class Reporter:
 
     def on_step(self, progress: dict[str, Any]) -> None:
         """kdiga_core's `on_step`: called every step; writes at most once per interval (or on a new phase)."""
-        now = time.monotonic()
         phase = progress.get("phase")
-        if now - self._last_write < self.interval and phase == self._phase:
-            return
+        with self._write_lock:
+            if self._settled:
+                return
+            if time.monotonic() - self._last_write < self.interval and phase == self._phase:
+                self._pending = dict(progress)
+                return
+            self._write(progress)
+        if phase != "train" and self.should_cancel():
+            # Training checks `should_cancel` itself; the later phases (evaluation, export) only
+            # report progress, so a cancel is honoured here, between two of their stages.
+            from kdiga_core.errors import CancelledError
+
+            raise CancelledError("The job was cancelled.")
+
+    def settle(self) -> None:
+        """The job's work is over: write what the throttle still holds, and hold nothing back after."""
+        with self._write_lock:
+            if self._pending is not None and not self.lost:
+                self._write(self._pending)
+            self._settled = True
+
+    def _flush(self) -> None:
+        """Write the update the throttle held back, once the interval is over (the heartbeat thread)."""
+        with self._write_lock:
+            if self._settled or self._pending is None:
+                return
+            if time.monotonic() - self._last_write >= self.interval:
+                self._write(self._pending)
+
+    def _write(self, progress: dict[str, Any]) -> None:
+        """One progress write (the caller holds ``_write_lock``)."""
+        phase = progress.get("phase")
         previous_phase = self._phase
-        self._last_write, self._phase = now, phase
+        self._last_write, self._phase, self._pending = time.monotonic(), phase, None
         clean = {k: scalar(progress[k]) for k in PROGRESS_KEYS if k in progress}
         extra = {k: scalar(v) for k, v in progress.items()
                  if k not in PROGRESS_KEYS and isinstance(v, (int, float, str, bool))}
@@ -73,12 +107,6 @@ class Reporter:
             return
         if not ours:
             self._lose()
-        if phase != "train" and self.should_cancel():
-            # Training checks `should_cancel` itself; the later phases (evaluation, export) only
-            # report progress, so a cancel is honoured here, between two of their stages.
-            from kdiga_core.errors import CancelledError
-
-            raise CancelledError("The job was cancelled.")
 
     def _milestone(self, progress: dict[str, Any], *, new_phase: bool) -> bool:
         """A new phase, or a new quarter of the whole job: worth a `job.progress` event."""
@@ -113,8 +141,12 @@ class Reporter:
             self._lose()
 
     def _beat_loop(self) -> None:
-        while not self._stop.wait(self.beat_every):
-            self.beat()
+        last_beat = time.monotonic()
+        while not self._stop.wait(min(self.beat_every, max(0.1, self.interval))):
+            self._flush()
+            if time.monotonic() - last_beat >= self.beat_every:
+                last_beat = time.monotonic()
+                self.beat()
 
     def _lose(self) -> None:
         if not self.lost:

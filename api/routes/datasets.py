@@ -77,6 +77,7 @@ UPLOAD_BODY: dict[str, Any] = {
                         "metadata": {
                             "type": "string",
                             "description": 'JSON (DatasetUploadMetadata), e.g. {"name": "my-set", "kind": "npz"}',
+                            "example": '{"name": "my-set", "kind": "npz"}',
                         },
                     },
                 }

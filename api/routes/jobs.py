@@ -119,6 +119,18 @@ def _ready_dataset(session: Session, owner_id: str, dataset_id: str) -> Dataset:
     return dataset
 
 
+def _check_classes(session: Session, owner_id: str, dataset: Dataset, refs: dict[str, str | None],
+                   planned: frozenset[str]) -> None:
+    """Each uploaded model the job reads predicts the dataset's classes (422 naming the mismatch), when both
+    are known: a mismatch found here is not one found by the worker after queueing."""
+    for role, model_id in refs.items():
+        model = _ready_teacher(session, owner_id, model_id, planned) if model_id else None
+        theirs = (model.spec or {}).get("num_classes") if model is not None else None
+        if dataset.num_classes and theirs and theirs != dataset.num_classes:
+            raise unprocessable(f"The {role} '{model_id}' predicts {theirs} classes but dataset "
+                                f"'{dataset.id}' has {dataset.num_classes}; choose a model made for this dataset.")
+
+
 def _check_names(kind: str, names: list[str]) -> None:
     for name in names:
         if message := check_name(kind, name):
@@ -242,6 +254,9 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         "labels": body.labels or {},
         "notify": check_notify(session, owner_id, body.notify, settings),
     }
+    _check_classes(session, owner_id, dataset, {
+        "teacher": body.teacher_id, "student's initial weights": body.student.weights_id if body.student else None,
+        "model": body.model.teacher_id if body.model else None}, planned)
     spec["resources"] = _resources(body, parts, settings)
     if problem := check_parameters(spec, JobLimits.from_settings(settings)):
         raise unprocessable(problem)

@@ -77,6 +77,8 @@ UPLOAD_BODY: dict[str, Any] = {
                             "description": "JSON (TeacherMetadata), e.g. "
                             '{"name": "robust-cnn", "arch": "cnn_medium", "num_classes": 10, "in_chans": 1, '
                             '"img_size": 8}',
+                            "example": '{"name": "robust-cnn", "arch": "cnn_medium", "num_classes": 10, "in_chans": 1, '
+                            '"img_size": 8, "mean": [0.5], "std": [0.5]}',
                         },
                     },
                 }

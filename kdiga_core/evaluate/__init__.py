@@ -39,7 +39,7 @@ from kdiga_core.evaluate.report import (
     expected_seconds,
     threat_model,
 )
-from kdiga_core.evaluate.sanity import sanity_flags
+from kdiga_core.evaluate.sanity import report_sanity, sanity_flags
 from kdiga_core.evaluate.smoothing import certify_smoothing, smoothing_sample
 from kdiga_core.evaluate.stats import Speed, cpu_latency_ms, forward_macs, forward_speed, model_stats
 
@@ -79,6 +79,7 @@ __all__ = [
     "per_sample_loss",
     "robust_accuracy",
     "sampling_error",
+    "report_sanity",
     "sanity_flags",
     "smoothing_sample",
     "stratified_order",

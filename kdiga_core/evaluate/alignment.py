@@ -172,6 +172,7 @@ def linearity_bound(
     seed: int = 0,
     gradients: Gradients | None = None,
     stages: StageFn | None = None,
+    role: str = "student",
 ) -> dict[str, float]:
     """The local-linearity bound of method.md §4 next to the measured adversarial losses.
 
@@ -183,6 +184,7 @@ def linearity_bound(
     Args:
         gradients: ``(student loss, student gradients, teacher gradients)`` when already computed.
         stages: Where each model's stages report progress (`progress.Tracker.stage`).
+        role: The student's name in the stage labels (``model`` in an evaluate job); the keys stay.
     """
     stage = stages or silent_stage
     loss_s, g_s, g_t = gradients or (*input_gradients(student, x, y, batch_size=batch_size),
@@ -190,12 +192,12 @@ def linearity_bound(
     dual = 1 if norm == "Linf" else 2
     kw: dict[str, Any] = {"norm": norm, "batch_size": batch_size, "seed": seed}
     measured, gamma = {}, {}
-    for role, model in (("student", student), ("teacher", teacher)):
-        adv = adversarial_examples(model, x, y, eps, progress=stage(f"{role}: measured PGD-{MEASURED_LOSS_STEPS} loss"),
+    for key, label, model in (("student", role, student), ("teacher", "teacher", teacher)):
+        adv = adversarial_examples(model, x, y, eps, progress=stage(f"{label}: measured PGD-{MEASURED_LOSS_STEPS} loss"),
                                    **kw)
-        measured[role] = per_sample_loss(model, adv, y, batch_size=batch_size)
-        gamma[role] = local_linearity(model, x, y, eps, steps=steps, x_start=adv, progress=stage(f"{role}: local linearity"),
-                                      **kw)
+        measured[key] = per_sample_loss(model, adv, y, batch_size=batch_size)
+        gamma[key] = local_linearity(model, x, y, eps, steps=steps, x_start=adv, progress=stage(f"{label}: local linearity"),
+                                     **kw)
     bound = loss_s + eps * g_t.flatten(1).norm(p=dual, dim=1) + eps * (g_s - g_t).flatten(1).norm(p=dual, dim=1)
     return {
         "linearity_student": mean(gamma["student"]),
@@ -207,11 +209,13 @@ def linearity_bound(
 
 
 def alignment_report(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str,
-                     steps: int, batch_size: int, seed: int, stages: StageFn | None = None) -> dict[str, float]:
-    """The report's ``alignment`` block: `alignment_of` and `linearity_bound`, sharing the input gradients."""
+                     steps: int, batch_size: int, seed: int, stages: StageFn | None = None,
+                     role: str = "student") -> dict[str, float]:
+    """The report's ``alignment`` block: `alignment_of` and `linearity_bound`, sharing the input gradients.
+    ``role`` names the student in the stage labels (they match `plan.alignment_plan`'s)."""
     stage = stages or silent_stage
-    loss_s, g_s = input_gradients(student, x, y, batch_size=batch_size, progress=stage("student: input gradients"))
+    loss_s, g_s = input_gradients(student, x, y, batch_size=batch_size, progress=stage(f"{role}: input gradients"))
     _, g_t = input_gradients(teacher, x, y, batch_size=batch_size, progress=stage("teacher: input gradients"))
     return alignment_of(g_s, g_t) | linearity_bound(student, teacher, x, y, eps, norm=norm, steps=steps,
                                                     batch_size=batch_size, seed=seed, gradients=(loss_s, g_s, g_t),
-                                                    stages=stages)
+                                                    stages=stages, role=role)

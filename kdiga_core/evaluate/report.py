@@ -24,7 +24,7 @@ from kdiga_core.evaluate.curves import curve_grid, eps_curve
 from kdiga_core.evaluate.plan import Plan, alignment_plan, model_plan
 from kdiga_core.evaluate.points import EvalPoints, evaluation_points
 from kdiga_core.evaluate.progress import Progress, Tracker
-from kdiga_core.evaluate.sanity import sanity_flags
+from kdiga_core.evaluate.sanity import report_sanity
 from kdiga_core.evaluate.smoothing import certify_smoothing, smoothing_sample
 from kdiga_core.evaluate.stats import Speed, forward_speed, model_stats
 
@@ -110,6 +110,7 @@ def evaluate(
     teacher: nn.Module | None = None,
     on_progress: Progress | None = None,
     teacher_cache: ReportCache | None = None,
+    role: str = "student",
 ) -> dict[str, Any]:
     """Build the robustness report (docs/contracts.md, schema ``kdiga.report/1``).
 
@@ -126,6 +127,8 @@ def evaluate(
             "points_done", "points_total"}`` (`progress.Tracker`); callers throttle.
         teacher_cache: Where the teacher's own evaluation is looked up and kept, keyed by
             `teacher_fingerprint`; the report's ``teacher_evaluation`` says whether it was reused.
+        role: The model's key in ``models`` and in its progress stages: ``student`` for a distilled
+            student, ``model`` for a model trained from scratch or evaluated on its own.
 
     An ``autoattack`` entry runs APGD and FAB for ``spec.steps`` iterations: the
     standard version uses 100, so pass ``AttackSpec("autoattack", steps=100)`` for the
@@ -134,8 +137,10 @@ def evaluate(
     Returns:
         The report, made of plain Python types only.
     """
+    if role == "teacher":
+        raise ValueError("The evaluated model's role cannot be 'teacher'; that name is the reference's.")
     points, threat = evaluation_points(data, cfg.max_points, seed=cfg.seed), threat_model(cfg)
-    roles = {"student": model} | ({"teacher": teacher} if teacher is not None else {})
+    roles = {role: model} | ({"teacher": teacher} if teacher is not None else {})
     with_alignment = teacher is not None and cfg.alignment
     tracker = Tracker(on_progress, evaluation_plan(roles, points, cfg, data.num_classes, with_alignment))
     report: dict[str, Any] = {"schema": SCHEMA, "n_points": len(points),
@@ -150,8 +155,8 @@ def evaluate(
         assert teacher is not None
         report["alignment"] = alignment_report(model, teacher, points.x, points.y, threat.eps, norm=threat.norm,
                                                steps=cfg.linearity_steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                                               stages=tracker.stage)
-    report["sanity"] = sanity_flags(report["models"])
+                                               stages=tracker.stage, role=role)
+    report["sanity"] = report_sanity(report)
     tracker.finish(len(points))
     return report
 

@@ -10,6 +10,14 @@ WHITE_BOX = ("pgd", "fgsm", "apgd-ce", "apgd-t", "fab-t")
 CURVE_TOLERANCE = 0.02  # accuracy may rise this much between ε-curve points (sampling noise)
 LARGE_EPS_MAX_ACCURACY = 0.05
 BLACK_BOX_TOLERANCE = 0.01  # one percentage point
+# A model "has learned" when its clean accuracy is at least halfway from chance to perfect: a 47% teacher
+# of 10 digits (chance 10%) is no teacher to distil, whatever its robust accuracy says.
+LEARNED_FRACTION = 0.5
+# A student far below its teacher's clean accuracy (or KD's, the same student without IGA) has not
+# learned the teacher: below this fraction of the teacher's, or this many points below KD's.
+TEACHER_CLEAN_RATIO = 0.85
+KD_CLEAN_DROP = 0.05
+REFERENCE_ROLE = "teacher"
 
 
 def sanity_flags(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -90,6 +98,68 @@ def _check_below_clean(rep: dict[str, Any]) -> dict[str, Any]:
             f"({rep['clean_accuracy']:.3f}), which means the evaluation is broken.",
         }
     return {"ok": True, "message": "No attack raises accuracy above clean accuracy."}
+
+
+def report_sanity(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every check of a report: `sanity_flags` per model, then the ones that compare models.
+
+    - ``clean_accuracy_learned`` (per model): clean accuracy is at least halfway from chance
+      (1/classes, from ``points.per_class``) to 100%.
+    - ``near_teacher_clean_accuracy``: the measured model (student, or an evaluated model) keeps at
+      least 85% of its teacher's clean accuracy.
+    - ``near_kd_clean_accuracy`` (γ "auto" jobs): the student is at most 5 points below the KD
+      reference (the same student trained without IGA) on the same points.
+    """
+    models = {k: v for k, v in (report.get("models") or {}).items() if isinstance(v, dict)}
+    flags = sanity_flags(models)
+    classes = len((report.get("points") or {}).get("per_class") or {})
+    if classes > 1:
+        flags += [dict(check="clean_accuracy_learned", model=role, **_check_learned(rep, classes))
+                  for role, rep in models.items()]
+    subject = next((r for r in models if r != REFERENCE_ROLE), None)
+    if subject is None:
+        return flags
+    clean = models[subject].get("clean_accuracy")
+    if REFERENCE_ROLE in models:
+        flags.append(dict(check="near_teacher_clean_accuracy", model=subject,
+                          **_check_near_teacher(clean, models[REFERENCE_ROLE].get("clean_accuracy"), subject)))
+    kd = ((report.get("gamma_sweep") or {}).get("final_check") or {}).get("kd_reference_clean_accuracy")
+    if kd is not None:
+        flags.append(dict(check="near_kd_clean_accuracy", model=subject, **_check_near_kd(clean, kd, subject)))
+    return flags
+
+
+def _check_learned(rep: dict[str, Any], classes: int) -> dict[str, Any]:
+    chance = 1.0 / classes
+    floor = chance + LEARNED_FRACTION * (1.0 - chance)
+    clean = rep.get("clean_accuracy")
+    if clean is None or clean < floor:
+        return {"ok": False, "message": f"Clean accuracy is {_pct(clean)}, below {_pct(floor)} (halfway from chance, "
+                f"{_pct(chance)}, to 100%): this model has not learned the task, so its robust accuracy means little."}
+    return {"ok": True, "message": f"Clean accuracy {_pct(clean)} is well above chance ({_pct(chance)})."}
+
+
+def _check_near_teacher(clean: float | None, teacher: float | None, subject: str) -> dict[str, Any]:
+    if clean is None or teacher is None:
+        return {"ok": False, "message": "A clean accuracy is missing, so the models cannot be compared."}
+    if clean < TEACHER_CLEAN_RATIO * teacher:
+        return {"ok": False, "message": f"The {subject}'s clean accuracy ({_pct(clean)}) is far below the teacher's "
+                f"({_pct(teacher)}): it keeps less than {TEACHER_CLEAN_RATIO:.0%} of it, so it has not learned "
+                "the teacher (train longer, or check the optimiser and learning rate)."}
+    return {"ok": True, "message": f"The {subject}'s clean accuracy ({_pct(clean)}) is close to the teacher's "
+            f"({_pct(teacher)})."}
+
+
+def _check_near_kd(clean: float | None, kd: float, subject: str) -> dict[str, Any]:
+    if clean is None or clean < kd - KD_CLEAN_DROP - 1e-9:
+        return {"ok": False, "message": f"The {subject}'s clean accuracy ({_pct(clean)}) is far below the KD "
+                f"reference's ({_pct(kd)}), the same student trained without gradient alignment."}
+    return {"ok": True, "message": f"The {subject}'s clean accuracy ({_pct(clean)}) is within "
+            f"{KD_CLEAN_DROP:.0%} of the KD reference's ({_pct(kd)})."}
+
+
+def _pct(value: float | None) -> str:
+    return "unknown" if value is None else f"{100 * value:.1f}%"
 
 
 _CHECKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

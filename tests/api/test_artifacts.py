@@ -40,3 +40,24 @@ def test_list_artifacts(client, owner, other):
 def test_missing_artifact_404(client, owner):
     r = client.get("/v1/artifacts/does-not-exist", headers=owner)
     assert r.status_code == 404 and r.json() == {"detail": "Artifact 'does-not-exist' not found."}
+
+
+def test_curl_oj_saves_under_the_artifacts_name(client, owner, tmp_path):
+    """`curl -OJ` (which reads only the ASCII `filename=`) saves the file under the artifact's name, not its id."""
+    import shutil
+    import subprocess
+
+    import pytest
+    from api_helpers import serve
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    weights = b"weights" * 1000
+    art = next(a for a in _job_with_artifacts(client, owner, {"student_weights": weights})["artifacts"])
+    with serve(client.app) as url:
+        done = subprocess.run([curl, "-sS", "-f", "-OJ", "-H", f"Authorization: {owner['Authorization']}",
+                               f"{url}/v1/artifacts/{art['id']}"], cwd=tmp_path, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["student_weights.bin"]
+    assert (tmp_path / "student_weights.bin").read_bytes() == weights

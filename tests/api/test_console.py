@@ -129,3 +129,22 @@ def test_report_is_sandboxed_and_revoked_keys_end_sessions(client, browser):
         admin.revoke_key(session, key_id=key_id)
     assert browser.get("/ui/jobs", follow_redirects=False).status_code == 401
     new_key(client)  # the app is fine
+
+
+def test_a_429_from_the_console_form_says_when_to_retry(client, browser):
+    """Every 429 carries Retry-After, the console's job form too (issue 17, item 10)."""
+    from kdiga_service.models import ApiKey
+
+    key_id, secret = _secret(client)
+    with client.app.state.sessionmaker() as session:
+        session.get(ApiKey, key_id).max_concurrent_jobs = 1
+        session.commit()
+    headers = {"Authorization": f"Bearer {secret}"}
+    dataset_id, teacher_id = ready_dataset(client, headers), ready_teacher(client, headers)
+    sign_in(browser, secret)
+    token = CSRF.search(browser.get("/ui/jobs/new").text).group(1)
+    form = {"csrf_token": token, "teacher_id": teacher_id, "dataset_id": dataset_id, "arch": "cnn_tiny",
+            "method": "kd", "epochs": "1", "gamma": "0"}
+    assert browser.post("/ui/jobs", data=form, follow_redirects=False).status_code == 303
+    r = browser.post("/ui/jobs", data=form, follow_redirects=False)
+    assert r.status_code == 429 and r.headers["retry-after"] == str(client.app.state.settings.retry_after_s)

@@ -269,6 +269,24 @@ def test_student_weights_for_another_architecture_are_refused_at_submit(client, 
     assert client.post("/v1/jobs", headers=owner, json=body).status_code == 201
 
 
+def test_a_model_for_other_classes_is_refused_at_submit(client, owner):
+    """A teacher, initial weights or evaluated model whose class count is not the dataset's: 422 at submit,
+    naming both counts, not a failure in the worker after queueing."""
+    dataset_id = ready_dataset(client, owner)  # digits: 10 classes
+    r = upload_teacher(client, owner, meta={"arch": "cnn_tiny", "num_classes": 100, "name": "cifar100 teacher"})
+    with client.app.state.sessionmaker() as session:
+        assert crud.set_teacher_validated(session, r.json()["id"], spec=r.json()["spec"])
+    other = r.json()["id"]
+    detail = (f"predicts 100 classes but dataset '{dataset_id}' has 10; choose a model made for this dataset.")
+    for body, role in [(distill_body(dataset_id, other), "teacher"),
+                       ({**distill_body(dataset_id, ready_teacher(client, owner)),
+                         "student": {"arch": "cnn_tiny", "weights_id": other}}, "student's initial weights"),
+                       ({"kind": "evaluate", "dataset_id": dataset_id, "model": {"teacher_id": other}}, "model")]:
+        r = client.post("/v1/jobs", headers=owner, json=body)
+        assert r.status_code == 422 and r.json() == {"detail": f"The {role} '{other}' {detail}"}, r.json()
+    assert client.get("/v1/jobs", headers=owner).json()["count"] == 0
+
+
 # -- normalisation stated ---------------------------------------------------------------------------
 def test_teacher_answers_state_the_normalisation_the_model_will_use(client, owner):
     r = upload_teacher(client, owner, meta={"arch": "cnn_tiny", "num_classes": 10, "in_chans": 1})
@@ -323,3 +341,21 @@ def test_many_small_form_fields_cannot_fill_memory(client, owner):
     fields = {f"f{i}": "x" * 60_000 for i in range(35)}  # each under the per-field cap, 2.1 MB together
     r = client.post("/v1/teachers", headers=owner, data=fields, files={"file": ("t.safetensors", safetensors_bytes())})
     assert r.status_code == 413 and r.json() == {"detail": "The form fields add up to more than 2097152 bytes."}
+
+
+def test_a_vit_with_another_patch_size_can_be_described(client, owner):
+    """`student.kwargs` / teacher metadata `kwargs`: timm keywords that shape the network, bounded and checked."""
+    dataset_id, teacher_id = ready_dataset(client, owner), ready_teacher(client, owner)
+    body = {**distill_body(dataset_id, teacher_id),
+            "student": {"arch": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4, "depth": 2}}}
+    r = client.post("/v1/jobs", headers=owner, json=body)
+    assert r.status_code == 201, r.json()
+    assert r.json()["spec"]["student"]["kwargs"] == {"patch_size": 4, "depth": 2}
+    body["student"]["kwargs"] = {"pretrained": True}
+    r = client.post("/v1/jobs", headers=owner, json=body)
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith("Invalid value for 'student.kwargs': kwargs.pretrained is not a keyword a "
+                                         "model spec may set; valid names are: ")
+    r = upload_teacher(client, owner, meta={"arch": "vit_tiny_patch16_224", "num_classes": 10, "in_chans": 1,
+                                            "img_size": 8, "kwargs": {"patch_size": 4}})
+    assert r.status_code == 202 and r.json()["spec"]["kwargs"] == {"patch_size": 4}

@@ -3,6 +3,7 @@ real examples per job kind; /docs and /redoc use only assets the app serves itse
 
 from __future__ import annotations
 
+import json
 import re
 
 from api.routes.datasets import NPZ_KEYS
@@ -83,3 +84,38 @@ def test_docs_pages_load_their_assets_from_the_app_itself(client):
             assert client.get(url).status_code == 200, (page, url)
     assert client.get("/docs-assets/swagger-ui-bundle.js").headers["content-type"].startswith(
         ("application/javascript", "text/javascript"))
+
+
+def _example_of(doc: dict, content: dict) -> list:
+    """The examples /docs shows for a request body: its own, or its schema's (followed through $ref)."""
+    if "examples" in content:
+        return [e["value"] for e in content["examples"].values()]
+    schema = content["schema"]
+    if "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    if "properties" in schema and "metadata" in schema["properties"]:  # multipart: the JSON metadata part
+        return [json.loads(schema["properties"]["metadata"]["example"])]
+    return list(schema.get("examples") or [])
+
+
+def test_every_request_body_has_a_real_example(client):
+    """/docs shows a real body for every operation that takes one: never Swagger's placeholder "string", and
+    no body that fills both `student` and `model` (a job has one or the other)."""
+    from api.schemas import DatasetBuiltinCreate, DatasetUploadMetadata, JobCreate, TeacherMetadata
+    from api.schemas_mlops import PipelineCreate
+
+    doc = client.get("/openapi.json").json()
+    models = {"/v1/jobs": JobCreate, "/v1/teachers": TeacherMetadata, "/v1/datasets": DatasetUploadMetadata,
+              "/v1/datasets/builtin": DatasetBuiltinCreate, "/v1/pipelines": PipelineCreate}
+    seen = set()
+    for path, method, op in _operations(doc):
+        for content in op.get("requestBody", {}).get("content", {}).values():
+            examples = _example_of(doc, content)
+            assert examples, (path, method)
+            for value in examples:
+                assert '"string"' not in json.dumps(value), (path, value)
+                models[path].model_validate(value)  # each example is a body the API accepts
+                for body in [value, *value.get("steps", [])]:
+                    assert not (body.get("student") and body.get("model")), (path, body)
+            seen.add(path)
+    assert seen == set(models)

@@ -50,3 +50,17 @@ def test_literal_choices_match():
     assert set(config.IGAMode.__args__) == set(schemas.IGAMode.__args__)
     assert set(config.Norm.__args__) == set(schemas.Norm.__args__)
     assert set(config.SWEEP_RULES) == set(schemas.SweepRule.__args__)
+
+
+def test_model_spec_kwargs_rules_match():
+    """The timm keywords a model spec may give, and their bounds, are the same on both sides."""
+    assert schemas.ARCH_KWARGS == config.ARCH_KWARGS
+    assert (schemas.MAX_ARCH_KWARGS, schemas.MAX_KWARG_INT, schemas.MAX_KWARG_FLOAT, schemas.MAX_KWARG_LIST) == (
+        config.MAX_ARCH_KWARGS, config.MAX_KWARG_INT, config.MAX_KWARG_FLOAT, config.MAX_KWARG_LIST)
+    for bad in ({"pretrained": True}, {"checkpoint_path": "/etc/passwd"}, {"patch_size": 10**6},
+                {"mlp_ratio": float("nan")}, {"depths": list(range(40))}, {f"depth{i}": 1 for i in range(20)}):
+        with pytest.raises(Exception) as core:
+            config.ModelSpec("vit_tiny_patch16_224", 10, kwargs=bad)
+        with pytest.raises(Exception) as api:
+            schemas.ModelSpecSchema(arch="vit_tiny_patch16_224", num_classes=10, kwargs=bad)
+        assert str(core.value).split(";")[0].split(" must")[0] in str(api.value), (core.value, api.value)

@@ -50,3 +50,13 @@ def test_build_job_spec_resources_and_accumulation():
     assert spec == {"kind": "distill", "dataset_id": "d", "train": {"batch_size": 32, "grad_accum_steps": 2},
                     "resources": {"nodes": 2}}
     assert "resources" not in cli.build_job_spec(dataset="d", resources={"nodes": None, "devices_per_node": None})
+
+
+def test_student_kwargs_flag_and_its_one_sentence():
+    spec = cli.build_job_spec(dataset="d", student_arch="vit_tiny_patch16_224", student_kwargs={"patch_size": 4})
+    assert spec["student"] == {"arch": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4}}
+    assert cli._json_object('{"depth": 2}', "--student-kwargs") == {"depth": 2}
+    for bad in ("[4]", "patch_size=4"):
+        with pytest.raises(cli._Fail) as info:
+            cli._json_object(bad, "--student-kwargs")
+        assert str(info.value).startswith("--student-kwargs must be a JSON object")

@@ -72,8 +72,11 @@ def test_progress_has_one_job_percent_across_train_and_evaluate(tmp_path):
     jobs.run_job("distill", _spec(), tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher),
                  jobs.JobHooks(on_step=events.append))
     phases = [e["phase"] for e in events]
-    assert phases[0] == "train" and phases[-1] == "evaluate"
-    assert phases == sorted(phases, key=["train", "evaluate"].index)  # one pass through the phases
+    assert phases[0] == "train" and phases[-1] == "export"  # writing the files is a phase too
+    assert phases == sorted(phases, key=["train", "evaluate", "export"].index)  # one pass through the phases
+    export = [e for e in events if e["phase"] == "export"]
+    assert [e["stage"] for e in export] == ["model weights, ONNX and model card", "report", "done"]
+    assert all(e["eta_s"] is not None for e in export) and export[-1]["percent"] == 100.0
     job = [e["job_percent"] for e in events]
     assert job == sorted(job) and job[-1] == 100.0 and events[-1]["job_eta_s"] == 0.0
     first_eval = next(e for e in events if e["phase"] == "evaluate")
@@ -127,7 +130,8 @@ def test_evaluate_job_with_a_batchnorm_teacher_keeps_its_evaluation(tmp_path):
 
 def test_job_progress_weighs_the_phases_by_their_seconds():
     seen: list[dict] = []
-    progress = jobs.JobProgress(jobs.JobHooks(on_step=seen.append), train=True, eval_seconds=30.0)
+    progress = jobs.JobProgress(jobs.JobHooks(on_step=seen.append), train=True, eval_seconds=30.0,
+                                export_seconds=0.0)
     progress({"phase": "train", "percent": 50.0, "eta_s": 45.0})  # training takes 90 s in all
     assert (seen[-1]["job_percent"], seen[-1]["job_eta_s"]) == (37.5, 75.0)  # 45 of 120 s done
     progress({"phase": "train", "percent": 100.0, "eta_s": 0.0})
@@ -150,7 +154,7 @@ def test_gamma_auto_job_sweeps_then_trains_and_reports_the_choice(tmp_path):
     result = jobs.run_job("distill", spec, tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher),
                           jobs.JobHooks(on_step=events.append))
     phases = [e["phase"] for e in events]
-    assert phases[0] == "sweep" and phases == sorted(phases, key=["sweep", "train", "evaluate"].index)
+    assert phases[0] == "sweep" and phases == sorted(phases, key=["sweep", "train", "evaluate", "export"].index)
     job = [e["job_percent"] for e in events]
     assert job == sorted(job) and job[-1] == 100.0
     sweep = result["report"]["gamma_sweep"]
@@ -160,3 +164,5 @@ def test_gamma_auto_job_sweeps_then_trains_and_reports_the_choice(tmp_path):
     method = "kd" if sweep["chosen"]["gamma"] == 0 else "kdiga"
     assert card["training"]["objective"]["method"] == method and card["training"]["objective"]["sweep"] is None
     assert (tmp_path / "work" / "checkpoint" / "sweep" / "optuna.journal").exists()
+    checks = {f["check"] for f in result["report"]["sanity"]}
+    assert "near_kd_clean_accuracy" in checks  # the KD reference's check, added once the sweep is done

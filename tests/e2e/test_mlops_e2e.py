@@ -166,13 +166,13 @@ def test_three_step_pipeline_on_digits(service, receiver):
     # The teacher the first step made is the second step's teacher ...
     assert jobs["student"]["spec"]["teacher_id"] == teacher_id
     assert jobs["student"]["metrics"]["teacher_clean_accuracy"] == pytest.approx(
-        jobs["teacher"]["metrics"]["student_clean_accuracy"])  # the same model on the same points
+        jobs["teacher"]["metrics"]["model_clean_accuracy"])  # the same model on the same points
     # ... and the student it distilled is what the third step measured, against that teacher.
     assert jobs["evaluate"]["spec"]["model"]["job_id"] == jobs["student"]["id"]
-    assert jobs["evaluate"]["metrics"]["student_clean_accuracy"] == pytest.approx(
+    assert jobs["evaluate"]["metrics"]["model_clean_accuracy"] == pytest.approx(
         jobs["student"]["metrics"]["student_clean_accuracy"])
     assert jobs["evaluate"]["metrics"]["teacher_clean_accuracy"] == pytest.approx(
-        jobs["teacher"]["metrics"]["student_clean_accuracy"])
+        jobs["teacher"]["metrics"]["model_clean_accuracy"])
     started = [jobs[n]["started_at"] for n in ("teacher", "student", "evaluate")]
     finished = [jobs[n]["finished_at"] for n in ("teacher", "student", "evaluate")]
     assert finished[0] <= started[1] and finished[1] <= started[2]  # each waited for its input

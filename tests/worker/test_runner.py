@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from datetime import timedelta
 
 import kdiga_svc_helpers as h
@@ -129,6 +130,32 @@ def test_reporter_throttles_writes_and_sees_cancel(settings, seeded):
     _set(settings, job_id, cancel_requested=True)
     reporter._last_check = float("-inf")
     assert reporter.should_cancel() is True
+
+
+def test_reporter_writes_the_update_its_throttle_held_back(settings, seeded):
+    """The last stage of a phase is not lost behind the throttle: the background thread writes it once the
+    interval is over, and `settle` writes what is left when the work ends (a CI log never shows a stale
+    stage)."""
+    job_id = _job(settings, seeded)
+    _claim(settings, job_id)
+    reporter = progress.Reporter(job_id, ownership.worker_identity(),
+                                 settings.model_copy(update={"progress_interval_s": 0.3}))
+    reporter.start()
+    try:
+        reporter.on_step({"phase": "evaluate", "stage": "model: clean accuracy", "percent": 0.0})
+        reporter.on_step({"phase": "evaluate", "stage": "model: pgd-20", "percent": 40.0})  # held back
+        deadline = time.monotonic() + 30
+        while h.job_row(settings, job_id).progress.get("stage") != "model: pgd-20" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert h.job_row(settings, job_id).progress["stage"] == "model: pgd-20"
+        reporter.on_step({"phase": "evaluate", "stage": "model: eps curve", "percent": 60.0})
+        reporter.on_step({"phase": "evaluate", "stage": "done", "percent": 100.0})
+        reporter.settle()
+        assert h.job_row(settings, job_id).progress["stage"] == "done"
+        reporter.on_step({"phase": "evaluate", "stage": "late", "percent": 100.0})  # after settle: nothing
+    finally:
+        reporter.stop()
+    assert h.job_row(settings, job_id).progress["stage"] == "done"
 
 
 def test_reporter_notices_a_lost_claim(settings, seeded):
@@ -321,9 +348,12 @@ def test_adversarial_train_registers_a_teacher_then_evaluate_it(settings, seeded
     assert sorted(a.name for a in h.artifacts_of(settings, job_id)) == ["report.html", "report.json"]
     report = json.loads(get_storage(settings).read_bytes(
         next(a for a in h.artifacts_of(settings, job_id) if a.name == "report.json").storage_key))
-    assert set(report["models"]) == {"student", "teacher"}
-    assert abs(report["models"]["student"]["clean_accuracy"]
-               - h.job_row(settings, trained).metrics["student_clean_accuracy"]) < 1e-6
+    assert set(report["models"]) == {"model", "teacher"}  # an evaluate job's model is no "student"
+    assert abs(report["models"]["model"]["clean_accuracy"]
+               - h.job_row(settings, trained).metrics["model_clean_accuracy"]) < 1e-6
+    assert not any(k.startswith("student_") for k in h.job_row(settings, trained).metrics)  # a teacher job
+    assert report["about"]["models"]["model"]["source_job_id"] == trained
+    assert report["about"]["models"]["teacher"]["id"] == seeded["teacher_id"]
 
 
 @pytest.mark.slow
