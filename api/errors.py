@@ -140,7 +140,8 @@ class RetryAfterMiddleware:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_retry_after(message: Any) -> None:
             if message["type"] == "http.response.start" and message["status"] in (429, 503):
@@ -149,7 +150,7 @@ class RetryAfterMiddleware:
                     message = {**message, "headers": [*headers, self.header]}
             await send(message)
 
-        return await self.app(scope, receive, send_with_retry_after)
+        await self.app(scope, receive, send_with_retry_after)
 
 
 def install_error_handlers(app: FastAPI) -> None:

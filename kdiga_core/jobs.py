@@ -429,7 +429,7 @@ def _evaluated_sha256(job: _Job) -> dict[str, str | None]:
     return {job.role: (files.get(weights) or {}).get("sha256"), "teacher": teacher}
 
 
-def _lineage(job: _Job, about: dict[str, Any]) -> dict[str, Any]:
+def _lineage(about: dict[str, Any]) -> dict[str, Any]:
     """The model card's lineage: the teacher it learned from (id, sha256, arch) and the data it saw."""
     out: dict[str, Any] = {"job": about["job"], "dataset": about["dataset"],
                            "service_version": about["service_version"]}
@@ -452,7 +452,7 @@ def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cf
     report["compute"] = training["compute"]  # devices, effective batch and learning rate, in the report
     about = _about(job, {job.role: result.model, "teacher": job.teacher if job.kind == "distill" else None},
                    {"teacher": _teacher_sha256(job)})
-    training["lineage"] = _lineage(job, about)
+    training["lineage"] = _lineage(about)
     headline = headline_metrics(report)
     artifacts = formats.save_model_bundle(result.model, job.out, name=name, weights_kind=kind, training=training,
                                           metrics=headline)
