@@ -172,8 +172,8 @@ def set_dataset_validated(
     session: Session, dataset_id: str, *, info: dict[str, Any] | None = None, error: str | None = None
 ) -> bool:
     """Worker: mark a dataset ready with `info` (num_classes, class_names, input_shape, train_size,
-    test_size) or invalid with one sentence; commits."""
-    allowed = {"num_classes", "class_names", "input_shape", "train_size", "test_size"}
+    test_size; a dataset by reference also its layout) or invalid with one sentence; commits."""
+    allowed = {"num_classes", "class_names", "input_shape", "train_size", "test_size", "layout"}
     values: dict[str, Any] = {k: v for k, v in (info or {}).items() if k in allowed}
     if "input_shape" in values:
         values["input_shape"] = list(values["input_shape"])
