@@ -94,7 +94,9 @@ class StreamingBatches:
     cacheable = False
 
     def __init__(self, data: Any, cfg: TrainConfig, device: torch.device, ctx: distributed.RankContext):
-        from kdiga_core.data_stream import loader_workers
+        from kdiga_core.data_stream import loader_workers, start_loader
+
+        self.start = start_loader
 
         self.data, self.cfg, self.ctx, self.device = data, cfg, ctx, device
         self.n = int(data.train_size)
@@ -107,7 +109,7 @@ class StreamingBatches:
                                         workers=self.workers, pin=self.device.type == "cuda", hflip=self.cfg.hflip,
                                         ctx=self.ctx)
         group: list[Batch] = []
-        for batch in loader:
+        for batch in self.start(loader):
             if batch is None:  # every image of this batch was unreadable
                 continue
             x, y, _ = batch

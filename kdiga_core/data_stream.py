@@ -82,11 +82,28 @@ def collate(samples: list[tuple[Tensor, int, int] | None]) -> tuple[Tensor, Tens
             torch.tensor([s[2] for s in kept], dtype=torch.long))
 
 
-class FolderImages(Dataset):
+class _ProcessFs:
+    """The filesystem, opened again in each process: an async one (s3fs) is not fork-safe, and
+    fsspec gives a forked loader worker a fresh instance."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any]):
+        self.uri, self.storage_options = uri, storage_options
+        self._fs: Any = None
+        self._pid = -1
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, self._pid = open_root(self.uri, self.storage_options)[0], os.getpid()
+        return self._fs
+
+
+class FolderImages(_ProcessFs, Dataset):
     """Map-style dataset over listed files: each item is read and decoded in the loader's workers."""
 
-    def __init__(self, fs: Any, items: list[tuple[str, int]], transform: Any):
-        self.fs, self.items, self.transform = fs, items, transform
+    def __init__(self, source: tuple[str, dict[str, Any]], items: list[tuple[str, int]], transform: Any):
+        super().__init__(*source)
+        self.items, self.transform = items, transform
 
     def __len__(self) -> int:
         return len(self.items)
@@ -99,12 +116,13 @@ class FolderImages(Dataset):
             return None
 
 
-class ShardStream(IterableDataset):
+class ShardStream(_ProcessFs, IterableDataset):
     """Iterable over tar shards: each loader worker reads its own shards, shuffling in a bounded buffer."""
 
-    def __init__(self, fs: Any, shards: list[str], transform: Any, *, seed: int, epoch: int,
-                 shuffle: bool = True):
-        self.fs, self.shards, self.transform = fs, shards, transform
+    def __init__(self, source: tuple[str, dict[str, Any]], shards: list[str], transform: Any, *, seed: int,
+                 epoch: int, shuffle: bool = True):
+        super().__init__(*source)
+        self.shards, self.transform = shards, transform
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
 
     def __iter__(self) -> Iterator[tuple[Tensor, int, int] | None]:
@@ -130,6 +148,26 @@ class ShardStream(IterableDataset):
             return self.transform(_to_chw(sample.image)), int(sample.label), -1
         except DataError:
             return None
+
+
+def start_loader(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)``, also inside a daemonic process (a Celery prefork pool process).
+
+    Python refuses children to daemonic processes because they could outlive it; a DataLoader's
+    workers cannot: each watches its parent and exits when it is gone. So the flag is lifted
+    while the workers start, and put back.
+    """
+    import multiprocessing
+
+    me = multiprocessing.current_process()
+    daemon = me._config.get("daemon")  # type: ignore[attr-defined]
+    if not daemon or not loader.num_workers:
+        return iter(loader)
+    me._config["daemon"] = False  # type: ignore[attr-defined]
+    try:
+        return iter(loader)
+    finally:
+        me._config["daemon"] = daemon  # type: ignore[attr-defined]
 
 
 def loader_workers(requested: int | None) -> int:
@@ -175,6 +213,7 @@ class ReferenceData:
 
     def __post_init__(self) -> None:
         self.fs, self.root = open_root(self.uri, self.storage_options)
+        self._source = (self.uri, self.storage_options)  # loader workers open their own filesystem
         corrupt = set((self.layout.get("corrupt") or {}).get("files") or [])
         if self.kind == "image_folder":
             listing = list_image_folder(self.fs, self.root, list(self.class_names))
@@ -247,14 +286,14 @@ class ReferenceData:
         if workers:
             kw.update(prefetch_factor=2, persistent_workers=False)
         if self.kind == "image_folder":
-            dataset = FolderImages(self.fs, self.files["train"], transform)
+            dataset = FolderImages(self._source, self.files["train"], transform)
             shard = distributed.sampler(dataset, seed=seed, ctx=ctx)
             if shard is not None:
                 shard.set_epoch(epoch)
             return DataLoader(dataset, sampler=shard or RandomSampler(dataset, generator=gen), **kw)
         if ctx.distributed:
             raise DataError("WebDataset shards stream on one device per job; use an image folder for several.")
-        return DataLoader(ShardStream(self.fs, self.shards["train"], transform, seed=seed, epoch=epoch), **kw)
+        return DataLoader(ShardStream(self._source, self.shards["train"], transform, seed=seed, epoch=epoch), **kw)
 
 
 def open_reference(dataset: dict[str, Any], *, img_size: int, preset: str) -> ReferenceData:
