@@ -99,8 +99,15 @@ def _distill(api: flow.Api, dataset_id: str, teacher_id: str) -> dict:
 
 
 def test_image_folder_by_reference_to_a_succeeded_job(service):
+    from kdiga_client import Client
+
     api = service["api"]
-    row = _register(api, (service["data"] / "shapes").as_uri(), "image_folder")
+    with Client(str(api.http.base_url), api.http.headers["Authorization"].split()[1]) as sdk:  # the SDK's way in
+        registered = sdk.register_reference_dataset("shapes", (service["data"] / "shapes").as_uri() + "/",
+                                                    "image_folder")
+    assert registered.uri == (service["data"] / "shapes").as_uri()
+    row = api.wait(f"/v1/datasets/{registered.id}", {"ready", "invalid"}, 180)
+    assert row["status"] == "ready", row["error"]
     assert row["class_names"] == list(CLASSES) and (row["train_size"], row["test_size"]) == (72, 24)
     assert set(row["layout"]["image_sizes"]) == {"40x40", "48x36", "33x50", "64x64"}  # mixed sizes
     assert row["size_bytes"] is None and row["sha256"] is None  # nothing was copied
