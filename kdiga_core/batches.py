@@ -9,7 +9,8 @@
 - ``augment(x, generator, cfg)``: the augmentation still to apply on the device (in memory: the
   preset on whole batches; streaming: nothing, the loader's workers did it);
 - ``cacheable``: whether the same rows come back unchanged every epoch (a teacher cache can hold them);
-  ``row_numel`` and ``num_classes`` size that cache (`cache_policy`).
+  ``row_numel`` and ``num_classes`` size that cache (`cache_policy`), ``precompute_teacher(objective,
+  batch_size=...)`` builds it; ``streaming`` says which path this is.
 
 The in-memory path draws its order (and its augmentation) from the run's generator exactly as
 before, so resumed runs stay bit-identical; the streaming path seeds its loader from (seed, epoch).
@@ -60,7 +61,7 @@ def random_resized_crop_batch(x: Tensor, generator: torch.Generator | None, *, h
 class InMemoryBatches:
     """Rows of in-memory tensors (uint8 or float) moved to the device once, indexed per micro-batch."""
 
-    cacheable = True
+    cacheable, streaming = True, False
 
     def __init__(self, data: Any, cfg: TrainConfig, device: torch.device, ctx: distributed.RankContext):
         self.x, self.y = data.x_train.to(device), data.y_train.to(device)
@@ -83,15 +84,19 @@ class InMemoryBatches:
             return random_resized_crop_batch(x, generator, hflip=self.cfg.hflip)
         return x
 
-    def rows(self) -> tuple[Tensor, Tensor]:
-        """Every training row (for the teacher cache)."""
-        return self.x, self.y
+    def precompute_teacher(self, objective: Any, *, batch_size: int) -> None:
+        """The teacher cache over every row (sharded over the ranks, then gathered)."""
+        distributed.precompute_teacher(objective, self.x, self.y, batch_size=batch_size, ctx=self.ctx)
 
 
 class StreamingBatches:
-    """Batches from `ReferenceData.train_loader`: decoded and augmented in loader processes."""
+    """Batches from `ReferenceData.train_loader`: decoded and augmented in loader processes.
 
-    cacheable = False
+    ``cacheable`` (a teacher cache, when the job asks for one) only for an image folder (whose loader
+    gives each image's row back) without augmentation, on one device.
+    """
+
+    streaming = True
 
     def __init__(self, data: Any, cfg: TrainConfig, device: torch.device, ctx: distributed.RankContext):
         from kdiga_core.data_stream import loader_workers, start_loader
@@ -103,6 +108,7 @@ class StreamingBatches:
         self.steps_per_epoch = distributed.steps_per_epoch(self.n, cfg, ctx) if self.n else 0
         self.row_numel, self.num_classes = data.in_chans * data.img_size ** 2, data.num_classes
         self.workers = loader_workers(cfg.loader_workers)
+        self.cacheable = data.kind == "image_folder" and cfg.preset == "none" and not ctx.distributed
 
     def epoch(self, epoch: int, generator: torch.Generator) -> Iterator[list[Batch]]:
         loader = self.data.train_loader(epoch=epoch, seed=self.cfg.seed, batch_size=self.cfg.batch_size,
@@ -112,8 +118,9 @@ class StreamingBatches:
         for batch in self.start(loader):
             if batch is None:  # every image of this batch was unreadable
                 continue
-            x, y, _ = batch
-            group.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None))
+            x, y, rows = batch
+            group.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+                          rows if self.cacheable else None))
             if len(group) == self.cfg.grad_accum_steps:
                 yield group
                 group = []
@@ -122,6 +129,18 @@ class StreamingBatches:
 
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
         return x  # the loader's workers applied the preset
+
+    def precompute_teacher(self, objective: Any, *, batch_size: int) -> None:
+        """One streamed pass (loader order, rows given back) into a host-memory cache of every row."""
+        from kdiga_core.objectives import TeacherCache
+
+        if objective.teacher is None:
+            return
+        loader = self.data.train_loader(epoch=0, seed=self.cfg.seed, batch_size=batch_size, workers=self.workers,
+                                        pin=self.device.type == "cuda", hflip=False, ctx=self.ctx)
+        batches = (b for b in self.start(loader) if b is not None)
+        objective.cache = TeacherCache.build_from(objective.teacher, batches, self.n, device=self.device,
+                                                  need_grad=objective.needs_teacher_grads())
 
 
 def batch_source(data: Any, cfg: TrainConfig, *, device: torch.device,

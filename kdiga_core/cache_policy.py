@@ -4,8 +4,9 @@ A cache holds, for every training row, the teacher's logits and (for IGA) its in
 16-bit floats in host memory (fp16 logits, bf16 gradients): ``rows × (classes + C·H·W [with
 gradients]) × 2`` bytes. It only helps when
 the same inputs come back every epoch (augmentation ``none``) and only where they are in memory;
-it is built when it fits the budget (``KDIGA_TEACHER_CACHE_BUDGET_BYTES``). The estimate and the
-decision go to the job's log.
+it is built when it fits the budget (``KDIGA_TEACHER_CACHE_BUDGET_BYTES``). On a dataset read in
+place only when ``train.cache_teacher`` is true (an image folder on one device: one streamed pass).
+The estimate and the decision go to the job's log.
 """
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ def plan(objective: Any, obj_cfg: ObjectiveConfig, cfg: TrainConfig, source: Any
         decision = CachePlan(False, need, f"off (train.cache_teacher is false); it would take {mib}")
     elif cfg.preset != "none":
         decision = CachePlan(False, need, f"off: augmentation '{cfg.preset}' changes the inputs every epoch")
+    elif source.streaming and not cfg.cache_teacher:
+        decision = CachePlan(False, need, "off on a dataset read in place (train.cache_teacher: true asks for it); "
+                                          "the teacher runs per batch")
     elif not source.cacheable:
-        asked = " (asked for, but a streaming loader does not give rows back)" if cfg.cache_teacher else ""
-        decision = CachePlan(False, need, f"off on a dataset read in place{asked}; the teacher runs per batch")
+        decision = CachePlan(False, need, "off: this dataset's loader does not give rows back (webdataset shards, "
+                                          "several devices); the teacher runs per batch")
     elif need > budget:
         decision = CachePlan(False, need, f"off: it would take {mib}, more than the budget of "
                                           f"{budget / 2**20:.1f} MiB (KDIGA_TEACHER_CACHE_BUDGET_BYTES)")

@@ -153,21 +153,28 @@ class TeacherCache:
               batch_size: int = 256, dtype: torch.dtype | None = None) -> TeacherCache:
         """Run the teacher over (x, y) in order on `device`; keep its outputs on the host in `dtype`
         (None: fp16 logits, bf16 gradients)."""
+        batches = ((x[s:s + batch_size], y[s:s + batch_size], torch.arange(s, min(s + batch_size, len(x))))
+                   for s in range(0, len(x), batch_size))
+        return cls.build_from(teacher, batches, len(x), need_grad=need_grad, device=device, dtype=dtype)
+
+    @classmethod
+    def build_from(cls, teacher: nn.Module, batches: Any, rows: int, *, need_grad: bool, device: torch.device,
+                   dtype: torch.dtype | None = None) -> TeacherCache:
+        """The same from (x, y, row index) batches in any order (a streaming loader's), ``rows`` in all."""
         from kdiga_core.data import pixels
 
         pin = device.type == "cuda"
         logits = grads = None
-        for start in range(0, len(x), batch_size):
-            xb = pixels(x[start:start + batch_size].to(device))
-            yb = y[start:start + batch_size].to(device)
-            z, g = teacher_outputs(teacher, xb, yb, need_grad=need_grad)
+        for xb, yb, index in batches:
+            z, g = teacher_outputs(teacher, pixels(xb.to(device)), yb.to(device), need_grad=need_grad)
             if logits is None:  # sized on the first batch: the class count comes from the teacher
-                logits = torch.empty((len(x), *z.shape[1:]), dtype=dtype or torch.float16, pin_memory=pin)
-                grads = (torch.empty((len(x), *g.shape[1:]), dtype=dtype or torch.bfloat16, pin_memory=pin)
+                logits = torch.empty((rows, *z.shape[1:]), dtype=dtype or torch.float16, pin_memory=pin)
+                grads = (torch.empty((rows, *g.shape[1:]), dtype=dtype or torch.bfloat16, pin_memory=pin)
                          if g is not None else None)
-            logits[start:start + len(z)] = z.to(logits.dtype).cpu()
+            index = index.cpu()
+            logits[index] = z.to(logits.dtype).cpu()
             if g is not None and grads is not None:
-                grads[start:start + len(g)] = g.to(grads.dtype).cpu()
+                grads[index] = g.to(grads.dtype).cpu()
         assert logits is not None
         return cls(logits, grads, device)
 

@@ -277,9 +277,7 @@ def train(
     # Without augmentation the teacher sees the same inputs every epoch: compute it once, where it fits.
     use_cache = cache_policy.plan(objective, obj_cfg, train_cfg, source, budget_bytes=teacher_cache_budget).use
     if use_cache:
-        x_rows, y_rows = source.rows()
-        distributed.precompute_teacher(objective, x_rows, y_rows, batch_size=max(256, train_cfg.batch_size),
-                                       ctx=ctx)
+        source.precompute_teacher(objective, batch_size=max(256, train_cfg.batch_size))
 
     started, session_steps = time.perf_counter(), 0
     for epoch in range(start_epoch, train_cfg.epochs):

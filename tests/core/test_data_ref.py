@@ -114,3 +114,36 @@ def test_distill_job_streams_webdataset_shards(tmp_path, teacher_path):
     assert info["layout"]["shards"] == {"train": 2, "test": 2}
     result = _distill(tmp_path, {**_ref(root.as_uri(), "webdataset"), **info, "name": "wds"}, teacher_path)
     assert result["report"]["points"]["per_class"] == {"circle": 4, "square": 4, "stripes": 4}
+
+
+def test_teacher_cache_on_a_streamed_folder_only_when_asked(folder, teacher_path, tmp_path, caplog):
+    import logging
+
+    from kdiga_core import distributed
+    from kdiga_core.batches import StreamingBatches
+    from kdiga_core.config import ObjectiveConfig, TrainConfig
+    from kdiga_core.models import create_model
+    from kdiga_core.objectives import build_objective
+    from kdiga_core.train import train
+
+    info = validate_reference(_ref(folder.as_uri()))
+    data = open_reference({**_ref(folder.as_uri()), **info, "name": "shapes"}, img_size=32, preset="none")
+    teacher = jobs.ModelInput(teacher_path, TEACHER_SPEC).load()
+    obj_cfg = ObjectiveConfig(method="kdiga", gamma=1.0, iga_mode="finite_difference")
+    with caplog.at_level(logging.INFO, logger="kdiga_core.cache_policy"):
+        for asked in (None, True):
+            cfg = TrainConfig(epochs=1, batch_size=16, device="cpu", loader_workers=1, cache_teacher=asked)
+            train(create_model("cnn_tiny", num_classes=3, in_chans=3, img_size=32), data, obj_cfg, cfg,
+                  teacher=teacher)
+    assert "teacher cache off on a dataset read in place" in caplog.text
+    assert "teacher cache on: " in caplog.text
+    # the streamed cache holds what the teacher says of each row, whatever order the loader read them in
+    cfg = TrainConfig(batch_size=16, device="cpu", loader_workers=1, cache_teacher=True)
+    source = StreamingBatches(data, cfg, torch.device("cpu"), distributed.context())
+    objective = build_objective(obj_cfg, create_model("cnn_tiny", num_classes=3, in_chans=3, img_size=32), teacher)
+    source.precompute_teacher(objective, batch_size=16)
+    x, y, rows = next(b for g in source.epoch(0, torch.Generator()) for b in g)
+    with torch.no_grad():
+        expected = teacher(x.float() / 255)
+    cached, _ = objective.cache.lookup(rows)
+    assert torch.allclose(cached, expected, atol=1e-2)
