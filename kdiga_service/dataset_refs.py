@@ -25,7 +25,10 @@ def normalise(uri: str) -> str | None:
     ``..`` segments are refused (None) rather than resolved, so a reference cannot climb out of
     a root by spelling.
     """
-    parts = urlsplit(uri.strip())
+    try:
+        parts = urlsplit(uri.strip())
+    except ValueError:  # e.g. an unbalanced '[' in the host
+        return None
     if not parts.scheme or parts.query or parts.fragment or "\\" in uri:
         return None
     path = parts.path or "/"

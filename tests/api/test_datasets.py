@@ -152,7 +152,7 @@ def test_reference_refused_while_no_roots_are_allowed(client, owner, settings, m
 
 
 @pytest.mark.parametrize("uri", ["file:///elsewhere/shapes", "file:///data/../etc", "s3://other/x", "not a url",
-                                 "file:///database"])
+                                 "file:///database", "s3://[bucket/sets", "file:///data/x?y=1"])
 def test_reference_outside_the_roots_is_refused(client, owner, settings, monkeypatch, uri):
     monkeypatch.setattr(settings, "dataset_roots", ["file:///data", "s3://bucket/sets"])
     r = client.post("/v1/datasets/reference", headers=owner, json={"uri": uri, "format": "webdataset"})
