@@ -103,13 +103,17 @@ class FolderImages(_ProcessFs, Dataset):
 
     def __init__(self, source: tuple[str, dict[str, Any]], items: list[tuple[str, int]], transform: Any):
         super().__init__(*source)
-        self.items, self.transform = items, transform
+        # two flat arrays, not a list of tuples: a few bytes per file, and forked loader workers share
+        # them (no per-object reference counts to write, so no copy-on-write copies)
+        self.paths = np.array([p.encode("utf-8") for p, _ in items], dtype=np.bytes_)
+        self.labels = np.array([y for _, y in items], dtype=np.int64)
+        self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int] | None:
-        path, label = self.items[i]
+        path, label = self.paths[i].decode("utf-8"), int(self.labels[i])
         try:
             return self.transform(_to_chw(bytes(self.fs.cat_file(path)))), label, i
         except (DataError, OSError):  # a file corrupted (or removed) since validation is skipped

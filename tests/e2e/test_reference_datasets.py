@@ -57,7 +57,8 @@ def service(tmp_path_factory, s3_endpoint):
     embedded = start_embedded(base / "home", port=0, env=env)
     try:
         api = flow.Api(embedded.url, embedded.admin_key)
-        yield {"api": api, "data": base / "data", "teacher_id": _teacher(api, base / "teacher.safetensors")}
+        yield {"api": api, "data": base / "data", "teacher_id": _teacher(api, base / "teacher.safetensors"),
+               "logs": base / "home" / "logs"}
     finally:
         embedded.stop()
 
@@ -115,6 +116,8 @@ def test_image_folder_by_reference_to_a_succeeded_job(service):
     report = api.ok(api.http.get(f"/v1/jobs/{done['id']}/report"))
     assert report["points"]["per_class"] == {c: 4 for c in CLASSES}
     assert 0.0 <= done["metrics"]["student_clean_accuracy"] <= 1.0
+    # the teacher-cache decision (and its estimate) is in the job's log
+    assert "teacher cache off: augmentation 'imagenet'" in (service["logs"] / "worker.log").read_text()
 
 
 def test_webdataset_shards_on_s3_to_a_succeeded_job(service):
