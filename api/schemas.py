@@ -194,13 +194,28 @@ class TrainConfigSchema(_Strict):
         default_factory=lambda: [0.5, 0.75], description="Fractions of total epochs (step schedule)."
     )
     step_gamma: float = 0.1
-    augment: bool = Field(default=False, description="Random crop (pad img_size//8) + horizontal flip.")
-    hflip: bool = Field(default=True, description="Only used when augment; off for digits-like data.")
+    augment: bool = Field(default=False, description="Random crop (pad img_size//8) + horizontal flip "
+                          "(the same as augmentation \"cifar\").")
+    hflip: bool = Field(default=True, description="Only used when augmenting; off for digits-like data.")
     seed: int = 0
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     bf16: bool = Field(default=True, description="bf16 autocast, only ever on CUDA.")
-    cache_teacher: bool = Field(
-        default=True, description="Cache teacher logits + input gradients when augment is off."
+    cache_teacher: bool | None = Field(
+        default=None, description="Cache teacher logits + input gradients (bf16, host memory) when the inputs "
+        "repeat (augmentation none): null = where it fits the server's budget on in-memory data; true also on "
+        "a dataset read in place; false never.",
+    )
+    augmentation: Literal["none", "cifar", "imagenet"] | None = Field(
+        default=None, description="cifar: pad-crop-flip; imagenet: RandomResizedCrop + flip (resize + center "
+        "crop to evaluate); none. null: cifar when augment, else none.",
+    )
+    img_size: int | None = Field(
+        default=None, ge=4, le=1024, description="A dataset by reference is resized and cropped to this "
+        "(default: the teacher's input size).",
+    )
+    loader_workers: int | None = Field(
+        default=None, ge=0, le=64, description="Loader processes for a dataset by reference (null: one per "
+        "core but one, at most 8).",
     )
 
 
@@ -281,6 +296,26 @@ class DatasetBuiltinCreate(_Strict):
 
     name: str | None = Field(default=None, max_length=200)
     builtin: str = Field(max_length=64, description="A built-in dataset: digits, cifar10 or cifar100.")
+    labels: Labels | None = None
+
+
+class DatasetReferenceCreate(_Strict):
+    """Register a dataset read in place (nothing copied) from a URL under one of `KDIGA_DATASET_ROOTS`."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "flowers", "uri": "file:///data/flowers", "format": "image_folder"},
+        {"name": "imagenet-shards", "uri": "s3://datasets/imagenet-wds", "format": "webdataset"},
+    ]})
+
+    name: str | None = Field(default=None, max_length=200)
+    uri: str = Field(
+        min_length=1, max_length=2000,
+        description="file:///folder or an fsspec URL (s3://bucket/prefix, ...) under an allowed data root.",
+    )
+    format: Literal["image_folder", "webdataset"] = Field(
+        description="image_folder: train/<class>/* and val/<class>/* (or test/); webdataset: tar shards of "
+        ".jpg|.png + .cls members under train/ and val/ (or named train-*.tar, val-*.tar).",
+    )
     labels: Labels | None = None
 
 
@@ -411,6 +446,11 @@ class DatasetPublic(_Public):
     error: str | None
     created_at: datetime
     labels: LabelsOut = Field(default_factory=dict)
+    uri: str | None = Field(default=None, description="Where a dataset by reference is read from.")
+    layout: dict[str, Any] | None = Field(
+        default=None, description="A dataset by reference: counts per split and class, image sizes seen, "
+        "corrupt files (what validation found).",
+    )
 
 
 class ArtifactPublic(_Public):

@@ -1,7 +1,8 @@
 """The benchmark harness: `python -m benchmarks.run [--quick] [--cases step,attack,api,flops] [--out BENCHMARKS.md]`.
 
-Cases: step, flops, attack, api (the default set, with layout and threads), demo, sse and ddp (1 vs 2
-gloo ranks; `python -m benchmarks.ddp_bench` is the same measurement on a GPU machine).
+Cases: step, flops, attack, api (the default set, with layout and threads), demo, sse, ddp (1 vs 2
+gloo ranks; `python -m benchmarks.ddp_bench` is the same measurement on a GPU machine) and data (the
+streaming input pipeline at 10k and 100k images; `python -m benchmarks.data_bench`).
 Other options: --threads N (torch intra-op threads), --step-budget-s S (start no new step row
 after S seconds), --models/--inputs/--repeats/--teacher (narrow the step case).
 
@@ -378,10 +379,25 @@ def case_ddp(args, log) -> str:
     ])
 
 
+def case_data(args, log) -> str:
+    """The streaming input pipeline (datasets by reference) at 10k and 100k images (--quick: 1k and 5k)."""
+    from benchmarks import data_bench
+
+    sizes = [1000, 5000] if args.quick else [10_000, 100_000]
+    result = data_bench.run(sizes, workers=1, batch=128, log=log)
+    return "\n".join([
+        "### data: streaming a CIFAR-shaped image folder by reference", "",
+        "32x32x3 PNGs in train/<class>/ (10 classes), validated, then one epoch through the job's loader "
+        "(DataLoader worker process, decode, preset cifar, batch 128) in a fresh process. Peak RSS of that "
+        "process should not grow with the set (importing torch and torchvision alone peaks near 0.9 GB here).", "",
+        data_bench.markdown(result),
+    ])
+
+
 CASES: dict[str, Callable[..., str]] = {
     "step": case_step, "flops": case_flops, "attack": case_attack, "api": case_api, "layout": case_layout,
     "threads": case_threads, "demo": case_demo, "precision": case_precision,
-    "compile": case_compile, "sse": case_sse, "ddp": case_ddp,
+    "compile": case_compile, "sse": case_sse, "ddp": case_ddp, "data": case_data,
 }
 DEFAULT_CASES = "step,flops,attack,api,layout,precision,compile,threads,demo,ddp"
 

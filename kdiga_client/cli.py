@@ -457,14 +457,20 @@ def _show_dataset(d: Dataset) -> None:
 def datasets_upload(
         path: Annotated[Path | None, typer.Argument(help="An .npz or image-folder .zip file.", dir_okay=False)] = None,
         builtin: Annotated[str | None, typer.Option(help="Register a built-in dataset instead, e.g. digits.")] = None,
+        uri: Annotated[str | None, typer.Option(help="Register a folder or bucket read in place instead "
+                                                     "(file:///data/set, s3://bucket/prefix).")] = None,
         name: Annotated[str | None, typer.Option(help="Display name.")] = None,
-        kind: Annotated[str | None, typer.Option(help="npz | image_folder_zip (default: from the suffix).")] = None,
+        kind: Annotated[str | None, typer.Option(help="npz | image_folder_zip (default: from the suffix); with "
+                                                      "--uri: image_folder | webdataset.")] = None,
         wait: WaitOpt = True, url: UrlOpt = None, api_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
-    """Upload a dataset file, or register a built-in one with --builtin."""
-    if (path is None) == (builtin is None):
-        raise _Fail("Give either a dataset file or --builtin NAME.")
+    """Upload a dataset file, register a built-in one with --builtin, or one read in place with --uri."""
+    if sum(x is not None for x in (path, builtin, uri)) != 1:
+        raise _Fail("Give either a dataset file, --builtin NAME or --uri URL.")
     with _client(url, api_key) as client:
-        if builtin is not None:
+        if uri is not None:
+            dataset = client.register_reference_dataset(name or uri.rstrip("/").rsplit("/", 1)[-1], uri,
+                                                        kind or "image_folder")
+        elif builtin is not None:
             dataset = client.register_builtin_dataset(name or builtin, builtin)
         else:
             assert path is not None

@@ -126,6 +126,8 @@ class Dataset(_Model):
     size_bytes: int | None = None
     error: str | None = None
     created_at: str | None = None
+    uri: str | None = None  # a dataset read in place
+    layout: dict[str, Any] | None = None  # what its validation found: counts, image sizes, corrupt files
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -417,6 +419,14 @@ class Client:
     def register_builtin_dataset(self, name: str, builtin: str, *, idempotency_key: str | None = None) -> Dataset:
         """Register a built-in dataset (e.g. `digits`) under `name` (POST /v1/datasets/builtin)."""
         return Dataset.from_dict(self._json("POST", "/v1/datasets/builtin", json={"name": name, "builtin": builtin},
+                                            headers=_idempotency(idempotency_key)))
+
+    def register_reference_dataset(self, name: str, uri: str, format: str, *,  # noqa: A002 - the API's field
+                                   idempotency_key: str | None = None) -> Dataset:
+        """Register a dataset read in place: `uri` (file:// or s3://..., under the server's KDIGA_DATASET_ROOTS),
+        `format` image_folder or webdataset (POST /v1/datasets/reference)."""
+        return Dataset.from_dict(self._json("POST", "/v1/datasets/reference",
+                                            json={"name": name, "uri": uri, "format": format},
                                             headers=_idempotency(idempotency_key)))
 
     def list_datasets(self, *, limit: int = 50, offset: int = 0) -> Page[Dataset]:

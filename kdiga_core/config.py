@@ -268,12 +268,25 @@ class TrainConfig(_FromDict):
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of total epochs (step schedule)
     step_gamma: float = 0.1
-    augment: bool = False  # random crop (pad img_size//8) + horizontal flip
-    hflip: bool = True  # only used when augment; off for digits-like data where flips change meaning
+    augment: bool = False  # random crop (pad img_size//8) + horizontal flip (= augmentation "cifar")
+    hflip: bool = True  # only used when augmenting; off for digits-like data where flips change meaning
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     bf16: bool = True  # bf16 autocast, only ever on CUDA
-    cache_teacher: bool = True  # cache teacher logits + input gradients when augment is off
+    # teacher logits + input gradients cached (bf16, host memory) when the inputs repeat: None = where it
+    # fits KDIGA_TEACHER_CACHE_BUDGET_BYTES on the in-memory path; True also asks for it on the streaming
+    # path; False never
+    cache_teacher: bool | None = None
+    # none | cifar (pad-crop-flip) | imagenet (RandomResizedCrop + flip; resize + center crop to evaluate);
+    # None: "cifar" when augment else "none"
+    augmentation: Literal["none", "cifar", "imagenet"] | None = None
+    img_size: int | None = None  # a dataset read in place is resized/cropped to this (default: the teacher's)
+    loader_workers: int | None = None  # streaming loader processes (None: one per core but one, at most 8)
+
+    @property
+    def preset(self) -> str:
+        """The augmentation preset in force (`augmentation`, else the legacy `augment` flag)."""
+        return self.augmentation or ("cifar" if self.augment else "none")
 
     def __post_init__(self) -> None:
         _check(1 <= self.epochs <= 10_000, "epochs must be between 1 and 10000.")
@@ -283,6 +296,11 @@ class TrainConfig(_FromDict):
         _check(self.optimizer in ("sgd", "adamw"), "optimizer must be one of: adamw, sgd.")
         _check(self.lr > 0, "lr must be positive.")
         _check(self.schedule in ("cosine", "step", "constant"), "schedule must be one of: constant, cosine, step.")
+        _check(self.augmentation in (None, "none", "cifar", "imagenet"),
+               "augmentation must be one of: cifar, imagenet, none.")
+        _check(self.img_size is None or 4 <= self.img_size <= 1024, "img_size must be between 4 and 1024 pixels.")
+        _check(self.loader_workers is None or 0 <= self.loader_workers <= 64,
+               "loader_workers must be between 0 and 64.")
         object.__setattr__(self, "step_milestones", tuple(float(m) for m in self.step_milestones))
 
 

@@ -314,9 +314,11 @@ def precompute_teacher(objective: Any, x: Tensor, y: Tensor, *, batch_size: int,
 
 
 def _all_gather_rows(part: Tensor, ctx: RankContext) -> Tensor:
-    parts = [torch.empty_like(part) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, part.contiguous())
-    return torch.cat(parts)
+    """Gather host rows (any dtype) through the backend's device in float32; back on the host as they were."""
+    sent = part.to(ctx.device, torch.float32).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, sent)
+    return torch.cat(parts).to(part.device, part.dtype)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -82,6 +82,8 @@ class JobInputs:
             lineage (`provenance.about`): ``{"job": {id, name}, "teacher": {id, name, source_job_id},
             "model": {id, name, source_job_id}, "dataset": {id, name, sha256, size_bytes},
             "service_version"}``, each part optional.
+        teacher_cache_budget_bytes: Host memory a training run's teacher cache may take
+            (`cache_policy`; None: its default).
     """
 
     dataset: dict[str, Any]
@@ -91,6 +93,7 @@ class JobInputs:
     allow_torchscript: bool = False
     teacher_cache_dir: Path | None = None
     about: dict[str, Any] | None = None
+    teacher_cache_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("model_dir", "teacher_cache_dir"):
@@ -133,12 +136,28 @@ def validate_teacher(path: str | Path, spec: dict[str, Any] | None,
 
 
 def validate_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
-    """Load a dataset once; return its summary (classes, shapes, split sizes)."""
+    """Load a dataset once; return its summary (classes, shapes, split sizes).
+
+    A dataset by reference (``uri``) is listed or streamed instead (`data_ref.validate_reference`):
+    its summary also holds the ``layout`` (counts per split and class, image sizes, corrupt files).
+    """
+    if dataset.get("uri"):
+        from kdiga_core.data_ref import validate_reference
+
+        return validate_reference(dataset)
     return load_data(dataset).summary()
 
 
-def load_data(dataset: dict[str, Any]) -> data_mod.DataBundle:
-    """`dataset` is `{"kind": digits|cifar10|cifar100|npz|image_folder_zip, "path": ..., "meta": {...}}`."""
+def load_data(dataset: dict[str, Any], *, img_size: int | None = None, preset: str = "none") -> Any:
+    """`dataset` is `{"kind": digits|cifar10|cifar100|npz|image_folder_zip, "path": ..., "meta": {...}}`
+    (a `DataBundle` in memory), or `{"kind": image_folder|webdataset, "uri": ..., "layout": ...}` (a
+    `data_stream.ReferenceData` read in place at ``img_size`` with the augmentation ``preset``)."""
+    if dataset.get("uri"):
+        from kdiga_core.data_stream import open_reference
+
+        if img_size is None:
+            raise KdigaError("A dataset by reference needs train.img_size (or a teacher whose input size it takes).")
+        return open_reference(dataset, img_size=img_size, preset=preset)
     meta = dict(dataset.get("meta") or {})
     return data_mod.load_dataset(dataset["kind"], dataset.get("path"), **meta)
 
@@ -272,10 +291,14 @@ def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, inputs: JobInp
 
 def _open(kind: str, spec: dict[str, Any], workdir: Path, inputs: JobInputs, hooks: JobHooks) -> _Job:
     workdir.mkdir(parents=True, exist_ok=True)
-    data = load_data(inputs.dataset)
     teacher = None
     if inputs.teacher is not None:
         teacher = inputs.teacher.load(allow_torchscript=inputs.allow_torchscript).eval()
+    train_cfg = TrainConfig.from_dict(spec.get("train"))
+    # a dataset read in place takes its size from the job (else the teacher's input size)
+    img_size = train_cfg.img_size or (teacher.spec.img_size if teacher is not None else None)
+    data = load_data(inputs.dataset, img_size=img_size, preset=train_cfg.preset)
+    if teacher is not None:
         _check_compatible(teacher.spec, data, "teacher")
     return _Job(kind, spec, workdir, inputs, hooks, data, teacher)
 
@@ -306,6 +329,8 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     train_cfg = TrainConfig.from_dict(job.spec.get("train"))
     student = _initial_student(job) or _build_student(job.spec.get("student") or {}, job.data)
     sweeping = objective.sweeps_gamma and teacher is not None
+    if sweeping and getattr(job.data, "streaming", False):
+        raise KdigaError("gamma \"auto\" needs a dataset held in memory; give a number for objective.gamma.")
     progress = JobProgress(job.hooks, train=True, sweep=sweeping,
                            eval_seconds=_expected(student, teacher, job, resolve_device(train_cfg.device)))
     sweep = _choose_gamma(student, teacher, objective, train_cfg, job, progress) if sweeping else None
@@ -313,7 +338,8 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
         objective = sweep.final_objective(objective)
     result = train(student, job.data, objective, train_cfg, teacher=teacher, on_step=progress,
                    should_cancel=job.hooks.should_cancel, checkpoint_dir=job.workdir / "checkpoint",
-                   on_checkpoint=job.hooks.on_checkpoint, resume=resume)
+                   on_checkpoint=job.hooks.on_checkpoint, resume=resume,
+                   teacher_cache_budget=job.inputs.teacher_cache_budget_bytes)
     # evaluated where it was trained (DDP: each rank its share of the points); the bundle export takes its
     # own CPU copy
     report = _report(result.model.eval(), teacher, job, progress)

@@ -138,29 +138,50 @@ class TeacherCache:
     """Teacher logits (and input gradients) for every training sample, indexed by sample id.
 
     Built in one pass in fixed order and batch size, so a resumed run reads exactly the values
-    an uninterrupted run reads (bit-identical resume).
+    an uninterrupted run reads (bit-identical resume). Kept in host memory (pinned on CUDA) in
+    16-bit floats by default — fp16 logits (their precision matters to KD), bf16 input gradients
+    (their range matters more) — never the whole set on the device; each batch's rows are copied
+    to the device when they are read (`kdiga_core.cache_policy` decides whether it fits at all).
     """
 
-    def __init__(self, logits: Tensor, grads: Tensor | None):
+    def __init__(self, logits: Tensor, grads: Tensor | None, device: torch.device | None = None):
         self.logits, self.grads = logits, grads
+        self.device = device if device is not None else logits.device
 
     @classmethod
     def build(cls, teacher: nn.Module, x: Tensor, y: Tensor, *, need_grad: bool, device: torch.device,
-              batch_size: int = 256) -> TeacherCache:
-        """Run the teacher over (x, y) in order and keep its outputs on `device`."""
-        logits, grads = [], []
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size].to(device)
-            yb = y[start:start + batch_size].to(device)
-            z, g = teacher_outputs(teacher, xb, yb, need_grad=need_grad)
-            logits.append(z)
-            if g is not None:
-                grads.append(g)
-        return cls(torch.cat(logits), torch.cat(grads) if grads else None)
+              batch_size: int = 256, dtype: torch.dtype | None = None) -> TeacherCache:
+        """Run the teacher over (x, y) in order on `device`; keep its outputs on the host in `dtype`
+        (None: fp16 logits, bf16 gradients)."""
+        batches = ((x[s:s + batch_size], y[s:s + batch_size], torch.arange(s, min(s + batch_size, len(x))))
+                   for s in range(0, len(x), batch_size))
+        return cls.build_from(teacher, batches, len(x), need_grad=need_grad, device=device, dtype=dtype)
+
+    @classmethod
+    def build_from(cls, teacher: nn.Module, batches: Any, rows: int, *, need_grad: bool, device: torch.device,
+                   dtype: torch.dtype | None = None) -> TeacherCache:
+        """The same from (x, y, row index) batches in any order (a streaming loader's), ``rows`` in all."""
+        from kdiga_core.data import pixels
+
+        pin = device.type == "cuda"
+        logits = grads = None
+        for xb, yb, index in batches:
+            z, g = teacher_outputs(teacher, pixels(xb.to(device)), yb.to(device), need_grad=need_grad)
+            if logits is None:  # sized on the first batch: the class count comes from the teacher
+                logits = torch.empty((rows, *z.shape[1:]), dtype=dtype or torch.float16, pin_memory=pin)
+                grads = (torch.empty((rows, *g.shape[1:]), dtype=dtype or torch.bfloat16, pin_memory=pin)
+                         if g is not None else None)
+            index = index.cpu()
+            logits[index] = z.to(logits.dtype).cpu()
+            if g is not None and grads is not None:
+                grads[index] = g.to(grads.dtype).cpu()
+        assert logits is not None
+        return cls(logits, grads, device)
 
     def lookup(self, index: Tensor) -> tuple[Tensor, Tensor | None]:
-        index = index.to(self.logits.device)
-        return self.logits[index], None if self.grads is None else self.grads[index]
+        rows = index.to(self.logits.device)
+        logits = self.logits[rows].to(self.device, non_blocking=True).float()
+        return logits, None if self.grads is None else self.grads[rows].to(self.device, non_blocking=True).float()
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -204,13 +225,15 @@ class Objective:
     def needs_teacher_grads(self) -> bool:
         return False
 
-    def precompute_teacher(self, x: Tensor, y: Tensor, *, batch_size: int = 256) -> None:
-        """Cache the teacher's outputs for the whole training set (only without augmentation)."""
+    def precompute_teacher(self, x: Tensor, y: Tensor, *, batch_size: int = 256,
+                           dtype: torch.dtype | None = None) -> None:
+        """Cache the teacher's outputs for the whole training set (only without augmentation), in host
+        memory (`TeacherCache`; `dtype` None: fp16 logits, bf16 gradients)."""
         if self.teacher is None:
             return
         device = next(self.student.parameters()).device
         self.cache = TeacherCache.build(self.teacher, x, y, need_grad=self.needs_teacher_grads(),
-                                        device=device, batch_size=batch_size)
+                                        device=device, batch_size=batch_size, dtype=dtype)
 
     def teacher_batch(self, x: Tensor, y: Tensor, index: Tensor | None, *, need_grad: bool) -> tuple[Tensor, Tensor | None]:
         """Teacher logits (and input gradients) for this batch, from the cache when possible."""

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from kdiga_core.config import AttackSpec, ObjectiveConfig, SweepConfig, TrainConfig
-from kdiga_core.data import DataBundle
+from kdiga_core.data import DataBundle, pixels
 from kdiga_core.errors import CancelledError, KdigaError
 from kdiga_core.evaluate import clean_accuracy, robust_accuracy, stratified_order
 from kdiga_core.train import train
@@ -108,7 +108,7 @@ class SweepData:
         keep, val = validation_split(data.y_train, n_val, cfg.seed)
         bundle = DataBundle(f"{data.name} (sweep training rows)", data.x_train[keep], data.y_train[keep],
                             data.x_train[val], data.y_train[val], data.num_classes, data.class_names)
-        return cls(bundle, data.x_train[val], data.y_train[val], val)
+        return cls(bundle, pixels(data.x_train[val]), data.y_train[val], val)  # uint8 storage -> floats
 
     def summary(self, cfg: SweepConfig) -> dict[str, Any]:
         counts = torch.bincount(self.y_val, minlength=self.train.num_classes).tolist()

@@ -30,10 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from kdiga_core import distributed
+from kdiga_core import cache_policy, distributed
+from kdiga_core.batches import as_input, batch_source
 from kdiga_core.config import ObjectiveConfig, TrainConfig
+from kdiga_core.data import pixels
 from kdiga_core.errors import CancelledError, KdigaError
-from kdiga_core.objectives import TEACHER_METHODS, build_objective
+from kdiga_core.objectives import build_objective
 
 __all__ = ["TrainResult", "train", "resolve_device", "lr_at", "save_checkpoint", "load_checkpoint"]
 
@@ -215,12 +217,14 @@ def train(
     on_checkpoint: Callable[[Path], None] | None = None,
     resume: bool = False,
     stop_after_epoch: int | None = None,
+    teacher_cache_budget: int | None = None,
 ) -> TrainResult:
     """Train `student` on `data.x_train`/`data.y_train` with the objective `obj_cfg.method`.
 
     Args:
         student: model taking [0, 1] pixels; trained in place (and moved to the device).
-        data: a `DataBundle` (anything with x_train, y_train tensors).
+        data: a `DataBundle` (x_train, y_train tensors; uint8 or float pixels) or a dataset read in
+            place (`data_stream.ReferenceData`, streamed); `batches.batch_source` picks the path.
         obj_cfg: the loss and its hyperparameters.
         train_cfg: epochs, optimizer, schedule, batch size, seed, device.
         teacher: frozen teacher for kd/kdiga/ard/rslad.
@@ -232,6 +236,7 @@ def train(
         stop_after_epoch: return after this epoch of the schedule (the schedule still spans
             `train_cfg.epochs`); with `checkpoint_dir` and `resume`, a later call continues it.
             The γ sweep uses this to score trials at the rungs of successive halving.
+        teacher_cache_budget: host bytes the teacher cache may take (`cache_policy`; None: its default).
 
     Returns:
         TrainResult with the student in eval mode and per-epoch history.
@@ -253,11 +258,8 @@ def train(
     objective = build_objective(obj_cfg, model, teacher, generator=generator)
     optimizer = _make_optimizer(student, train_cfg)
 
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    n = len(x_train)
-    if n == 0:
-        raise KdigaError("The training split is empty.")
-    steps_per_epoch = distributed.steps_per_epoch(n, train_cfg, ctx)
+    source = batch_source(data, train_cfg, device=device, ctx=ctx)  # in memory, or a streaming DataLoader
+    steps_per_epoch = source.steps_per_epoch
     total_steps = train_cfg.epochs * steps_per_epoch
     lr_scale = distributed.lr_scale(train_cfg, ctx.world_size)
     history: list[dict[str, float]] = []
@@ -272,12 +274,10 @@ def train(
             log.info("resuming from epoch %d (step %d)", start_epoch, global_step)
     resumed_from = global_step
 
-    # Without augmentation the teacher sees the same inputs every epoch: compute it once.
-    use_cache = (teacher is not None and train_cfg.cache_teacher and not train_cfg.augment
-                 and obj_cfg.method in TEACHER_METHODS)
+    # Without augmentation the teacher sees the same inputs every epoch: compute it once, where it fits.
+    use_cache = cache_policy.plan(objective, obj_cfg, train_cfg, source, budget_bytes=teacher_cache_budget).use
     if use_cache:
-        distributed.precompute_teacher(objective, x_train, y_train, batch_size=max(256, train_cfg.batch_size),
-                                       ctx=ctx)
+        source.precompute_teacher(objective, batch_size=max(256, train_cfg.batch_size))
 
     started, session_steps = time.perf_counter(), 0
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -289,8 +289,7 @@ def train(
         correct = torch.zeros((), device=device)
         seen = micro = 0
         distributed.seed_epoch(generator, seed=train_cfg.seed, epoch=epoch, ctx=ctx)
-        order = distributed.epoch_order(n, epoch=epoch, seed=train_cfg.seed, generator=generator, ctx=ctx)
-        for step, micro_batches in enumerate(distributed.accumulation_groups(order, train_cfg), start=1):
+        for step, micro_batches in enumerate(source.epoch(epoch, generator), start=1):
             if distributed.agree(should_cancel, ctx):  # rank 0 asks, every rank stops at this step
                 raise CancelledError("Training was cancelled.")
             lr = lr_at(train_cfg, global_step, total_steps) * lr_scale
@@ -298,11 +297,11 @@ def train(
                 group["lr"] = lr
 
             optimizer.zero_grad(set_to_none=True)
-            for i, index in enumerate(micro_batches):
+            for i, (x, y, index) in enumerate(micro_batches):
                 with distributed.sync_on(model, last=i == len(micro_batches) - 1):  # DDP: one all-reduce a step
-                    out, y = _micro_step(objective, x_train, y_train, index.to(device), train_cfg, generator,
-                                         progress=global_step / total_steps, cached=use_cache,
-                                         scale=len(micro_batches))
+                    out = _micro_step(objective, source, x, y, index, train_cfg, generator,
+                                      progress=min(1.0, global_step / total_steps),
+                                      cached=use_cache, scale=len(micro_batches))
                 # keep running sums on the device: no host sync unless someone listens per step
                 parts = {k: v.detach() if isinstance(v, Tensor) else v for k, v in out.items() if k != "logits"}
                 for key, v in parts.items():
@@ -318,7 +317,7 @@ def train(
                 on_step({
                     "phase": "train", "epoch": epoch + 1, "epochs": train_cfg.epochs, "step": step,
                     "steps_per_epoch": steps_per_epoch, "global_step": global_step, "total_steps": total_steps,
-                    "percent": 100.0 * global_step / total_steps,
+                    "percent": min(100.0, 100.0 * global_step / total_steps),
                     "eta_s": elapsed / session_steps * (total_steps - global_step), "lr": lr,
                     **{k: float(v) for k, v in parts.items()},
                 })
@@ -343,18 +342,11 @@ def train(
                        seconds=seconds_before + time.perf_counter() - started, resumed_from_step=resumed_from)
 
 
-def _micro_step(objective: Any, x_train: Tensor, y_train: Tensor, index: Tensor, train_cfg: TrainConfig,
-                generator: torch.Generator, *, progress: float, cached: bool,
-                scale: int) -> tuple[dict[str, Any], Tensor]:
+def _micro_step(objective: Any, source: Any, x: Tensor, y: Tensor, index: Tensor | None, train_cfg: TrainConfig,
+                generator: torch.Generator, *, progress: float, cached: bool, scale: int) -> dict[str, Any]:
     """Forward and backward of one micro-batch; the loss is divided by the micro-batches of its step."""
-    x, y = x_train[index], y_train[index]
-    if train_cfg.augment:
-        from kdiga_core.data import augment_batch
-
-        x = augment_batch(x, generator, pad=max(1, x.shape[-1] // 8), hflip=train_cfg.hflip)
-    if x.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = as_input(source.augment(pixels(x), generator))  # uint8 rows become floats here, on the device
     with _autocast(x.device, train_cfg):
         out = objective(x, y, progress=progress, index=index if cached else None)
     (out["loss"] / scale if scale > 1 else out["loss"]).backward()
-    return out, y
+    return out

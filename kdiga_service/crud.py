@@ -177,10 +177,10 @@ def set_dataset_validated(
     session: Session, dataset_id: str, *, info: dict[str, Any] | None = None, error: str | None = None
 ) -> bool:
     """Worker: mark a dataset ready with `info` (num_classes, class_names, input_shape, train_size,
-    test_size) or invalid with one sentence; commits."""
-    allowed = {"num_classes", "class_names", "input_shape", "train_size", "test_size"}
+    test_size; a dataset by reference also its layout) or invalid with one sentence; commits."""
+    allowed = {"num_classes", "class_names", "input_shape", "train_size", "test_size", "layout"}
     values: dict[str, Any] = {k: v for k, v in (info or {}).items() if k in allowed}
-    if "input_shape" in values:
+    if values.get("input_shape") is not None:  # None: a reference of mixed image sizes (the job's img_size decides)
         values["input_shape"] = list(values["input_shape"])
     if "class_names" in values and values["class_names"] is not None:
         values["class_names"] = list(values["class_names"])

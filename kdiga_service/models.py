@@ -143,7 +143,7 @@ class Dataset(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    kind: Mapped[str] = mapped_column(String(32))  # npz | image_folder_zip | builtin
+    kind: Mapped[str] = mapped_column(String(32))  # npz | image_folder_zip | builtin | image_folder | webdataset
     builtin: Mapped[str | None] = mapped_column(String(64), default=None)
     status: Mapped[str] = mapped_column(String(16), default=VALIDATING)
     storage_key: Mapped[str | None] = mapped_column(String(512), default=None)
@@ -156,6 +156,10 @@ class Dataset(Base):
     test_size: Mapped[int | None] = mapped_column(Integer, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     labels: Mapped[dict[str, Any] | None] = mapped_column(default=dict)  # {key: value}, api/labels.py
+    # A dataset by reference (image_folder, webdataset): where it is read from, nothing copied, and
+    # what validation found there (counts per split and class, image sizes, corrupt files).
+    uri: Mapped[str | None] = mapped_column(Text, default=None)
+    layout: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # When its task was last sent to the broker: the sweeper re-sends a task that nobody took
     # (an API crash between commit and publish, a broker that lost its data).

@@ -75,6 +75,26 @@ class Settings(BaseSettings):
     data_dir: Path | None = Field(
         default=None, description="Where built-in datasets (CIFAR) are found; default: HOME/data."
     )
+    dataset_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URL prefixes datasets may be registered by reference under (`file:///data`, "
+        "`s3://bucket/prefix`; comma-separated); empty: references are refused.",
+    )
+    dataset_max_corrupt_fraction: float = Field(
+        default=0.01, ge=0, le=1,
+        description="A referenced dataset with more undecodable images than this fraction is invalid "
+        "(fewer are reported and skipped).",
+    )
+    dataset_validate_max_images: int = Field(
+        default=20_000, ge=1,
+        description="Validation of a referenced dataset decodes at most this many images (evenly spread); "
+        "every file is listed and counted.",
+    )
+    teacher_cache_budget_bytes: int = Field(
+        default=2 * 1024**3, ge=0,
+        description="Host memory the cached teacher outputs (logits + input gradients, bf16) of one job may "
+        "take; a set that needs more is not cached (the estimate goes to the job log).",
+    )
     cache_dir: Path | None = Field(
         default=None, description="A worker's local cache (teacher evaluations); default: HOME/cache."
     )
@@ -198,7 +218,7 @@ class Settings(BaseSettings):
         default=False, description="Mark the console's cookie Secure (set it when the API is behind HTTPS)."
     )
 
-    @field_validator("webhook_allowed_hosts", mode="before")
+    @field_validator("webhook_allowed_hosts", "dataset_roots", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
         """A JSON list or a comma-separated string (the usual way to write a list in an env var)."""

@@ -88,6 +88,9 @@ def service_version() -> str:
 
 
 def dataset_input(dataset: Dataset, s: Settings, store: ArtifactStore, stack: ExitStack) -> dict[str, Any]:
+    """What `kdiga_core.jobs.load_data` reads: a local file, a built-in's folder, or a reference's URL."""
+    if dataset.uri:
+        return reference_input(dataset, s)
     if dataset.kind == "builtin" or (dataset.builtin and not dataset.storage_key):
         root = str(getattr(s, "data_dir", None) or s.home / "data")
         return {"kind": dataset.builtin, "path": root if dataset.builtin != "digits" else None}
@@ -97,6 +100,21 @@ def dataset_input(dataset: Dataset, s: Settings, store: ArtifactStore, stack: Ex
         raise KdigaError("The dataset has no stored file.")
     path = stack.enter_context(store.local_path(dataset.storage_key))
     return {"kind": dataset.kind, "path": str(path)}
+
+
+def reference_input(dataset: Dataset, s: Settings) -> dict[str, Any]:
+    """A dataset read in place: its URL (checked against today's roots), fsspec options, and what
+    validation recorded (class names, split sizes, corrupt files, a webdataset's test labels)."""
+    from kdiga_core.errors import KdigaError
+    from kdiga_service.dataset_refs import check_reference, storage_options
+
+    uri = dataset.uri or ""
+    if problem := check_reference(uri, s.dataset_roots):
+        raise KdigaError(problem)
+    return {"kind": dataset.kind, "uri": uri, "storage_options": storage_options(uri, s),
+            "layout": dict(dataset.layout or {}), "name": dataset.name,
+            "max_corrupt_fraction": s.dataset_max_corrupt_fraction,
+            "validate_max_images": s.dataset_validate_max_images}
 
 
 def _download_model_bundle(session: Session, store: ArtifactStore, source_job_id: str, dest: Path) -> Path:

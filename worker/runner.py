@@ -159,7 +159,8 @@ def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Report
         initial = core_jobs.ModelInput(inputs["student_path"], inputs["student_spec"])
     job_inputs = core_jobs.JobInputs(
         dataset=inputs["dataset"], teacher=teacher, model_dir=inputs.get("model_dir"), initial_student=initial,
-        allow_torchscript=s.allow_torchscript, teacher_cache_dir=teacher_cache_dir(s), about=inputs.get("about"))
+        allow_torchscript=s.allow_torchscript, teacher_cache_dir=teacher_cache_dir(s), about=inputs.get("about"),
+        teacher_cache_budget_bytes=s.teacher_cache_budget_bytes)
     hooks = core_jobs.JobHooks(on_step=reporter.on_step, should_cancel=reporter.should_cancel,
                                on_checkpoint=on_checkpoint, time_left=lambda: deadline - time.monotonic())
     return core_jobs.run_job(job.kind, dict(job.spec or {}), workdir, job_inputs, hooks, resume=resume)

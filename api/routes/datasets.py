@@ -1,8 +1,9 @@
-"""Datasets: upload (npz / image-folder zip), register a built-in; list; read; delete.
+"""Datasets: upload (npz / image-folder zip), register a built-in or a folder by reference; list; read; delete.
 
-Two operations, one body type each (`POST /v1/datasets` multipart, `POST /v1/datasets/builtin`
-JSON): an operation that declares two request bodies breaks generated clients (issue 17).
-A JSON body sent to `POST /v1/datasets` is still accepted, as before, and documented as deprecated.
+Three operations, one body type each (`POST /v1/datasets` multipart, `POST /v1/datasets/builtin` and
+`POST /v1/datasets/reference` JSON): an operation that declares two request bodies breaks generated
+clients (issue 17). A JSON body sent to `POST /v1/datasets` is still accepted (a built-in, or a
+reference when it has a `uri`) and documented as deprecated.
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ from api.routes._common import (
 )
 from api.routes.teachers import upload_digest
 from api.routing import KdigaRoute
-from api.schemas import DatasetBuiltinCreate, DatasetPublic, DatasetUploadMetadata, Page
+from api.schemas import (
+    DatasetBuiltinCreate,
+    DatasetPublic,
+    DatasetReferenceCreate,
+    DatasetUploadMetadata,
+    Page,
+)
 from api.uploads import check_dataset_zip, is_multipart, receive_upload
 from kdiga_service import crud
 from kdiga_service.catalog import check_name
+from kdiga_service.dataset_refs import check_reference, normalise
 from kdiga_service.models import Dataset
 from kdiga_service.queue import VALIDATE_DATASET, validation_queue
 from kdiga_service.settings import Settings
@@ -60,8 +68,9 @@ Send `multipart/form-data` with a `file` part and an optional `metadata` part ho
 
 {NPZ_KEYS}
 
-To register a built-in dataset use `POST /v1/datasets/builtin`. *Deprecated*: a JSON body
-`{{"builtin": "digits"}}` sent here is still accepted and does the same.
+To register a built-in dataset use `POST /v1/datasets/builtin`; to register a folder or bucket read in
+place, `POST /v1/datasets/reference`. *Deprecated*: a JSON body (`{{"builtin": "digits"}}`, or one with a
+`uri`) sent here is still accepted and does the same.
 """
 
 UPLOAD_BODY: dict[str, Any] = {
@@ -170,6 +179,23 @@ async def _builtin_dataset(
     return await to_thread.run_sync(_insert, session, row, response)
 
 
+async def _reference_dataset(
+    body: DatasetReferenceCreate, owner_id: str, session: Session, settings: Settings, response: Response,
+    idempotency_key: str | None,
+) -> Dataset:
+    if problem := check_reference(body.uri, settings.dataset_roots):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
+    uri = normalise(body.uri) or body.uri
+    digest = request_digest({"kind": "reference", **body.model_dump(mode="json"), "uri": uri})
+    if earlier := await to_thread.run_sync(find_replay, session, Dataset, owner_id, idempotency_key):
+        return replay(earlier, digest, idempotency_key or "", response)  # type: ignore[no-any-return]
+    # nothing is copied and no storage_key is set: deleting the row never deletes the operator's data
+    row = Dataset(owner_id=owner_id, name=body.name or uri.rsplit("/", 1)[-1][:200] or body.format,
+                  kind=body.format, uri=uri, labels=body.labels or {}, idempotency_key=idempotency_key,
+                  request_hash=digest)
+    return await to_thread.run_sync(_insert, session, row, response)
+
+
 async def _queue(session: Session, settings: Settings, store: ArtifactStore, row: Dataset, response: Response) -> None:
     if response.status_code != status.HTTP_200_OK:  # a replay was queued by the first request
         await publish_or_undo_async(session, settings, row, task=VALIDATE_DATASET,
@@ -186,10 +212,16 @@ async def create_dataset(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if is_multipart(request):
         row = await _stored_dataset(request, owner.id, session, settings, store, response, idempotency_key)
-    elif content_type == "application/json":  # the deprecated form of POST /v1/datasets/builtin
-        body = parse_json_field(await request.body(), DatasetBuiltinCreate, max_bytes=settings.max_json_bytes,
-                                what="The request body")
-        row = await _builtin_dataset(body, owner.id, session, response, idempotency_key)
+    elif content_type == "application/json":  # the deprecated form of POST /v1/datasets/builtin|reference
+        raw = await request.body()
+        if b'"uri"' in raw:
+            ref = parse_json_field(raw, DatasetReferenceCreate, max_bytes=settings.max_json_bytes,
+                                   what="The request body")
+            row = await _reference_dataset(ref, owner.id, session, settings, response, idempotency_key)
+        else:
+            body = parse_json_field(raw, DatasetBuiltinCreate, max_bytes=settings.max_json_bytes,
+                                    what="The request body")
+            row = await _builtin_dataset(body, owner.id, session, response, idempotency_key)
     else:
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, NOT_DATASET_BODY)
     await _queue(session, settings, store, row, response)
@@ -204,6 +236,20 @@ async def create_builtin_dataset(
 ) -> Dataset:
     """Register a built-in dataset by name (digits, cifar10, cifar100); the worker checks it is there."""
     row = await _builtin_dataset(body, owner.id, session, response, idempotency_key)
+    await _queue(session, settings, store, row, response)
+    return row
+
+
+@router.post("/reference", status_code=status.HTTP_202_ACCEPTED, response_model=DatasetPublic,
+             responses={**UPLOAD_RESPONSES, **error_responses(409, 413, 503)})
+async def create_reference_dataset(
+    body: DatasetReferenceCreate, response: Response, owner: CurrentOwner, session: SessionDep,
+    settings: SettingsDep, store: StorageDep, idempotency_key: IdempotencyKey = None,
+) -> Dataset:
+    """Register a dataset read in place from `uri` (file:// or s3://..., under `KDIGA_DATASET_ROOTS`);
+    nothing is copied. The worker lists it and decodes a sample: class names, counts per split and
+    class, image sizes and corrupt files land in `layout`."""
+    row = await _reference_dataset(body, owner.id, session, settings, response, idempotency_key)
     await _queue(session, settings, store, row, response)
     return row
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdiga_core.data import DataBundle
+from kdiga_core.data import DataBundle, pixels
 
 
 @dataclass(frozen=True)
@@ -75,4 +75,5 @@ def _rank_within_class(labels: Tensor) -> Tensor:
 def evaluation_points(data: DataBundle, max_points: int, seed: int = 0) -> EvalPoints:
     """A seeded, class-stratified sample of at most ``max_points`` test points (`stratified_order`)."""
     index = stratified_order(data.y_test, seed)[:max_points]
-    return EvalPoints(data.x_test[index], data.y_test[index], index, int(seed))
+    # pixels(): uint8 storage becomes floats; a dataset read in place decodes only these rows
+    return EvalPoints(pixels(data.x_test[index]), data.y_test[index], index, int(seed))

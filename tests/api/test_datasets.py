@@ -140,3 +140,40 @@ def test_delete_dataset(client, owner, other):
     assert r.json() == {
         "detail": f"Dataset '{busy}' is used by an active job; cancel the job or wait for it to finish."
     }
+
+
+def test_reference_refused_while_no_roots_are_allowed(client, owner, settings, monkeypatch):
+    from kdiga_service.dataset_refs import NO_ROOTS
+
+    monkeypatch.setattr(settings, "dataset_roots", [])
+    r = client.post("/v1/datasets/reference", headers=owner,
+                    json={"uri": "file:///data/shapes", "format": "image_folder"})
+    assert r.status_code == 422 and r.json()["detail"] == NO_ROOTS
+
+
+@pytest.mark.parametrize("uri", ["file:///elsewhere/shapes", "file:///data/../etc", "s3://other/x", "not a url",
+                                 "file:///database", "s3://[bucket/sets", "file:///data/x?y=1"])
+def test_reference_outside_the_roots_is_refused(client, owner, settings, monkeypatch, uri):
+    monkeypatch.setattr(settings, "dataset_roots", ["file:///data", "s3://bucket/sets"])
+    r = client.post("/v1/datasets/reference", headers=owner, json={"uri": uri, "format": "webdataset"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("The dataset uri ")
+
+
+def test_reference_under_a_root_is_registered_without_a_copy(client, owner, settings, monkeypatch, tmp_path):
+    folder = tmp_path / "shapes"
+    (folder / "train" / "a").mkdir(parents=True)
+    (folder / "train" / "a" / "x.png").write_bytes(b"keep me")
+    monkeypatch.setattr(settings, "dataset_roots", [tmp_path.as_uri(), "s3://bucket/sets"])
+    r = client.post("/v1/datasets/reference", headers=owner,
+                    json={"uri": folder.as_uri() + "/", "format": "image_folder", "name": "shapes"})
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["kind"], body["uri"], body["status"], body["storage_key"] if "storage_key" in body else None) == (
+        "image_folder", folder.as_uri(), "validating", None)
+    # the deprecated JSON form of POST /v1/datasets takes a reference too (it has a uri)
+    old = client.post("/v1/datasets", headers=owner, json={"uri": "s3://bucket/sets/wds", "format": "webdataset"})
+    assert old.status_code == 202 and old.json()["kind"] == "webdataset" and old.json()["name"] == "wds"
+    # deleting the row never deletes the operator's data
+    assert client.delete(f"/v1/datasets/{body['id']}", headers=owner).status_code == 204
+    assert (folder / "train" / "a" / "x.png").read_bytes() == b"keep me"

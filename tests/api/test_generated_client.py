@@ -86,6 +86,9 @@ def _call_every_operation(ops: dict, tc: TestClient, url: str) -> None:
     upload = _body_class(ops["create_dataset"])(file=types.File(payload=io.BytesIO(_npz()), file_name="d.npz"),
                                                 metadata=json.dumps({"name": "up"}))
     uploaded = call("create_dataset", 202, body=upload)
+    # this server allows no dataset roots: a reference is refused with the one error model
+    call("create_reference_dataset", 422,
+         body=models.DatasetReferenceCreate.from_dict({"uri": "file:///data/x", "format": "image_folder"}))
     teacher_body = _body_class(ops["create_teacher"])(
         file=types.File(payload=io.BytesIO(safetensors_bytes()), file_name="t.safetensors"),
         metadata=json.dumps({"arch": "cnn_tiny", "num_classes": 10, "in_chans": 1, "img_size": 8}))

@@ -124,7 +124,8 @@ def test_npz_uint8_nhwc_is_scaled_and_transposed(tmp_path):
     bundle = D.load_npz(_save_npz(tmp_path / "d.npz", **arrays))
     assert bundle.x_train.shape == (12, 3, 8, 8) and bundle.num_classes == 3
     expected = torch.from_numpy(arrays["x_train"].transpose(0, 3, 1, 2) / 255.0).float()
-    assert torch.allclose(bundle.x_train, expected)
+    assert bundle.x_train.dtype == torch.uint8  # kept 8-bit: 4x smaller than float32
+    assert torch.allclose(D.pixels(bundle.x_train), expected)
 
 
 def test_npz_float_nchw_with_metadata(tmp_path):
