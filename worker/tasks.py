@@ -12,8 +12,10 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Task
 from celery.signals import worker_process_init
 
+from kdiga_service.models import Dataset, Teacher
 from kdiga_service.queue import JOIN_JOB, RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER
-from worker import runner, validation
+from kdiga_service.settings import get_settings
+from worker import deliveries, runner, validation
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -21,10 +23,24 @@ log = logging.getLogger(__name__)
 
 @worker_process_init.connect
 def _after_fork(**_kwargs) -> None:
-    """A forked pool process must not reuse the parent's database connections."""
+    """A forked pool process must not reuse the parent's database connections, and its intra-op
+    threads are its share of the cores (`KDIGA_WORKER_THREADS`, set by `worker.launcher`)."""
     from kdiga_service.db import dispose_engines
 
     dispose_engines()
+    apply_thread_share()
+
+
+def apply_thread_share() -> int | None:
+    """torch.set_num_threads(worker_threads): a process using every core beside others makes each
+    job 10-30x slower on a busy machine (issue 17.9). Imported here, after the fork (no CUDA)."""
+    threads = get_settings().worker_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        log.info("intra-op threads set", extra={"threads": threads})
+    return threads
 
 
 class JobTask(Task):
@@ -56,11 +72,15 @@ def join_job(job_id: str, rendezvous_id: str) -> str:
 
 @app.task(name=VALIDATE_TEACHER, acks_late=True, reject_on_worker_lost=True)
 def validate_teacher(teacher_id: str) -> str:
-    """Load an uploaded teacher once and mark it ready or invalid."""
+    """Load an uploaded teacher once and mark it ready or invalid (invalid too past the delivery cap)."""
+    if deliveries.over_cap(Teacher, teacher_id):
+        return "failed"
     return validation.validate_teacher(teacher_id).status
 
 
 @app.task(name=VALIDATE_DATASET, acks_late=True, reject_on_worker_lost=True)
 def validate_dataset(dataset_id: str) -> str:
-    """Load a dataset once and record its summary, or why it is invalid."""
+    """Load a dataset once and record its summary, or why it is invalid (invalid too past the delivery cap)."""
+    if deliveries.over_cap(Dataset, dataset_id):
+        return "failed"
     return validation.validate_dataset(dataset_id).status
