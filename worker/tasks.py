@@ -10,7 +10,7 @@ import logging
 
 from billiard.exceptions import TimeLimitExceeded
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import task_prerun, worker_process_init
 
 from kdiga_service.models import Dataset, Teacher
 from kdiga_service.queue import JOIN_JOB, RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER
@@ -23,23 +23,25 @@ log = logging.getLogger(__name__)
 
 @worker_process_init.connect
 def _after_fork(**_kwargs) -> None:
-    """A forked pool process must not reuse the parent's database connections, and its intra-op
-    threads are its share of the cores (`KDIGA_WORKER_THREADS`, set by `worker.launcher`)."""
+    """A forked pool process must not reuse the parent's database connections."""
     from kdiga_service.db import dispose_engines
 
     dispose_engines()
-    apply_thread_share()
 
 
-def apply_thread_share() -> int | None:
-    """torch.set_num_threads(worker_threads): a process using every core beside others makes each
-    job 10-30x slower on a busy machine (issue 17.9). Imported here, after the fork (no CUDA)."""
+@task_prerun.connect
+def apply_thread_share(**_kwargs) -> int | None:
+    """torch.set_num_threads(KDIGA_WORKER_THREADS, set by `worker.launcher`) before a task runs: a
+    process using every core beside others makes each job 10-30x slower on a busy machine (issue
+    17.9). Not at pool-process start: importing torch there outlasts Celery's wait for a new pool
+    process (4 s) on a busy machine, and the process is killed."""
     threads = get_settings().worker_threads
     if threads:
-        import torch
+        import torch  # the task imports it anyway
 
-        torch.set_num_threads(threads)
-        log.info("intra-op threads set", extra={"threads": threads})
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            log.info("intra-op threads set", extra={"threads": threads})
     return threads
 
 
