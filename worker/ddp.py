@@ -38,7 +38,7 @@ from kdiga_service.settings import Settings
 from kdiga_service.storage import get_storage
 from worker import gang
 from worker.checkpoints import download_checkpoint
-from worker.common import Outcome, scratch_dir, session_for
+from worker.common import Outcome, internal_failure, scratch_dir, session_for
 from worker.inputs import prepare_inputs
 from worker.torchrun import Launch, Rendezvous, advertised_host, free_port, rank_env
 
@@ -94,7 +94,7 @@ def run_on_devices(job: Job, s: Settings, me: str) -> Outcome:
         return _fail(job, s, me, str(exc))
     except Exception as exc:  # noqa: BLE001 - recorded on the row (never left running), traceback in the log
         log.exception("job on several devices failed with an internal error", extra={"job_id": job.id})
-        return _fail(job, s, me, f"The job failed with an internal error ({type(exc).__name__}: {exc}).")
+        return _fail(job, s, me, internal_failure(exc, job.id))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
