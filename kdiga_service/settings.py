@@ -179,6 +179,11 @@ class Settings(BaseSettings):
         ge=1,
         description="A validation whose worker died this many times (killed, out of memory) ends the upload `invalid`.",
     )
+    checkpoint_retention_days: float = Field(
+        default=7.0,
+        ge=0,
+        description="Checkpoints of ended jobs (succeeded, failed, cancelled) are deleted this long after the end; 0: at the next sweep.",
+    )
     worker_threads: int | None = Field(
         default=None,
         ge=1,

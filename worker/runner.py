@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -45,10 +44,10 @@ from worker.common import (
     free_accelerator_memory,
     internal_failure,
     jsonable,
-    scratch_dir,
     session_for,
 )
 from worker.inputs import prepare_inputs, teacher_cache_dir
+from worker.leftovers import make_scratch
 from worker.outputs import register_teacher, store_artifacts
 from worker.ownership import owner_is_dead, worker_identity
 from worker.progress import Reporter
@@ -112,7 +111,7 @@ def _claim(session: Session, job: Job, me: str, s: Settings) -> tuple[Job | None
 def _execute(job: Job, s: Settings, me: str) -> Outcome:
     store = get_storage(s)
     reporter = Reporter(job.id, me, s)
-    workdir = Path(tempfile.mkdtemp(prefix=f"kdiga-job-{job.id[:8]}-", dir=scratch_dir(s)))
+    workdir = make_scratch(s, f"kdiga-job-{job.id[:8]}-")
     from kdiga_core.errors import CancelledError, KdigaError
 
     try:

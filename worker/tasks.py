@@ -10,12 +10,12 @@ import logging
 
 from billiard.exceptions import TimeLimitExceeded
 from celery import Task
-from celery.signals import task_prerun, worker_process_init
+from celery.signals import task_prerun, worker_process_init, worker_ready
 
 from kdiga_service.models import Dataset, Teacher
 from kdiga_service.queue import JOIN_JOB, RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER
 from kdiga_service.settings import get_settings
-from worker import deliveries, runner, validation
+from worker import deliveries, leftovers, runner, validation
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,18 @@ def _after_fork(**_kwargs) -> None:
     from kdiga_service.db import dispose_engines
 
     dispose_engines()
+
+
+@worker_ready.connect
+def _sweep_at_start(**_kwargs) -> None:
+    """Remove scratch folders that attempts killed with an earlier worker left behind."""
+    leftovers.sweep_now_and_then(get_settings())
+
+
+@task_prerun.connect
+def _sweep_before_task(**_kwargs) -> None:
+    """...and those of pool processes killed since (at most once a minute per process)."""
+    leftovers.sweep_now_and_then(get_settings())
 
 
 @task_prerun.connect
