@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 
 from kdiga_launcher.embedded_redis import EmbeddedRedis, restore_orphaned_messages
+from kdiga_service.cpus import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def worker_threads(workers: int, cpus: int | None = None) -> int:
     if omp.isdigit() and int(omp) > 0:  # the operator already chose
         return int(omp)
     processes = workers + 1 if workers else 1
-    return max(1, (cpus or os.cpu_count() or 1) // processes)
+    return max(1, (cpus or available_cpus()) // processes)
 
 
 @dataclass

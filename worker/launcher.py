@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Sequence
 
+from kdiga_service.cpus import available_cpus
 from kdiga_service.queue import multi_device_queue, validation_queue
 from kdiga_service.settings import get_settings
 
@@ -97,7 +98,7 @@ def share_cores(concurrency: int, cpus: int | None = None) -> int:
     from kdiga_service.settings import reset_settings
 
     if not os.environ.get("KDIGA_WORKER_THREADS"):
-        share = max(1, (cpus or os.cpu_count() or 1) // max(1, concurrency))
+        share = max(1, (cpus or available_cpus()) // max(1, concurrency))
         omp = os.environ.get("OMP_NUM_THREADS", "")
         os.environ["KDIGA_WORKER_THREADS"] = omp if omp.isdigit() and int(omp) > 0 else str(share)
         reset_settings()
