@@ -245,6 +245,7 @@ class Keeper:
     failures: dict[str, int] = field(default_factory=dict)
     due: dict[str, float] = field(default_factory=dict)  # name -> monotonic time of the restart
     started: dict[str, float] = field(default_factory=dict)
+    cleaned: set[int] = field(default_factory=set)  # dead pids whose process group was killed
 
     def check(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -256,8 +257,12 @@ class Keeper:
                 self._schedule(name, proc, now)
             elif now >= self.due[name]:
                 del self.due[name]
-                self.service.start(name)
                 self.started[name] = now
+                try:
+                    self.service.start(name)
+                except OSError:  # counted as a quick death: the next try waits longer
+                    log.exception("could not restart a service process", extra={"process_name": name})
+                    continue
                 log.warning("service process restarted", extra={"process_name": name,
                                                                  "pid": self.service.processes[name].pid})
 
@@ -266,9 +271,14 @@ class Keeper:
         self.failures[name] = 1 if ran >= self.stable_s else self.failures.get(name, 0) + 1
         delay = min(self.cap_s, self.base_s * 2 ** (self.failures[name] - 1))
         self.due[name] = now + delay
-        _signal_group(proc.pid, signal.SIGKILL)  # its orphaned children (a worker's pool process)
+        if proc.pid not in self.cleaned:  # once: a later pid reuse must not be signalled
+            self.cleaned.add(proc.pid)
+            _signal_group(proc.pid, signal.SIGKILL)  # its orphaned children (a worker's pool process)
         if name != "api" and self.service.redis is not None:
-            restore_orphaned_messages(self.service.broker_url)
+            try:
+                restore_orphaned_messages(self.service.broker_url)
+            except Exception:  # noqa: BLE001 - the broker may be restarting: the visibility timeout still applies
+                log.exception("could not put a dead worker's tasks back in their queues")
         log.error("service process died; restarting it", extra={
             "process_name": name, "exit_code": proc.returncode, "restart_in_s": delay,
             "quick_deaths": self.failures[name]})
