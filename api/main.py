@@ -21,7 +21,7 @@ from api.pump import pump_forever
 from api.request_id import RequestIdMiddleware
 from api.routes import artifacts, catalog, console, datasets, health, jobs, pipelines, teachers, webhooks
 from api.status_reader import StatusReader
-from api.sweeper import resend_stale
+from api.sweeper import Retention, resend_stale
 from kdiga_service import admin
 from kdiga_service.db import get_engine, get_sessionmaker
 from kdiga_service.settings import Settings, get_settings
@@ -41,12 +41,16 @@ def _start_up(settings: Settings) -> None:
 
 
 async def _sweep_forever(app: FastAPI) -> None:
-    """Every `requeue_check_s`, re-send the tasks that nobody took (api/sweeper.py)."""
+    """Every `requeue_check_s`, re-send the tasks that nobody took and delete the checkpoints of jobs
+    ended longer ago than their retention (api/sweeper.py)."""
     settings = app.state.settings
+    retention = Retention()
     while True:
         await anyio.sleep(settings.requeue_check_s)
         try:
-            await to_thread.run_sync(resend_stale, app.state.sessionmaker, settings)
+            if settings.requeue_after_s > 0:
+                await to_thread.run_sync(resend_stale, app.state.sessionmaker, settings)
+            await to_thread.run_sync(retention.sweep, app.state.sessionmaker, settings, app.state.storage)
         except Exception:  # noqa: BLE001 - a failed sweep (database down) must not stop the next one
             log.exception("sweeper: the sweep failed; trying again in %.0f s", settings.requeue_check_s)
 
@@ -65,8 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         log.info("kdiga api ready (database %s)", settings.database_url.split("@")[-1])
         async with anyio.create_task_group() as tasks:
-            if settings.requeue_after_s > 0:
-                tasks.start_soon(_sweep_forever, app)
+            tasks.start_soon(_sweep_forever, app)
             tasks.start_soon(pump_forever, app)  # webhook events and pipeline steps (api/pump.py)
             try:
                 yield

@@ -1,20 +1,12 @@
-"""Keep server paths out of what the API answers.
+"""Keep server paths out of what the API answers (the rule lives in `kdiga_service.redact`).
 
 Error sentences stored on rows are written by workers, which know file paths (a missing built-in
-dataset's folder, a scratch file). The API shows those sentences to callers, so it replaces every
-absolute path in them with `<server path>`; the worker's log keeps the full text with the job id.
+dataset's folder, a scratch file). crud redacts them when they are stored; the API redacts again on
+the way out, for rows stored before that; the worker's log keeps the full text with the job id.
 """
 
 from __future__ import annotations
 
-import re
+from kdiga_service.redact import redact_server_paths
 
-# An absolute POSIX path of two or more segments, not part of a URL or of an API path (/v1/...).
-_SERVER_PATH = re.compile(r"(?<![\w:/.~-])/(?!v1/)(?:[^\s/'\"`]+/)+[^\s'\"`,;:)]*")
-
-
-def redact_server_paths(text: str | None) -> str | None:
-    """`text` with absolute server paths replaced by `<server path>` (None stays None)."""
-    if not text or "/" not in text:
-        return text
-    return _SERVER_PATH.sub("<server path>", text)
+__all__ = ["redact_server_paths"]

@@ -1,4 +1,7 @@
-"""Re-send tasks that nobody took: jobs still `queued`, teachers and datasets still `validating`.
+"""Periodic maintenance in each API process: re-send tasks that nobody took (jobs still `queued`,
+teachers and datasets still `validating`), and delete checkpoints of ended jobs after their
+retention period (`Retention`, below). Scratch folders of dead attempts live on worker hosts, so
+the workers sweep those (worker/leftovers.py).
 
 The API commits a row, then publishes its task; a crash between the two, or a broker that lost
 its data (a Redis restarted without persistence), leaves a row that no worker will ever see.
@@ -23,9 +26,20 @@ from sqlalchemy.orm import Session
 
 from api.publish import QueueUnavailable, enqueue
 from kdiga_service import crud
-from kdiga_service.models import QUEUED, VALIDATING, Dataset, Job, Teacher, utcnow
+from kdiga_service.models import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    SUCCEEDED,
+    VALIDATING,
+    Dataset,
+    Job,
+    Teacher,
+    utcnow,
+)
 from kdiga_service.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER, validation_queue
 from kdiga_service.settings import Settings
+from kdiga_service.storage import ArtifactStore, checkpoint_prefix
 
 log = logging.getLogger("kdiga.api.sweeper")
 
@@ -85,4 +99,42 @@ def _take(session: Session, model: Any, row: Any, status: str, now: datetime) ->
     return crud.updated_one_row(result)
 
 
-__all__ = ["WAITING", "resend_stale"]
+# -- retention of checkpoints ---------------------------------------------------------------------
+ENDED = (SUCCEEDED, FAILED, CANCELLED)  # not `stopped` or anything resumable: those keep theirs
+RETENTION_BATCH = 500
+
+
+@dataclass
+class Retention:
+    """Deletes the store's checkpoints of jobs that ended more than `checkpoint_retention_days` ago.
+
+    A succeeded job deletes its own at the end; a failed or cancelled one keeps them for the
+    retention period (a failed evaluation can be retried from them), and a killed worker may leave
+    some behind. Each sweep takes the next `RETENTION_BATCH` ended jobs past a watermark (the
+    `finished_at` reached so far, kept per API process): after a start the whole history is walked
+    once, a batch per sweep, then only the jobs whose period just ran out. Deleting is idempotent,
+    so API processes sweeping the same jobs do no harm.
+    """
+
+    watermark: datetime | None = None
+
+    def sweep(self, session_factory: Callable[[], Session], settings: Settings, store: ArtifactStore, *,
+              now: datetime | None = None) -> list[str]:
+        cutoff = (now or utcnow()) - timedelta(days=settings.checkpoint_retention_days)
+        query = select(Job.id, Job.finished_at).where(Job.status.in_(ENDED), Job.finished_at.is_not(None),
+                                                      Job.finished_at <= cutoff)
+        if self.watermark is not None:
+            query = query.where(Job.finished_at >= self.watermark)  # >=: ties at the watermark again
+        with session_factory() as session:
+            rows = session.execute(query.order_by(Job.finished_at).limit(RETENTION_BATCH)).all()
+        purged = []
+        for job_id, finished_at in rows:
+            store.delete_prefix(checkpoint_prefix(job_id))
+            purged.append(job_id)
+            self.watermark = finished_at
+        if purged:
+            log.info("sweeper: checkpoints of ended jobs deleted", extra={"jobs": len(purged)})
+        return purged
+
+
+__all__ = ["WAITING", "Retention", "resend_stale"]

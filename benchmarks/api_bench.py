@@ -75,8 +75,7 @@ def start_service(home: Path):
            "KDIGA_MAX_WORK_PER_KEY": str(10**18)}  # thousands of jobs that never run stay active
     service = start_embedded(home, host="127.0.0.1", port=0, workers=0, env=env)
     try:
-        queue_eval = os.environ.get("KDIGA_QUEUE_EVAL", "cpu")
-        service.start_worker("worker", queues=queue_eval)  # validates the dataset; never sees TRAIN_QUEUE
+        service.start_worker("validator", role="validation")  # validates the dataset; never sees TRAIN_QUEUE
     except BaseException:
         service.stop(grace_s=2)
         raise

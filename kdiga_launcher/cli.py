@@ -36,8 +36,8 @@ def register(app: typer.Typer) -> None:
 def serve(host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
           home: Annotated[Path | None, typer.Option(help="KDIGA_HOME: database, broker and artifacts.")] = None,
-          workers: Annotated[int, typer.Option(help="Worker processes to start.")] = 1) -> None:
-    """Run the embedded service: API + worker + embedded Redis + SQLite (Ctrl-C stops it)."""
+          workers: Annotated[int, typer.Option(help="Job worker processes to start (a validation worker runs beside them).")] = 1) -> None:
+    """Run the embedded service: API + workers + embedded Redis + SQLite; restarts a process that dies (Ctrl-C stops it)."""
     from kdiga_launcher.supervisor import serve as serve_embedded
 
     code = serve_embedded(host=host, port=port, home=home, workers=workers)

@@ -4,7 +4,13 @@
 
 - the embedded Redis (`kdiga_launcher.embedded_redis`) unless KDIGA_BROKER_URL names another broker;
 - the database migrations (SQLite under `KDIGA_HOME` by default);
-- the API under uvicorn and ONE Celery worker process listening to every queue.
+- the API under uvicorn, ONE Celery worker process for jobs (training and evaluation) and ONE for
+  teacher and dataset validation, so an upload never waits behind a training job (issue 17.2).
+
+Each worker's intra-op threads follow its share of the cores (`KDIGA_WORKER_THREADS`, default
+cores // worker processes started here): two processes each using every core make jobs 10-30x
+slower on a busy machine. `serve()` supervises the processes: one that dies is restarted with
+exponential backoff; the service stops only when asked (Ctrl-C, SIGTERM).
 
 When `KDIGA_DATABASE_URL` / `KDIGA_BROKER_URL` are set those are used instead and
 nothing embedded is started for them. Tests and the demo use `start_embedded()`,
@@ -33,6 +39,7 @@ from typing import Any
 import httpx
 
 from kdiga_launcher.embedded_redis import EmbeddedRedis, restore_orphaned_messages
+from kdiga_service.cpus import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +72,22 @@ class Embedded:
     def broker_url(self) -> str:
         return self.env["KDIGA_BROKER_URL"]
 
-    def start_worker(self, name: str = "worker", *, queues: str | None = None) -> subprocess.Popen[bytes]:
-        """Start (or restart) a worker process under `name` with this service's settings."""
+    commands: dict[str, list[str]] = field(default_factory=dict)  # how to start each process again
+
+    def start_worker(self, name: str = "worker", *, queues: str | None = None, role: str = "jobs") -> subprocess.Popen[bytes]:
+        """Start (or restart) a worker process under `name` with this service's settings.
+
+        `role`: "jobs" (training and evaluation), "validation" (uploads) or "all"; `queues` overrides it.
+        """
+        self.commands[name] = _worker_command(queues, role)
+        return self.start(name)
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        """Start process `name` again with the command it was first started with."""
         old = self.processes.get(name)
         if old is not None and old.poll() is None:
             raise RuntimeError(f"The process {name!r} is still running.")
-        self.processes[name] = _spawn(name, _worker_command(queues), self.env, self.log_path(name))
+        self.processes[name] = _spawn(name, self.commands[name], self.env, self.log_path(name))
         return self.processes[name]
 
     def log_path(self, name: str) -> Path | None:
@@ -114,7 +131,8 @@ def start_embedded(
     Args:
         home: KDIGA_HOME (default: the setting, ~/.kdiga).
         host, port: where the API listens; port 0 picks a free port.
-        workers: worker processes to start (one by default; each listens to every queue).
+        workers: job worker processes to start (one by default); with any, a validation worker
+            too. 0 starts none (nothing consumes the queues).
         env: extra environment for the API and worker processes (e.g. KDIGA_* overrides).
         console: let the processes log to this terminal instead of KDIGA_HOME/logs/*.log.
     """
@@ -140,6 +158,7 @@ def start_embedded(
         "KDIGA_API_PORT": str(port),
         "KDIGA_RUN_MIGRATIONS": "false",
         "PYTHONPATH": _pythonpath(base_env),
+        "KDIGA_WORKER_THREADS": base_env.get("KDIGA_WORKER_THREADS") or str(worker_threads(workers)),
     }
     service = Embedded(url=f"http://{_url_host(host)}:{port}", admin_key="", home=home, env=child_env,
                        lock_fd=_lock_home(home))
@@ -155,11 +174,12 @@ def start_embedded(
         api_workers = settings.api_workers
         if api_workers > 1:
             child_env["PROMETHEUS_MULTIPROC_DIR"] = str(_fresh_metrics_dir(home))
-        service.processes["api"] = _spawn(
-            "api", _api_command(host, port, api_workers), child_env, service.log_path("api")
-        )
+        service.commands["api"] = _api_command(host, port, api_workers)
+        service.start("api")
         for i in range(workers):
             service.start_worker("worker" if i == 0 else f"worker{i + 1}")
+        if workers:
+            service.start_worker("validator", role="validation")
         _wait_healthy(service, startup_timeout_s)
     except BaseException:
         service.stop(grace_s=2)
@@ -186,21 +206,83 @@ def serve(
             signal.signal(sig, handler)
         raise
     _announce(service)
+    keeper = Keeper(service)
     try:
-        while not stop.wait(1.0):
-            dead = [n for n, p in service.processes.items() if p.poll() is not None]
-            if dead:
-                log.error("a service process exited; stopping", extra={"processes": dead})
-                return_code = 1
-                break
-        else:
-            return_code = 0
+        while not stop.wait(0.5):
+            keeper.check()
+        return_code = 0
     finally:
         print("Stopping kdiga...", file=sys.stderr, flush=True)  # noqa: T201 - the CLI's own output
         service.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return return_code
+
+
+def worker_threads(workers: int, cpus: int | None = None) -> int:
+    """Each worker process's intra-op threads: its share of the cores (the validator counts as one)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:  # the operator already chose
+        return int(omp)
+    processes = workers + 1 if workers else 1
+    return max(1, (cpus or available_cpus()) // processes)
+
+
+@dataclass
+class Keeper:
+    """Restarts the service's processes when they die, with exponential backoff (issue 16.6).
+
+    A process that ran for `stable_s` before dying starts again after `base_s`; each quick death
+    doubles the wait up to `cap_s`, so a process that cannot start does not spin. A dead worker's
+    leftover pool processes are killed, and (with the embedded broker, whose consumers are all ours)
+    the tasks it had not acknowledged are put back at once: its job resumes from its last checkpoint
+    on the restarted worker instead of waiting for the visibility timeout (hours).
+    """
+
+    service: Embedded
+    base_s: float = 1.0
+    cap_s: float = 60.0
+    stable_s: float = 60.0
+    failures: dict[str, int] = field(default_factory=dict)
+    due: dict[str, float] = field(default_factory=dict)  # name -> monotonic time of the restart
+    started: dict[str, float] = field(default_factory=dict)
+    cleaned: set[int] = field(default_factory=set)  # dead pids whose process group was killed
+
+    def check(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for name, proc in list(self.service.processes.items()):
+            self.started.setdefault(name, now)
+            if proc.poll() is None:
+                continue
+            if name not in self.due:
+                self._schedule(name, proc, now)
+            elif now >= self.due[name]:
+                del self.due[name]
+                self.started[name] = now
+                try:
+                    self.service.start(name)
+                except OSError:  # counted as a quick death: the next try waits longer
+                    log.exception("could not restart a service process", extra={"process_name": name})
+                    continue
+                log.warning("service process restarted", extra={"process_name": name,
+                                                                 "pid": self.service.processes[name].pid})
+
+    def _schedule(self, name: str, proc: subprocess.Popen, now: float) -> None:
+        ran = now - self.started.get(name, now)
+        self.failures[name] = 1 if ran >= self.stable_s else self.failures.get(name, 0) + 1
+        delay = min(self.cap_s, self.base_s * 2 ** (self.failures[name] - 1))
+        self.due[name] = now + delay
+        if proc.pid not in self.cleaned:  # once: a later pid reuse must not be signalled
+            self.cleaned.add(proc.pid)
+            _signal_group(proc.pid, signal.SIGKILL)  # its orphaned children (a worker's pool process)
+        if name != "api" and self.service.redis is not None:
+            try:
+                restore_orphaned_messages(self.service.broker_url)
+            except Exception:  # noqa: BLE001 - the broker may be restarting: the visibility timeout still applies
+                log.exception("could not put a dead worker's tasks back in their queues")
+        log.error("service process died; restarting it", extra={
+            "process_name": name, "exit_code": proc.returncode, "restart_in_s": delay,
+            "quick_deaths": self.failures[name]})
 
 
 def _announce(service: Embedded) -> None:
@@ -304,8 +386,8 @@ def _api_command(host: str, port: int, workers: int = 1) -> list[str]:
     ]
 
 
-def _worker_command(queues: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "worker", "--concurrency", "1", "--pool", "prefork"]
+def _worker_command(queues: str | None, role: str = "jobs") -> list[str]:
+    cmd = [sys.executable, "-m", "worker", "--concurrency", "1", "--pool", "prefork", "--role", role]
     return cmd + (["--queues", queues] if queues else [])
 
 

@@ -12,4 +12,6 @@ neither FastAPI, Celery nor torch (a test checks), so every one of them can depe
 - `catalog`: the names users pick from (generated from kdiga_core by scripts/gen_catalog.py).
 - `admin`: API keys (generate, hash, create, revoke, list).
 - `migrate`: `upgrade_head(settings)`.
+- `redact`: `redact_server_paths(text)` (crud applies it to every stored error).
+- `cpus`: `available_cpus()` (affinity and cgroup quota: the worker thread share).
 """

@@ -42,6 +42,7 @@ from kdiga_service.models import (
     derived_id,
     utcnow,
 )
+from kdiga_service.redact import redact_server_paths
 from kdiga_service.storage import StoredObject
 from kdiga_service.webhooks import new_secret
 
@@ -163,7 +164,8 @@ def set_teacher_validated(
     error: str | None = None,
 ) -> bool:
     """Worker: mark a teacher ready (with its completed spec) or invalid (with one sentence); commits."""
-    values: dict[str, Any] = {"status": INVALID if error else READY, "error": error, "validated_at": utcnow()}
+    values: dict[str, Any] = {"status": INVALID if error else READY, "error": redact_server_paths(error),
+                              "validated_at": utcnow()}
     if spec is not None:
         values["spec"] = spec
     if format is not None:
@@ -184,7 +186,7 @@ def set_dataset_validated(
         values["input_shape"] = list(values["input_shape"])
     if "class_names" in values and values["class_names"] is not None:
         values["class_names"] = list(values["class_names"])
-    values.update(status=INVALID if error else READY, error=error, validated_at=utcnow())
+    values.update(status=INVALID if error else READY, error=redact_server_paths(error), validated_at=utcnow())
     res = session.execute(update(Dataset).where(Dataset.id == dataset_id).values(**values))
     session.commit()
     return bool(res.rowcount)  # type: ignore[attr-defined]
@@ -478,8 +480,8 @@ def finish_job(
 
 
 def fail_job(session: Session, job_id: str, *, error: str, worker_id: str | None = None) -> bool:
-    """Mark a running job failed with one sentence saying why; commits."""
-    return _finish(session, job_id, worker_id, status=FAILED, error=error)
+    """Mark a running job failed with one sentence saying why (server paths redacted); commits."""
+    return _finish(session, job_id, worker_id, status=FAILED, error=redact_server_paths(error))
 
 
 def mark_cancelled(session: Session, job_id: str, *, worker_id: str | None = None) -> bool:

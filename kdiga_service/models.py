@@ -127,6 +127,9 @@ class Teacher(Base):
     # (an API crash between commit and publish, a broker that lost its data).
     enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     validated_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Deliveries of its validation task; past KDIGA_VALIDATION_MAX_DELIVERIES it ends invalid
+    # (a validation that kills its worker, e.g. out of memory, must not loop: worker/deliveries.py).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # An upload's `Idempotency-Key` and the hash of what was sent (file sha256 + metadata).
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -165,6 +168,9 @@ class Dataset(Base):
     # (an API crash between commit and publish, a broker that lost its data).
     enqueued_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     validated_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Deliveries of its validation task; past KDIGA_VALIDATION_MAX_DELIVERIES it ends invalid
+    # (a validation that kills its worker, e.g. out of memory, must not loop: worker/deliveries.py).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # An upload's `Idempotency-Key` and the hash of what was sent (file sha256 + metadata).
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -33,8 +33,9 @@ def multi_device_queue(settings: Settings, devices_per_node: int) -> str:
 
 
 def validation_queue(settings: Settings) -> str:
-    """The queue teacher and dataset validations are published on."""
-    return settings.queue_eval
+    """The queue teacher and dataset validations are published on: their own, served by a worker process
+    of its own, so that an upload is validated in seconds even while every job worker trains."""
+    return settings.queue_validate
 
 
 def task_routes(settings: Settings) -> dict[str, dict[str, str]]:

@@ -189,7 +189,26 @@ class Settings(BaseSettings):
         default=0, ge=0, le=65535, description="Port of a multi-host job's c10d rendezvous on its first worker; 0: any free port."
     )
     queue_train: str = Field(default="gpu", description="Celery queue for training jobs.")
-    queue_eval: str = Field(default="cpu", description="Celery queue for evaluation and validation.")
+    queue_eval: str = Field(default="cpu", description="Celery queue for evaluation jobs.")
+    queue_validate: str = Field(
+        default="validate",
+        description="Celery queue for teacher and dataset validation (its own worker process: never behind training).",
+    )
+    validation_max_deliveries: int = Field(
+        default=3,
+        ge=1,
+        description="A validation whose worker died this many times (killed, out of memory) ends the upload `invalid`.",
+    )
+    checkpoint_retention_days: float = Field(
+        default=7.0,
+        ge=0,
+        description="Checkpoints of ended jobs (succeeded, failed, cancelled) are deleted this long after the end; 0: at the next sweep.",
+    )
+    worker_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Intra-op threads of each job process; default: CPU cores // worker processes on the host.",
+    )
 
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

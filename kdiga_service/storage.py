@@ -259,6 +259,12 @@ class ArtifactStore:
             return None
 
 
+def checkpoint_prefix(job_id: str) -> str:
+    """Where a job's training checkpoints live in the store (written by worker.checkpoints, deleted by
+    the API's retention sweep, api/sweeper.py)."""
+    return f"jobs/{job_id}/checkpoint"
+
+
 def _protocols(fs: Any) -> set[str]:
     proto = fs.protocol
     return set(proto) if isinstance(proto, (tuple, list)) else {proto}

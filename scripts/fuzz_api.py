@@ -57,6 +57,7 @@ def make_app(home: Path) -> Any:
 
     run = uuid.uuid4().hex[:8]
     settings = Settings(home=home, broker_url=REDIS_URL, queue_train=f"kdiga_fuzz_{run}", queue_eval=f"kdiga_fuzz_{run}",
+                        queue_validate=f"kdiga_fuzz_{run}",
                         max_upload_bytes=64 * 1024, max_concurrent_jobs_per_key=10**6, auth_cache_ttl_s=2.0,
                         requeue_after_s=0)
     return create_app(settings)

@@ -61,6 +61,24 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+OUT_OF_MEMORY = ("out of memory", "tried to allocate", "cannot allocate memory", "can't allocate memory")
+
+
+def internal_failure(exc: BaseException, ref: str, *, subject: str = "The job",
+                     failed: str = "failed with an internal error") -> str:
+    """The sentence a row gets for an unexpected error (issue 16.7): its type, never its text.
+
+    An exception's text can hold server paths, sizes and internals ("you tried to allocate
+    4000000000000 bytes"); the caller logs it in full with `ref` (the job's or upload's id), and the
+    sentence names that id so an operator can find it.
+    """
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or any(word in text for word in OUT_OF_MEMORY):
+        return (f"{subject} ran out of memory ({type(exc).__name__}); try a smaller batch size, model or "
+                f"input, or ask the operator (id {ref}).")
+    return f"{subject} {failed} ({type(exc).__name__}); the service log has the details under id {ref}."
+
+
 def free_accelerator_memory() -> None:
     """Give cached GPU memory back after a job (only if torch and CUDA are already in use)."""
     gc.collect()

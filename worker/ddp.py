@@ -21,7 +21,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -38,8 +37,9 @@ from kdiga_service.settings import Settings
 from kdiga_service.storage import get_storage
 from worker import gang
 from worker.checkpoints import download_checkpoint
-from worker.common import Outcome, scratch_dir, session_for
+from worker.common import Outcome, internal_failure, session_for
 from worker.inputs import prepare_inputs
+from worker.leftovers import make_scratch
 from worker.torchrun import Launch, Rendezvous, advertised_host, free_port, rank_env
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def run_on_devices(job: Job, s: Settings, me: str) -> Outcome:
     from kdiga_core.errors import KdigaError
 
     resources = Resources.of(job)
-    workdir = Path(tempfile.mkdtemp(prefix=f"kdiga-job-{job.id[:8]}-", dir=scratch_dir(s)))
+    workdir = make_scratch(s, f"kdiga-job-{job.id[:8]}-")
     try:
         with GangHeartbeat(job.id, me, s) as heartbeat:
             rdzv = _open_rendezvous(job, s, me, resources)
@@ -94,7 +94,7 @@ def run_on_devices(job: Job, s: Settings, me: str) -> Outcome:
         return _fail(job, s, me, str(exc))
     except Exception as exc:  # noqa: BLE001 - recorded on the row (never left running), traceback in the log
         log.exception("job on several devices failed with an internal error", extra={"job_id": job.id})
-        return _fail(job, s, me, f"The job failed with an internal error ({type(exc).__name__}: {exc}).")
+        return _fail(job, s, me, internal_failure(exc, job.id))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -242,7 +242,7 @@ def join_job(job_id: str, rendezvous_id: str, *, settings: Settings | None = Non
     rdzv = Rendezvous(id=rendezvous_id, endpoint=row.rendezvous_endpoint or "", is_host=False,
                       local_addr=advertised_host(s), nodes=resources.nodes,
                       devices_per_node=resources.devices_per_node, join_timeout_s=s.gang_timeout_s)
-    workdir = Path(tempfile.mkdtemp(prefix=f"kdiga-join-{job_id[:8]}-", dir=scratch_dir(s)))
+    workdir = make_scratch(s, f"kdiga-join-{job_id[:8]}-")
     try:
         code, launch = launch_here(row, s, rdzv, workdir, owner=row.worker_id or "",
                                    keep_going=gang.still_current(job_id, rendezvous_id, s))

@@ -126,6 +126,7 @@ def _run(launch: dict[str, Any], s: Settings, ctx: RankContext) -> int:
 def _ended(launch: dict[str, Any], s: Settings, exc: BaseException, *, rank: int) -> int:
     """Record a failure the job owns (bad input, an internal error); leave a dead attempt to the worker."""
     from kdiga_core.errors import KdigaError
+    from worker.common import internal_failure
     from worker.runner import _fail
 
     job_id, owner = launch["job_id"], launch["owner"]
@@ -137,8 +138,7 @@ def _ended(launch: dict[str, Any], s: Settings, exc: BaseException, *, rank: int
                                                                "error": f"{type(exc).__name__}: {exc}"})
         return EXIT_ATTEMPT_DIED
     log.exception("rank failed with an internal error", extra={"job_id": job_id, "rank": rank})
-    _fail(_job(job_id, s), s, owner, f"The job failed with an internal error on rank {rank} "
-                                     f"({type(exc).__name__}: {exc}).")
+    _fail(_job(job_id, s), s, owner, internal_failure(exc, job_id, failed=f"failed with an internal error on rank {rank}"))
     return EXIT_FAILED
 
 

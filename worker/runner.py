@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -40,8 +39,15 @@ from kdiga_service.models import (
 from kdiga_service.settings import Settings, get_settings
 from kdiga_service.storage import ArtifactStore, get_storage
 from worker.checkpoints import checkpoint_prefix, download_checkpoint, upload_checkpoint
-from worker.common import Outcome, free_accelerator_memory, jsonable, scratch_dir, session_for
+from worker.common import (
+    Outcome,
+    free_accelerator_memory,
+    internal_failure,
+    jsonable,
+    session_for,
+)
 from worker.inputs import prepare_inputs, teacher_cache_dir
+from worker.leftovers import make_scratch
 from worker.outputs import register_teacher, store_artifacts
 from worker.ownership import owner_is_dead, worker_identity
 from worker.progress import Reporter
@@ -105,7 +111,7 @@ def _claim(session: Session, job: Job, me: str, s: Settings) -> tuple[Job | None
 def _execute(job: Job, s: Settings, me: str) -> Outcome:
     store = get_storage(s)
     reporter = Reporter(job.id, me, s)
-    workdir = Path(tempfile.mkdtemp(prefix=f"kdiga-job-{job.id[:8]}-", dir=scratch_dir(s)))
+    workdir = make_scratch(s, f"kdiga-job-{job.id[:8]}-")
     from kdiga_core.errors import CancelledError, KdigaError
 
     try:
@@ -133,7 +139,7 @@ def _execute(job: Job, s: Settings, me: str) -> Outcome:
         return _fail(job, s, me, str(exc))
     except Exception as exc:  # noqa: BLE001 - recorded on the row, with the traceback in the log
         log.exception("job failed with an internal error", extra={"job_id": job.id})
-        return _fail(job, s, me, f"The job failed with an internal error ({type(exc).__name__}: {exc}).")
+        return _fail(job, s, me, internal_failure(exc, job.id))
     finally:
         reporter.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -11,10 +11,12 @@ from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import task_prerun, worker_process_init, worker_ready
 
+from kdiga_service.models import Dataset, Teacher
 from kdiga_service.queue import JOIN_JOB, RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER
-from worker import runner, validation
+from kdiga_service.settings import get_settings
+from worker import deliveries, leftovers, runner, validation
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,34 @@ def _after_fork(**_kwargs: Any) -> None:
     from kdiga_service.db import dispose_engines
 
     dispose_engines()
+
+
+@worker_ready.connect
+def _sweep_at_start(**_kwargs) -> None:
+    """Remove scratch folders that attempts killed with an earlier worker left behind."""
+    leftovers.sweep_now_and_then(get_settings())
+
+
+@task_prerun.connect
+def _sweep_before_task(**_kwargs) -> None:
+    """...and those of pool processes killed since (at most once a minute per process)."""
+    leftovers.sweep_now_and_then(get_settings())
+
+
+@task_prerun.connect
+def apply_thread_share(**_kwargs) -> int | None:
+    """torch.set_num_threads(KDIGA_WORKER_THREADS, set by `worker.launcher`) before a task runs: a
+    process using every core beside others makes each job 10-30x slower on a busy machine (issue
+    17.9). Not at pool-process start: importing torch there outlasts Celery's wait for a new pool
+    process (4 s) on a busy machine, and the process is killed."""
+    threads = get_settings().worker_threads
+    if threads:
+        import torch  # the task imports it anyway
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            log.info("intra-op threads set", extra={"threads": threads})
+    return threads
 
 
 class JobTask(Task):
@@ -57,11 +87,15 @@ def join_job(job_id: str, rendezvous_id: str) -> str:
 
 @app.task(name=VALIDATE_TEACHER, acks_late=True, reject_on_worker_lost=True)
 def validate_teacher(teacher_id: str) -> str:
-    """Load an uploaded teacher once and mark it ready or invalid."""
+    """Load an uploaded teacher once and mark it ready or invalid (invalid too past the delivery cap)."""
+    if deliveries.over_cap(Teacher, teacher_id):
+        return "failed"
     return validation.validate_teacher(teacher_id).status
 
 
 @app.task(name=VALIDATE_DATASET, acks_late=True, reject_on_worker_lost=True)
 def validate_dataset(dataset_id: str) -> str:
-    """Load a dataset once and record its summary, or why it is invalid."""
+    """Load a dataset once and record its summary, or why it is invalid (invalid too past the delivery cap)."""
+    if deliveries.over_cap(Dataset, dataset_id):
+        return "failed"
     return validation.validate_dataset(dataset_id).status

@@ -12,7 +12,7 @@ from kdiga_service.models import (
 )
 from kdiga_service.settings import Settings, get_settings
 from kdiga_service.storage import get_storage
-from worker.common import Outcome, free_accelerator_memory, jsonable, session_for
+from worker.common import Outcome, free_accelerator_memory, internal_failure, jsonable, session_for
 from worker.inputs import dataset_input
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def validate_teacher(teacher_id: str, *, settings: Settings | None = None) -> Ou
             info = core_jobs.validate_teacher(path, spec, allow_torchscript=s.allow_torchscript)
         error, info = None, jsonable(info)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the row
-        error, info = _validation_error(exc, "model"), {}
+        error, info = _validation_error(exc, "model", teacher_id), {}
     finally:
         free_accelerator_memory()
     with session_for(s) as session:
@@ -58,17 +58,18 @@ def validate_dataset(dataset_id: str, *, settings: Settings | None = None) -> Ou
             summary = jsonable(core_jobs.validate_dataset(dataset_input(dataset, s, get_storage(s), stack)))
         error = None
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the row
-        error, summary = _validation_error(exc, "dataset"), {}
+        error, summary = _validation_error(exc, "dataset", dataset_id), {}
     with session_for(s) as session:
         crud.set_dataset_validated(session, dataset_id, info=summary, error=error)
     log.info("dataset validated", extra={"dataset_id": dataset_id, "error": error})
     return Outcome("failed" if error else "succeeded", error or "", result=summary)
 
 
-def _validation_error(exc: Exception, what: str) -> str:
+def _validation_error(exc: Exception, what: str, ref: str) -> str:
+    """Our own sentence (a KdigaError), or the exception's type and the id: never its raw text."""
     from kdiga_core.errors import KdigaError
 
     if isinstance(exc, KdigaError):
         return str(exc)
-    log.warning("validation failed with an unexpected error", exc_info=True)
-    return f"The {what} could not be loaded ({type(exc).__name__}: {exc})."
+    log.warning("validation failed with an unexpected error", exc_info=True, extra={"id": ref})
+    return internal_failure(exc, ref, subject=f"The {what}", failed="could not be loaded")

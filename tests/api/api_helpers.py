@@ -31,6 +31,7 @@ def make_settings(home: Any, database_url: str, **overrides: Any) -> Settings:
         "storage_url": f"file://{home}/artifacts",
         "queue_train": f"kdiga_test_{RUN_ID}_train",
         "queue_eval": f"kdiga_test_{RUN_ID}_eval",
+        "queue_validate": f"kdiga_test_{RUN_ID}_validate",
         "max_upload_bytes": MAX_UPLOAD,
         "max_concurrent_jobs_per_key": 2,
         "sse_poll_interval_s": 0.05,

@@ -44,7 +44,7 @@ def test_register_builtin(client, owner, redis_client, settings):
         "validating",
         "my digits",
     )
-    messages = [json.loads(m) for m in redis_client.lrange(settings.queue_eval, 0, -1)]
+    messages = [json.loads(m) for m in redis_client.lrange(settings.queue_validate, 0, -1)]
     assert any(
         m["headers"]["task"] == "kdiga.validate_dataset" and body["id"] in m["headers"]["argsrepr"]
         for m in messages

@@ -54,7 +54,7 @@ def _npz() -> bytes:
 
 def test_a_generated_client_calls_every_operation(tmp_path):
     app = create_app(Settings(home=tmp_path / "home", broker_url=REDIS_URL, queue_train="kdiga_gen_unused",
-                              queue_eval="kdiga_gen_unused"))
+                              queue_eval="kdiga_gen_unused", queue_validate="kdiga_gen_unused"))
     with TestClient(app) as tc, serve(app) as url:
         ops = _generate(tc.get("/openapi.json").json(), tmp_path)
         try:

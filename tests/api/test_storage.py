@@ -132,6 +132,7 @@ def test_presigned_download_redirect(tmp_path, s3_endpoint, redis_client):
         broker_url=REDIS_URL,
         queue_train=f"kdiga_test_{tmp_path.name}_t",
         queue_eval=f"kdiga_test_{tmp_path.name}_e",
+        queue_validate=f"kdiga_test_{tmp_path.name}_v",
     )
     try:
         with TestClient(create_app(settings)) as client:
@@ -144,4 +145,4 @@ def test_presigned_download_redirect(tmp_path, s3_endpoint, redis_client):
             assert r.status_code == 307 and r.headers["location"].startswith(s3_endpoint)
             assert httpx.get(r.headers["location"]).content == b"weights"
     finally:
-        redis_client.delete(settings.queue_train, settings.queue_eval)
+        redis_client.delete(settings.queue_train, settings.queue_eval, settings.queue_validate)

@@ -71,7 +71,7 @@ def test_validations_nobody_took_are_sent_again(client, settings, redis_client):
                                  created_at=long_ago, enqueued_at=long_ago))
     sent = resend_stale(client.app.state.sessionmaker, settings)
     assert dataset in sent and ready not in sent
-    assert _tasks_for(redis_client, settings.queue_eval, dataset) == [VALIDATE_DATASET]
+    assert _tasks_for(redis_client, settings.queue_validate, dataset) == [VALIDATE_DATASET]
 
 
 def test_each_api_process_sweeps_in_the_background(client, settings, redis_client):

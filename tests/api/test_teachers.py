@@ -37,7 +37,7 @@ def test_create_teacher_safetensors(client, owner, redis_client, settings):
     assert body["status"] == "validating" and body["format"] == "safetensors" and body["name"] == "t"
     assert body["size_bytes"] == len(safetensors_bytes()) and len(body["sha256"]) == 64
     assert body["spec"]["arch"] == "cnn_tiny" and body["spec"]["num_classes"] == 10
-    messages = [json.loads(m) for m in redis_client.lrange(settings.queue_eval, 0, -1)]
+    messages = [json.loads(m) for m in redis_client.lrange(settings.queue_validate, 0, -1)]
     assert any(
         m["headers"]["task"] == "kdiga.validate_teacher" and body["id"] in m["headers"]["argsrepr"]
         for m in messages
@@ -206,7 +206,8 @@ def test_torchscript_accepted_when_enabled(tmp_path, redis_client):
     from kdiga_service.settings import Settings
 
     queue = f"kdiga_test_{tmp_path.name}_ts"
-    settings = Settings(home=tmp_path, broker_url=REDIS_URL, allow_torchscript=True, queue_eval=queue)
+    settings = Settings(home=tmp_path, broker_url=REDIS_URL, allow_torchscript=True, queue_eval=queue,
+                        queue_validate=queue)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("archive/data.pkl", b"x")

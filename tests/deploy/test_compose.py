@@ -19,7 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-SERVICES = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "cpu-worker", "flower"}
+SERVICES = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "cpu-worker", "validator", "flower"}
 REQUIRED = re.compile(r"\$\{([A-Z0-9_]+):\?([^}]*)\}")
 
 
@@ -59,7 +59,7 @@ def test_services_and_dependencies(compose):
     assert set(services) == SERVICES
     deps = {name: svc.get("depends_on", {}) for name, svc in services.items()}
     assert deps["migrate"]["postgres"]["condition"] == "service_healthy"
-    for name in ("api", "worker", "cpu-worker"):
+    for name in ("api", "worker", "cpu-worker", "validator"):
         assert deps[name]["migrate"]["condition"] == "service_completed_successfully", name
         assert deps[name]["redis"]["condition"] == "service_healthy", name
         assert deps[name]["minio-init"]["condition"] == "service_completed_successfully", name
@@ -70,7 +70,7 @@ def test_services_and_dependencies(compose):
 
 
 def test_healthchecks(compose):
-    for name in ("postgres", "redis", "minio", "api", "worker", "cpu-worker"):
+    for name in ("postgres", "redis", "minio", "api", "worker", "cpu-worker", "validator"):
         check = compose["services"][name]["healthcheck"]
         assert check["test"] and check.get("interval"), name
     assert compose["services"]["api"]["healthcheck"]["test"] == ["CMD", "/app/docker/healthcheck.sh", "api"]
@@ -87,6 +87,9 @@ def test_gpu_workers_one_device_each_and_a_cpu_worker(compose):
     cpu = compose["services"]["cpu-worker"]
     assert cpu["environment"]["KDIGA_WORKER_QUEUES"] == "cpu" and cpu["environment"]["CUDA_VISIBLE_DEVICES"] == ""
     assert "deploy" not in cpu
+    validator = compose["services"]["validator"]  # uploads never wait behind a job (issue 17.2)
+    assert validator["environment"]["KDIGA_WORKER_QUEUES"] == "validate" and "deploy" not in validator
+    assert validator["environment"]["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_every_required_variable_fails_fast_and_is_in_env_example():

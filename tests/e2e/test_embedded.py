@@ -102,7 +102,7 @@ def _consume_one_and_die(broker_url: str) -> None:
         "import os, signal, sys\n"
         "from kombu import Connection\n"
         f"with Connection({broker_url!r}) as conn:\n"
-        "    message = conn.SimpleQueue('cpu').get(timeout=20)\n"
+        "    message = conn.SimpleQueue('validate').get(timeout=20)\n"
         "    print('taken', flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
     )

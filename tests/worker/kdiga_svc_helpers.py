@@ -99,7 +99,7 @@ def free_port() -> int:
 
 def unique_queues() -> dict[str, str]:
     tag = uuid.uuid4().hex[:8]
-    return {"KDIGA_QUEUE_TRAIN": f"gpu-{tag}", "KDIGA_QUEUE_EVAL": f"cpu-{tag}"}
+    return {"KDIGA_QUEUE_TRAIN": f"gpu-{tag}", "KDIGA_QUEUE_EVAL": f"cpu-{tag}", "KDIGA_QUEUE_VALIDATE": f"val-{tag}"}
 
 
 def make_settings(home: Path, **overrides: Any):
@@ -116,6 +116,7 @@ def settings_env(settings, **extra: str) -> dict[str, str]:
         "KDIGA_HOME": str(settings.home), "KDIGA_DATABASE_URL": settings.database_url,
         "KDIGA_BROKER_URL": settings.broker_url, "KDIGA_STORAGE_URL": settings.storage_url,
         "KDIGA_QUEUE_TRAIN": settings.queue_train, "KDIGA_QUEUE_EVAL": settings.queue_eval,
+        "KDIGA_QUEUE_VALIDATE": settings.queue_validate,
         "KDIGA_PROGRESS_INTERVAL_S": str(settings.progress_interval_s),
         "KDIGA_HEARTBEAT_STALE_S": str(settings.heartbeat_stale_s),
         "KDIGA_VISIBILITY_TIMEOUT_S": str(settings.visibility_timeout_s),

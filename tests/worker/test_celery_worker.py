@@ -45,7 +45,7 @@ def test_celery_configuration():
     assert conf["task_soft_time_limit"] < conf["task_time_limit"] < conf["broker_transport_options"]["visibility_timeout"]
     assert conf["broker_transport_options"]["unacked_restore_throttle"] == 1
     assert conf["task_routes"]["kdiga.run_job"]["queue"] == s.queue_train
-    assert conf["task_routes"]["kdiga.validate_teacher"]["queue"] == s.queue_eval
+    assert conf["task_routes"]["kdiga.validate_teacher"]["queue"] == s.queue_validate
     assert restore_interval_s(5) == 1 and restore_interval_s(43200) == 60
 
 
@@ -59,7 +59,7 @@ def backend(tmp_path_factory, teacher_file):
         queues = h.unique_queues()
         s = h.make_settings(home, database_url=db_url, broker_url=broker_url, progress_interval_s=0.3,
                             task_max_retries=2, queue_train=queues["KDIGA_QUEUE_TRAIN"],
-                            queue_eval=queues["KDIGA_QUEUE_EVAL"])
+                            queue_eval=queues["KDIGA_QUEUE_EVAL"], queue_validate=queues["KDIGA_QUEUE_VALIDATE"])
         h.migrate(s)
         owner = h.create_owner(s)[0]
         rows = h.seed_rows(s, owner, teacher_file)
@@ -80,7 +80,7 @@ def _set(s, job_id, **values):
 
 
 def _enqueue(s, task, object_id, queue=None):
-    enqueue(s, task, object_id, queue=queue or (s.queue_train if task == RUN_JOB else s.queue_eval))
+    enqueue(s, task, object_id, queue=queue or (s.queue_train if task == RUN_JOB else s.queue_validate))
 
 
 @pytest.mark.slow

@@ -150,7 +150,8 @@ def seeded_redis(tmp_path, teacher_file):
     with h.redis_database() as broker_url:
         queues = h.unique_queues()
         s = h.make_settings(tmp_path / "home", broker_url=broker_url, gang_timeout_s=2.0,
-                            queue_train=queues["KDIGA_QUEUE_TRAIN"], queue_eval=queues["KDIGA_QUEUE_EVAL"])
+                            queue_train=queues["KDIGA_QUEUE_TRAIN"], queue_eval=queues["KDIGA_QUEUE_EVAL"],
+                            queue_validate=queues["KDIGA_QUEUE_VALIDATE"])
         h.migrate(s)
         owner = h.create_owner(s)[0]
         yield s, {"owner_id": owner, **h.seed_rows(s, owner, teacher_file)}
@@ -172,7 +173,8 @@ def workers(tmp_path_factory, teacher_file):
         queues = h.unique_queues()
         s = h.make_settings(home, database_url=db_url, broker_url=broker_url, progress_interval_s=0.3,
                             task_max_retries=2, queue_train=queues["KDIGA_QUEUE_TRAIN"],
-                            queue_eval=queues["KDIGA_QUEUE_EVAL"], gang_timeout_s=120)
+                            queue_eval=queues["KDIGA_QUEUE_EVAL"], queue_validate=queues["KDIGA_QUEUE_VALIDATE"],
+                            gang_timeout_s=120)
         h.migrate(s)
         owner = h.create_owner(s)[0]
         rows = h.seed_rows(s, owner, teacher_file)
