@@ -267,7 +267,7 @@ class Keeper:
                 log.warning("service process restarted", extra={"process_name": name,
                                                                  "pid": self.service.processes[name].pid})
 
-    def _schedule(self, name: str, proc: subprocess.Popen, now: float) -> None:
+    def _schedule(self, name: str, proc: subprocess.Popen[bytes], now: float) -> None:
         ran = now - self.started.get(name, now)
         self.failures[name] = 1 if ran >= self.stable_s else self.failures.get(name, 0) + 1
         delay = min(self.cap_s, self.base_s * 2 ** (self.failures[name] - 1))

@@ -44,7 +44,7 @@ def over_cap(model: Any, row_id: str, *, settings: Settings | None = None) -> bo
             update(model).where(model.id == row_id, model.status == VALIDATING).values(attempts=model.attempts + 1)
         )
         session.commit()
-        if counted.rowcount != 1:  # gone or no longer waiting: the validation itself skips it
+        if not crud.updated_one_row(counted):  # gone or no longer waiting: the validation itself skips it
             return False
         attempts, name = session.execute(select(model.attempts, model.name).where(model.id == row_id)).one()
         cap = s.validation_max_deliveries

@@ -41,7 +41,7 @@ def sweep_scratch(s: Settings, *, now: float | None = None) -> list[Path]:
     """Remove the scratch folders of dead attempts on this host; returns those removed."""
     root = Path(scratch_dir(s) or tempfile.gettempdir())
     now = time.time() if now is None else now
-    removed = []
+    removed: list[Path] = []
     try:
         entries = [p for p in root.iterdir() if p.name.startswith(PREFIXES) and p.is_dir()]
     except OSError:

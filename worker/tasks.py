@@ -31,19 +31,19 @@ def _after_fork(**_kwargs: Any) -> None:
 
 
 @worker_ready.connect
-def _sweep_at_start(**_kwargs) -> None:
+def _sweep_at_start(**_kwargs: Any) -> None:
     """Remove scratch folders that attempts killed with an earlier worker left behind."""
     leftovers.sweep_now_and_then(get_settings())
 
 
 @task_prerun.connect
-def _sweep_before_task(**_kwargs) -> None:
+def _sweep_before_task(**_kwargs: Any) -> None:
     """...and those of pool processes killed since (at most once a minute per process)."""
     leftovers.sweep_now_and_then(get_settings())
 
 
 @task_prerun.connect
-def apply_thread_share(**_kwargs) -> int | None:
+def apply_thread_share(**_kwargs: Any) -> int | None:
     """torch.set_num_threads(KDIGA_WORKER_THREADS, set by `worker.launcher`) before a task runs: a
     process using every core beside others makes each job 10-30x slower on a busy machine (issue
     17.9). Not at pool-process start: importing torch there outlasts Celery's wait for a new pool

@@ -1,7 +1,7 @@
 """datasets by reference: the uri read in place and what validation found there
 
 Revision ID: b7d2c4e9f013
-Revises: e3f1a7c2d9b4
+Revises: 4c2d8e6f1a37
 Create Date: 2026-11-27 19:00:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "b7d2c4e9f013"
-down_revision: str | None = "e3f1a7c2d9b4"
+down_revision: str | None = "4c2d8e6f1a37"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
