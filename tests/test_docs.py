@@ -30,7 +30,9 @@ HEADING = re.compile(r"^## (\d+[a-z]?)\. ", re.MULTILINE)
 HABIT = re.compile(r"^(\d+)\. \*\*", re.MULTILINE)
 ROUTE = re.compile(r"`(GET|POST|PUT|PATCH|DELETE) (/[^`\s]*)`")
 # Environment variables that are not server settings: the client's, and the compose file's.
-NOT_SETTINGS = {"KDIGA_URL", "KDIGA_API_KEY"}
+# Environment names that are not service settings: the client's own, and a test-only hook
+# (worker.deliveries.HOLD_ENV, which the chaos test sets; never a deployment setting).
+NOT_SETTINGS = {"KDIGA_URL", "KDIGA_API_KEY", "KDIGA_TEST_HOLD_VALIDATION"}
 
 
 def repository_files() -> Iterator[Path]:
