@@ -69,6 +69,13 @@ _DTYPES: dict[int, torch.dtype] = {
 }
 
 
+# How to upload an export whose weights sit in an external file (kdiga_core.onnx_archive reads the pair).
+INLINE_HINT = (
+    "inline the weights with `import onnx; onnx.save(onnx.load('model.onnx'), 'inline.onnx', "
+    "save_as_external_data=False)` (or export with `torch.onnx.export(..., external_data=False)`), "
+    "or upload model.onnx and model.onnx.data together as one zip or tar archive"
+)
+
 # The most bytes one node may build from a shape it computes (None: no limit); see `allocation_limit`.
 _ALLOC_LIMIT: ContextVar[int | None] = ContextVar("kdiga_onnx_alloc_limit", default=None)
 
@@ -83,6 +90,11 @@ def allocation_limit(max_bytes: int | None) -> Iterator[None]:
         yield
     finally:
         _ALLOC_LIMIT.reset(token)
+
+
+def current_allocation_limit() -> int | None:
+    """The byte limit `allocation_limit` set here (None: none)."""
+    return _ALLOC_LIMIT.get()
 
 
 def _check_alloc(op: str, shape: Sequence[int], dtype: torch.dtype) -> None:
@@ -311,10 +323,8 @@ def _refuse_external_data(proto: onnx.ModelProto) -> None:
     for node in proto.graph.node:
         tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
-        raise ModelFormatError(
-            "ONNX models that keep weights in external data files are refused; "
-            "re-export with all weights inside the .onnx file (models under 2 GB)."
-        )
+        raise ModelFormatError(f"This ONNX model keeps its weights in an external data file, which a bare .onnx "
+                               f"upload cannot bring; {INLINE_HINT}.")
     if len(proto.graph.sparse_initializer):
         raise ModelFormatError("ONNX models with sparse initializers are not supported.")
 

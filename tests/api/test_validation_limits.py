@@ -190,3 +190,69 @@ def test_npz_above_the_channel_cap_is_invalid(client, owner, settings, monkeypat
     assert body["status"] == "invalid" and body["error"] == (
         f"The dataset takes {chans} input channels, above this service's limit of "
         f"{settings.max_input_channels} (KDIGA_MAX_INPUT_CHANNELS).")
+
+
+# -- ONNX with external data, as one archive ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def external_export(tmp_path_factory):
+    """torch's default exporter (dynamo) writing model.onnx + model.onnx.data, for a model that fits
+    the tests' 64 KiB upload cap."""
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+
+    folder = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = create_model("cnn_tiny", 10, in_chans=1, img_size=8).eval()
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.rand(1, 1, 8, 8),), str(folder / "model.onnx"), dynamo=True,
+                          external_data=True)
+    assert (folder / "model.onnx.data").stat().st_size > 4000
+    return folder
+
+
+def _archive(folder, fmt: str, extra: dict[str, bytes] | None = None) -> bytes:
+    import tarfile
+    import zipfile
+
+    members = {n: (folder / n).read_bytes() for n in ("model.onnx", "model.onnx.data")} | (extra or {})
+    buf = io.BytesIO()
+    if fmt == "zip":
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(fileobj=buf, mode="w:gz" if fmt == "tgz" else "w") as tf:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar", "tgz"])
+def test_an_onnx_export_with_external_data_is_accepted_as_one_archive(client, owner, external_export, fmt):
+    r = upload_teacher(client, owner, _archive(external_export, fmt), meta={"name": "ext"}, filename=f"m.{fmt}")
+    assert r.status_code == 202, r.text
+    assert r.json()["format"] == "onnx"
+    validation.validate_teacher(r.json()["id"], settings=client.app.state.settings)
+    body = client.get(f"/v1/teachers/{r.json()['id']}", headers=owner).json()
+    assert body["status"] == "ready", body["error"]
+    assert body["spec"]["num_classes"] == 10 and body["spec"]["in_chans"] == 1
+
+
+def test_a_bare_external_data_onnx_is_invalid_with_how_to_inline(client, owner, external_export):
+    body = _validated(client, owner, (external_export / "model.onnx").read_bytes(), {}, "model.onnx")
+    assert body["status"] == "invalid"
+    assert "onnx.save(onnx.load('model.onnx'), 'inline.onnx', save_as_external_data=False)" in body["error"]
+    assert "upload model.onnx and model.onnx.data together as one zip or tar archive" in body["error"]
+
+
+def test_an_archive_escaping_itself_is_refused_at_upload(client, owner, external_export):
+    r = upload_teacher(client, owner, _archive(external_export, "zip", {"../model.onnx.data": b"x"}),
+                       meta={"name": "evil"}, filename="m.zip")
+    assert r.status_code == 422
+    assert r.json() == {"detail": "The archive entry '../model.onnx.data' points outside the archive."}
+    assert client.get("/v1/teachers", headers=owner).json()["count"] == 0
