@@ -8,6 +8,7 @@ error removes what was written.
 from __future__ import annotations
 
 import struct
+import tarfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -230,15 +231,36 @@ def _zip_names(store: ArtifactStore, key: str) -> list[str] | None:
         return None
 
 
+def _tar_names(store: ArtifactStore, key: str) -> list[str] | None:
+    """Member names of a tar (plain or gzip) object; None when it is not one."""
+    try:
+        with store.open(key) as f:
+            head = f.read(512)
+            if not (head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar"):
+                return None
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:*") as tf:
+                return tf.getnames()
+    except (tarfile.TarError, EOFError, OSError):
+        return None
+
+
 def sniff_model_format(store: ArtifactStore, key: str, head: bytes, filename: str | None) -> str:
-    """'safetensors' | 'onnx' | 'pickle' | 'torchscript' | 'unknown', from magic bytes only."""
+    """'safetensors' | 'onnx' | 'pickle' | 'torchscript' | 'unknown', from magic bytes only.
+
+    A zip or tar holding one `.onnx` (with its external data, e.g. `model.onnx.data`) is 'onnx'.
+    """
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"
     if head[:4] == b"PK\x03\x04":
         names = _zip_names(store, key) or []
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
-        return "pickle" if any(n.endswith(".pkl") for n in names) else "unknown"
+        if any(n.endswith(".pkl") for n in names):
+            return "pickle"
+        return "onnx" if any(n.lower().endswith(".onnx") for n in names) else "unknown"
+    if any(n.lower().endswith(".onnx") for n in _tar_names(store, key) or []):
+        return "onnx"
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 2 <= header_len <= 100 * 1024 * 1024 and head[8:9] == b"{":
@@ -272,3 +294,29 @@ def check_dataset_zip(store: ArtifactStore, key: str, *, max_unpacked_bytes: int
     if total > max_unpacked_bytes:
         return f"The archive unpacks to {total} bytes, more than the limit of {max_unpacked_bytes} bytes."
     return None
+
+
+def check_model_archive(store: ArtifactStore, key: str, *, max_unpacked_bytes: int) -> str | None:
+    """For a teacher sent as a zip or tar (an ONNX model with its external data): None when the
+    archive looks safe, else one sentence (the worker checks again, member by member, when it loads)."""
+    if names := _tar_names(store, key):
+        try:
+            with store.open(key) as f, tarfile.open(fileobj=f, mode="r:*") as tf:
+                members = tf.getmembers()
+        except (tarfile.TarError, EOFError, OSError):
+            return "The tar archive could not be read."
+        total = 0
+        for info in members:
+            if _escapes(info.name):
+                return f"The archive entry '{info.name}' points outside the archive."
+            if not (info.isreg() or info.isdir()):
+                return f"The archive entry '{info.name}' is a link or a special file, which is not allowed."
+            total += info.size
+        if total > max_unpacked_bytes:
+            return f"The archive unpacks to {total} bytes, more than the limit of {max_unpacked_bytes} bytes."
+        return None if names else "The archive is empty."
+    return check_dataset_zip(store, key, max_unpacked_bytes=max_unpacked_bytes)
+
+
+def _escapes(name: str) -> bool:
+    return name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or ":" in name

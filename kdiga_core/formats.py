@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdiga_core import onnx_archive
 from kdiga_core.artifacts import artifact, check_kind
 from kdiga_core.config import ModelSpec
 from kdiga_core.errors import KdigaError, ModelFormatError
@@ -90,7 +91,16 @@ def sniff_format(path: str | Path) -> str:
         return "safetensors"
     if _looks_like_onnx(path):
         return "onnx"
+    if onnx_archive.archive_kind(path) == "tar" and _archive_onnx(path):
+        return "onnx"  # model.onnx + model.onnx.data in one tar
     return "unknown"
+
+
+def _archive_onnx(path: Path) -> bool:
+    try:
+        return onnx_archive.onnx_member(path) is not None
+    except ModelFormatError:
+        return True  # an ONNX archive, refused with its own sentence when loaded
 
 
 def _sniff_zip(path: Path) -> str:
@@ -104,6 +114,8 @@ def _sniff_zip(path: Path) -> str:
         return "torchscript"
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "pickle"
+    if _archive_onnx(path):
+        return "onnx"  # model.onnx + model.onnx.data in one zip
     return "unknown"
 
 
@@ -272,7 +284,10 @@ def _load_onnx(path: Path, spec: ModelSpec | None) -> NormalizedModel:
 
     from kdiga_core.onnx_import import input_shape, onnx_to_torch
 
-    proto = onnx.load_model(str(path), load_external_data=False)
+    if onnx_archive.archive_kind(path) is not None:
+        proto = onnx_archive.load_archive(path)  # external data read from the archive, never from paths
+    else:
+        proto = onnx.load_model(str(path), load_external_data=False)
     net = onnx_to_torch(proto)
     if len(net.input_names) != 1:
         raise ModelFormatError(

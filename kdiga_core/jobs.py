@@ -20,9 +20,11 @@ import torch
 from kdiga_core import data as data_mod
 from kdiga_core import distributed, formats, models, provenance
 from kdiga_core import evaluate as evaluate_mod
+from kdiga_core import limits as limits_mod
 from kdiga_core.artifacts import ARTIFACT_KINDS, artifact
 from kdiga_core.config import EvalConfig, ModelSpec, ObjectiveConfig, TrainConfig
 from kdiga_core.errors import CancelledError, KdigaError
+from kdiga_core.limits import NO_LIMITS, Limits
 from kdiga_core.models import NormalizedModel
 from kdiga_core.train import TrainResult, resolve_device, train
 
@@ -120,23 +122,35 @@ class JobHooks:
     time_left: Callable[[], float | None] | None = None
 
 
-def validate_teacher(path: str | Path, spec: dict[str, Any] | None,
-                     *, allow_torchscript: bool = False) -> dict[str, Any]:
-    """Load an uploaded teacher once to prove it works; return what the row should hold."""
+def validate_teacher(path: str | Path, spec: dict[str, Any] | None, *, allow_torchscript: bool = False,
+                     limits: Limits = NO_LIMITS) -> dict[str, Any]:
+    """Load an uploaded teacher once to prove it works; return what the row should hold.
+
+    Refuses (`KdigaError`, one sentence) a model above the operator's `limits`, with non-finite
+    weights or normalisation, or whose logits on a probe batch are not finite (`kdiga_core.limits`).
+    """
     fmt = formats.sniff_format(path)
-    model = ModelInput(Path(path), spec).load(allow_torchscript=allow_torchscript)
-    model.eval()
-    x = torch.rand(2, *model.spec.input_shape)
-    with torch.no_grad():
-        logits = model(x)
+    if spec:  # caps on what the metadata declares, before a model of that size is built
+        limits_mod.check_shape_caps("teacher", spec.get("num_classes"), spec.get("in_chans"), limits)
+    with limits_mod.onnx_memory_limit(limits):
+        model = ModelInput(Path(path), spec).load(allow_torchscript=allow_torchscript)
+        model.eval()
+        limits_mod.check_shape_caps("teacher", model.spec.num_classes, model.spec.in_chans, limits)
+        limits_mod.check_normalisation(model.mean, model.std)  # its own sentence, before the weights'
+        limits_mod.check_weights(model, limits)
+        x = torch.rand(2, *model.spec.input_shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = model(x)
     if logits.ndim != 2 or logits.shape[1] != model.spec.num_classes:
         raise KdigaError(f"The model returns outputs of shape {tuple(logits.shape)}, "
                          f"expected (batch, {model.spec.num_classes}) logits.")
+    limits_mod.check_outputs(logits)
     return {"format": fmt, "spec": model.spec.to_dict(), "params": models.count_parameters(model)}
 
 
-def validate_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
-    """Load a dataset once; return its summary (classes, shapes, split sizes).
+def validate_dataset(dataset: dict[str, Any], *, limits: Limits = NO_LIMITS) -> dict[str, Any]:
+    """Load a dataset once; return its summary (classes, shapes, split sizes), or refuse one above
+    the caps on classes and input channels (before its summary, which lists every class, is built).
 
     A dataset by reference (``uri``) is listed or streamed instead (`data_ref.validate_reference`):
     its summary also holds the ``layout`` (counts per split and class, image sizes, corrupt files).
@@ -144,8 +158,12 @@ def validate_dataset(dataset: dict[str, Any]) -> dict[str, Any]:
     if dataset.get("uri"):
         from kdiga_core.data_ref import validate_reference
 
-        return validate_reference(dataset)
-    return load_data(dataset).summary()
+        summary = validate_reference(dataset)
+        limits_mod.check_shape_caps("dataset", summary["num_classes"], 3, limits)  # references decode to RGB
+        return summary
+    bundle = load_data(dataset)
+    limits_mod.check_shape_caps("dataset", bundle.num_classes, bundle.in_chans, limits)
+    return bundle.summary()
 
 
 def load_data(dataset: dict[str, Any], *, img_size: int | None = None, preset: str = "none") -> Any:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,50 @@ _DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.INT64: torch.int64,
     onnx.TensorProto.BOOL: torch.bool,
 }
+
+
+# How to upload an export whose weights sit in an external file (kdiga_core.onnx_archive reads the pair).
+INLINE_HINT = (
+    "inline the weights with `import onnx; onnx.save(onnx.load('model.onnx'), 'inline.onnx', "
+    "save_as_external_data=False)` (or export with `torch.onnx.export(..., external_data=False)`), "
+    "or upload model.onnx and model.onnx.data together as one zip or tar archive"
+)
+
+# The most bytes one node may build from a shape it computes (None: no limit); see `allocation_limit`.
+_ALLOC_LIMIT: ContextVar[int | None] = ContextVar("kdiga_onnx_alloc_limit", default=None)
+
+
+@contextmanager
+def allocation_limit(max_bytes: int | None) -> Iterator[None]:
+    """Within this block, refuse before allocating any tensor above `max_bytes` that a node builds
+    from a shape held in the graph (ConstantOfShape, Expand, Tile, Range, Pad), and initializers
+    summing above it: a small upload must not make the worker allocate gigabytes."""
+    token = _ALLOC_LIMIT.set(max_bytes)
+    try:
+        yield
+    finally:
+        _ALLOC_LIMIT.reset(token)
+
+
+def current_allocation_limit() -> int | None:
+    """The byte limit `allocation_limit` set here (None: none)."""
+    return _ALLOC_LIMIT.get()
+
+
+def _check_alloc(op: str, shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Raise before a node builds a tensor of `shape` larger than `allocation_limit` allows."""
+    limit = _ALLOC_LIMIT.get()
+    if limit is None:
+        return
+    if any(d < 0 for d in shape):
+        raise ModelFormatError(f"The ONNX model's {op} node asks for a negative size {list(shape)}.")
+    size = math.prod(int(d) for d in shape) * torch.empty((), dtype=dtype).element_size()
+    if size > limit:
+        raise ModelFormatError(
+            f"The ONNX model's {op} node would build a tensor of shape {list(shape)} "
+            f"({size / 2**20:,.0f} MiB), above this service's teacher memory limit of "
+            f"{limit / 2**20:,.0f} MiB (KDIGA_MAX_TEACHER_MEMORY_BYTES)."
+        )
 
 
 @dataclass(frozen=True)
@@ -220,6 +266,7 @@ def onnx_to_torch(model: str | Path | bytes | onnx.ModelProto, *, calibrate: boo
     _refuse_external_data(proto)
     proto = _normalise_opset(proto)
     graph = proto.graph
+    _check_initializer_bytes(graph.initializer)
     tensors = {init.name: _to_torch(init) for init in graph.initializer}
     nodes = _resolve_constants(_parse_nodes(graph.node), tensors)
     nodes, aliases = _resolve_identities(nodes)
@@ -234,6 +281,22 @@ def onnx_to_torch(model: str | Path | bytes | onnx.ModelProto, *, calibrate: boo
     if calibrate and len(input_names) == 1:
         module.calibrate_batch(input_shape(proto, input_names[0]))
     return module
+
+
+def _check_initializer_bytes(initializers: Sequence[onnx.TensorProto]) -> None:
+    """The weights' size from their declared dims, before any is converted."""
+    limit = _ALLOC_LIMIT.get()
+    if limit is None:
+        return
+    total = 0
+    for init in initializers:
+        dtype = _DTYPES.get(init.data_type, torch.float32)
+        total += math.prod(init.dims) * torch.empty((), dtype=dtype).element_size()
+    if total > limit:
+        raise ModelFormatError(
+            f"The ONNX model's weights take {total / 2**20:,.0f} MiB, above this service's teacher memory "
+            f"limit of {limit / 2**20:,.0f} MiB (KDIGA_MAX_TEACHER_MEMORY_BYTES)."
+        )
 
 
 def input_shape(proto: onnx.ModelProto, name: str) -> tuple[int | None, ...]:
@@ -260,10 +323,8 @@ def _refuse_external_data(proto: onnx.ModelProto) -> None:
     for node in proto.graph.node:
         tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
-        raise ModelFormatError(
-            "ONNX models that keep weights in external data files are refused; "
-            "re-export with all weights inside the .onnx file (models under 2 GB)."
-        )
+        raise ModelFormatError(f"This ONNX model keeps its weights in an external data file, which a bare .onnx "
+                               f"upload cannot bring; {INLINE_HINT}.")
     if len(proto.graph.sparse_initializer):
         raise ModelFormatError("ONNX models with sparse initializers are not supported.")
 
@@ -962,12 +1023,16 @@ def _gather_elements(args, attrs, opset):
 def _expand(args, attrs, opset):
     x, shape = args[0], _ints(args[1])
     # ONNX Expand broadcasts both ways: a 1 in `shape` keeps the input's size.
-    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape)))
+    out = torch.broadcast_shapes(tuple(x.shape), tuple(shape))
+    _check_alloc("Expand", out, x.dtype)  # a view now, but the next op materialises it
+    return x.expand(out)
 
 
 @_op("Tile")
 def _tile(args, attrs, opset):
-    return args[0].repeat(_ints(args[1]))
+    repeats = _ints(args[1])
+    _check_alloc("Tile", [d * r for d, r in zip(args[0].shape, repeats, strict=False)], args[0].dtype)
+    return args[0].repeat(repeats)
 
 
 @_op("Cast")
@@ -986,6 +1051,7 @@ def _cast_like(args, attrs, opset):
 @_op("ConstantOfShape")
 def _constant_of_shape(args, attrs, opset):
     value = attrs.get("value", torch.zeros(1, dtype=torch.float32))
+    _check_alloc("ConstantOfShape", _ints(args[0]), value.dtype)
     return torch.full(_ints(args[0]), value.reshape(-1)[0].item(), dtype=value.dtype, device=args[0].device)
 
 
@@ -997,6 +1063,8 @@ def _constant(args, attrs, opset):
 @_op("Range")
 def _range(args, attrs, opset):
     start, limit, delta = args
+    if float(delta.item()) != 0:
+        _check_alloc("Range", [max(0, math.ceil((limit.item() - start.item()) / delta.item()))], start.dtype)
     return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
@@ -1018,6 +1086,7 @@ def _pad(args, attrs, opset):
     full = [0] * 2 * x.dim()
     for i, axis in enumerate(a % x.dim() for a in axes):
         full[axis], full[axis + x.dim()] = pads[i], pads[i + len(axes)]
+    _check_alloc("Pad", [d + full[i] + full[i + x.dim()] for i, d in enumerate(x.shape)], x.dtype)
     torch_pads = _torch_pad(full)
     while torch_pads and torch_pads[-2:] == [0, 0]:  # F.pad wants only the padded trailing dims
         torch_pads = torch_pads[:-2]

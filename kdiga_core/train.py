@@ -286,6 +286,7 @@ def train(
         student.train()
         epoch_started = time.perf_counter()
         sums: dict[str, Tensor] = {}
+        watch = _LossWatch(device, epoch=epoch + 1, check=not ctx.distributed)
         correct = torch.zeros((), device=device)
         seen = micro = 0
         distributed.seed_epoch(generator, seed=train_cfg.seed, epoch=epoch, ctx=ctx)
@@ -302,16 +303,19 @@ def train(
                     out = _micro_step(objective, source, x, y, index, train_cfg, generator,
                                       progress=min(1.0, global_step / total_steps),
                                       cached=use_cache, scale=len(micro_batches))
-                # keep running sums on the device: no host sync unless someone listens per step
+                # keep running sums on the device: the host reads them only when progress is due
                 parts = {k: v.detach() if isinstance(v, Tensor) else v for k, v in out.items() if k != "logits"}
                 for key, v in parts.items():
                     sums[key] = sums.get(key, 0.0) + torch.as_tensor(v, device=device, dtype=torch.float32).detach()
+                watch.add(parts, global_step + 1)
                 correct += (out["logits"].argmax(1) == y).sum()
                 seen, micro = seen + len(y), micro + 1
             optimizer.step()
             global_step += 1
             session_steps += 1
 
+            if step == 1 or step == steps_per_epoch or watch.due():  # one device sync, not one per step
+                watch.read()
             if on_step is not None and ctx.is_main:
                 elapsed = time.perf_counter() - started
                 on_step({
@@ -319,10 +323,13 @@ def train(
                     "steps_per_epoch": steps_per_epoch, "global_step": global_step, "total_steps": total_steps,
                     "percent": min(100.0, 100.0 * global_step / total_steps),
                     "eta_s": elapsed / session_steps * (total_steps - global_step), "lr": lr,
-                    **{k: float(v) for k, v in parts.items()},
+                    **watch.values,
                 })
 
+        # DDP: checked once per epoch, on every rank alike (a NaN on one rank makes every sum NaN)
         totals = distributed.all_reduce_sums({**sums, "_correct": correct, "_seen": seen, "_micro": micro}, ctx)
+        if ctx.distributed:
+            watch.check_totals(totals)
         record = {"epoch": epoch + 1, "lr": lr, "seconds": time.perf_counter() - epoch_started,
                   "train_accuracy": totals.pop("_correct") / totals.pop("_seen"),
                   **{k: v / totals["_micro"] for k, v in totals.items() if k != "_micro"}}
@@ -350,3 +357,78 @@ def _micro_step(objective: Any, source: Any, x: Tensor, y: Tensor, index: Tensor
         out = objective(x, y, progress=progress, index=index if cached else None)
     (out["loss"] / scale if scale > 1 else out["loss"]).backward()
     return out
+
+
+# How often the host reads the loss parts (one device sync) for progress and the non-finite check.
+PROGRESS_READ_S = 1.0
+
+
+class _LossWatch:
+    """The loss parts of one epoch, kept on the device and read only when progress is due.
+
+    Reading a CUDA scalar waits for the GPU, so reading every part every step (``float(loss)``)
+    serialises the host and the device. Instead each step adds a few tiny device ops: the latest
+    values, and per part the first step whose value was not finite. `read` fetches both (one sync)
+    and, unless `check` is off (DDP: see `check_totals`), fails with a sentence naming that step.
+    """
+
+    def __init__(self, device: torch.device, *, epoch: int, check: bool = True):
+        self.device, self.epoch, self.check = device, epoch, check
+        self.keys: tuple[str, ...] = ()
+        self.latest: Tensor | None = None
+        self.first_bad: Tensor | None = None  # per part: first global step with a non-finite value, or -1
+        self.bad_value: Tensor | None = None
+        self.plain: dict[str, float] = {}  # parts that are Python numbers (e.g. γ) need no device
+        self.values: dict[str, float] = {}
+        self.last_read = time.perf_counter()
+
+    def add(self, parts: dict[str, Any], step: int) -> None:
+        tensors = {k: v for k, v in parts.items() if isinstance(v, Tensor)}
+        self.plain = {k: float(v) for k, v in parts.items() if not isinstance(v, Tensor)}
+        keys = tuple(tensors)
+        if keys != self.keys and self.latest is not None:
+            self.read()  # the objective changed its parts: settle the old ones first
+        if keys != self.keys or self.first_bad is None:
+            self.keys = keys
+            self.first_bad = torch.full((len(keys),), -1, dtype=torch.int64, device=self.device)
+            self.bad_value = torch.zeros(len(keys), device=self.device)
+        if not keys:
+            return
+        latest = torch.stack([t.reshape(()).to(self.device, torch.float32) for t in tensors.values()])
+        newly_bad = ~torch.isfinite(latest) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, step, self.first_bad)
+        self.bad_value = torch.where(newly_bad, latest, self.bad_value)  # type: ignore[arg-type]
+        self.latest = latest
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last_read >= PROGRESS_READ_S
+
+    def read(self) -> None:
+        """Fetch the latest values (one device sync); raise if a part was ever not finite."""
+        self.last_read = time.perf_counter()
+        if self.latest is not None and self.first_bad is not None:
+            self.values = dict(zip(self.keys, self.latest.tolist(), strict=True))
+            if self.check:
+                self._raise_if_bad(self.first_bad.tolist())
+        self.values.update(self.plain)
+
+    def check_totals(self, totals: dict[str, float]) -> None:
+        """DDP: the epoch's all-reduced sums; every rank sees the same ones, so all stop together."""
+        if all(math.isfinite(v) for v in totals.values()):
+            return
+        if self.first_bad is not None:
+            self._raise_if_bad(self.first_bad.tolist())
+        part = next(k for k, v in totals.items() if not math.isfinite(v))
+        raise KdigaError(f"Training stopped in epoch {self.epoch}: the loss part '{part}' was not finite on "
+                         "another device; lower the learning rate, or check the data and the teacher.")
+
+    def _raise_if_bad(self, first_bad: list[int]) -> None:
+        # the earliest step; at a tie, a named part (ce, kd, iga, ...) says more than their sum 'loss'
+        bad = [(step, key == "loss", i, key) for i, (step, key) in enumerate(zip(first_bad, self.keys, strict=True))
+               if step >= 0]
+        if not bad:
+            return
+        step, _, i, key = min(bad)
+        value = float(self.bad_value[i]) if self.bad_value is not None else math.nan
+        raise KdigaError(f"Training stopped at step {step} (epoch {self.epoch}): the loss part '{key}' was {value} "
+                         "(not finite); lower the learning rate, or check the data and the teacher.")

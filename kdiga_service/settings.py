@@ -156,6 +156,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Expected passes (forward or backward, per sample) a key's active jobs may add up to.",
     )
+    # Caps that teacher and dataset validation apply (kdiga_core/limits.py); above one, the upload is `invalid`.
+    max_classes: int = Field(default=10_000, ge=2, description="Most classes of a teacher or dataset.")
+    max_input_channels: int = Field(default=16, ge=1, description="Most input channels of a teacher or dataset.")
+    max_teacher_params: int = Field(default=100_000_000, ge=1, description="Most parameters of a teacher.")
+    max_teacher_memory_bytes: int = Field(
+        default=512 * 1024**2,
+        ge=1,
+        description="Most bytes a teacher's weights may take, and the largest tensor an ONNX node may build "
+        "while it is validated (estimated before it is built).",
+    )
     api_workers: int = Field(
         default=2,
         ge=1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
+from typing import Any
 
 from kdiga_service import crud
 from kdiga_service.models import (
@@ -30,7 +31,8 @@ def validate_teacher(teacher_id: str, *, settings: Settings | None = None) -> Ou
         key, spec = teacher.storage_key, dict(teacher.spec or {})
     try:
         with get_storage(s).local_path(key) as path:
-            info = core_jobs.validate_teacher(path, spec, allow_torchscript=s.allow_torchscript)
+            info = core_jobs.validate_teacher(path, spec, allow_torchscript=s.allow_torchscript,
+                                              limits=validation_limits(s))
         error, info = None, jsonable(info)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the row
         error, info = _validation_error(exc, "model", teacher_id), {}
@@ -55,7 +57,8 @@ def validate_dataset(dataset_id: str, *, settings: Settings | None = None) -> Ou
         session.expunge(dataset)
     try:
         with ExitStack() as stack:
-            summary = jsonable(core_jobs.validate_dataset(dataset_input(dataset, s, get_storage(s), stack)))
+            dataset_spec = dataset_input(dataset, s, get_storage(s), stack)
+            summary = jsonable(core_jobs.validate_dataset(dataset_spec, limits=validation_limits(s)))
         error = None
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the row
         error, summary = _validation_error(exc, "dataset", dataset_id), {}
@@ -63,6 +66,14 @@ def validate_dataset(dataset_id: str, *, settings: Settings | None = None) -> Ou
         crud.set_dataset_validated(session, dataset_id, info=summary, error=error)
     log.info("dataset validated", extra={"dataset_id": dataset_id, "error": error})
     return Outcome("failed" if error else "succeeded", error or "", result=summary)
+
+
+def validation_limits(s: Settings) -> Any:
+    """The operator's caps, as `kdiga_core.limits.Limits`."""
+    from kdiga_core.limits import Limits
+
+    return Limits(max_classes=s.max_classes, max_in_chans=s.max_input_channels,
+                  max_params=s.max_teacher_params, max_memory_bytes=s.max_teacher_memory_bytes)
 
 
 def _validation_error(exc: Exception, what: str, ref: str) -> str:

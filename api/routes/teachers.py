@@ -29,6 +29,7 @@ from api.uploads import (
     TORCHSCRIPT_REFUSED,
     UNKNOWN_MODEL_FORMAT,
     Upload,
+    check_model_archive,
     receive_upload,
     sniff_model_format,
 )
@@ -44,7 +45,8 @@ router = APIRouter(prefix="/teachers", tags=["teachers"], route_class=KdigaRoute
 
 UPLOAD_DESCRIPTION = """Upload a teacher (safetensors + metadata, or ONNX); the worker validates it.
 
-Send `multipart/form-data` with a `file` part (safetensors weights or an ONNX file; pickled
+Send `multipart/form-data` with a `file` part (safetensors weights, an ONNX file, or a zip/tar holding
+`model.onnx` with its external data `model.onnx.data`; pickled
 `torch.save` checkpoints are refused) and a `metadata` part holding JSON (TeacherMetadata), for example
 `{"name": "robust-cnn", "arch": "cnn_medium", "num_classes": 10, "in_chans": 1, "img_size": 8,
 "mean": [0.5], "std": [0.5]}`. `arch` and `num_classes` are required for safetensors.
@@ -70,7 +72,7 @@ UPLOAD_BODY: dict[str, Any] = {
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "safetensors or ONNX file",
+                            "description": "safetensors, ONNX, or a zip/tar of model.onnx + model.onnx.data",
                         },
                         "metadata": {
                             "type": "string",
@@ -102,6 +104,15 @@ def _check_format(fmt: str, meta: TeacherMetadata, settings: Settings) -> None:
         )
     if meta.arch is not None and (message := check_name("architectures", meta.arch)):
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+
+
+def _archive_problem(store: Any, key: str, settings: Settings) -> str | None:
+    """An ONNX model sent as a zip or tar (with its external data): the checks every archive gets."""
+    with store.open(key) as f:
+        start = f.read(512)  # a tar's magic sits at byte 257, past the upload's kept head
+    if start[:4] == b"PK\x03\x04" or start[:2] == b"\x1f\x8b" or start[257:262] == b"ustar":
+        return check_model_archive(store, key, max_unpacked_bytes=2 * settings.max_upload_bytes)
+    return None
 
 
 def _early_check(settings: Settings) -> Any:
@@ -151,7 +162,7 @@ async def _teacher_row(session: Session, owner_id: str, meta: TeacherMetadata, f
                        key: str | None, digest: str) -> Teacher:
     """The row for this upload: an earlier one made with the same Idempotency-Key, else a new one."""
     if earlier := await to_thread.run_sync(find_replay, session, Teacher, owner_id, key):
-        return earlier  # type: ignore[no-any-return]
+        return earlier
     assert upload.stored is not None
     inserted = await to_thread.run_sync(_insert_teacher, session, owner_id, meta, fmt, upload.stored,
                                         upload.filename, key, digest)
@@ -193,6 +204,8 @@ async def create_teacher(
         meta = parse_json_field(upload.fields.get("metadata"), TeacherMetadata, max_bytes=settings.max_json_bytes)
         fmt = await to_thread.run_sync(sniff_model_format, store, key, upload.head, upload.filename)
         _check_format(fmt, meta, settings)
+        if fmt == "onnx" and (problem := await to_thread.run_sync(_archive_problem, store, key, settings)):
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
         digest = upload_digest("teacher", upload.stored.sha256, meta.model_dump(mode="json"))
         teacher = await _teacher_row(session, owner.id, meta, fmt, upload, idempotency_key, digest)
     except BaseException:
@@ -200,7 +213,7 @@ async def create_teacher(
         raise
     if teacher.storage_key != key:  # an earlier upload with this key: keep its file, drop this one
         await to_thread.run_sync(store.delete, key)
-        return replay(teacher, digest, idempotency_key or "", response)  # type: ignore[no-any-return]
+        return replay(teacher, digest, idempotency_key or "", response)
     await publish_or_undo_async(session, settings, teacher, task=VALIDATE_TEACHER,
                                 queue=validation_queue(settings), store=store, what="teacher")
     return teacher

@@ -331,8 +331,10 @@ def test_external_data_is_refused(tmp_path):
     )
     assert (tmp_path / "weights.bin").exists()
     message = (
-        "ONNX models that keep weights in external data files are refused; "
-        "re-export with all weights inside the .onnx file (models under 2 GB)."
+        "This ONNX model keeps its weights in an external data file, which a bare .onnx upload cannot bring; "
+        "inline the weights with `import onnx; onnx.save(onnx.load('model.onnx'), 'inline.onnx', "
+        "save_as_external_data=False)` (or export with `torch.onnx.export(..., external_data=False)`), "
+        "or upload model.onnx and model.onnx.data together as one zip or tar archive."
     )
     with pytest.raises(ModelFormatError) as info:
         onnx_to_torch(path)

@@ -133,3 +133,41 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(KdigaError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_a_nan_input_stops_training_naming_the_step_and_part():
+    data = toy_data()
+    data.x_train = data.x_train.clone()
+    data.x_train[:] = float("nan")  # every batch: the first step already fails
+    seen = []
+    with pytest.raises(KdigaError) as err:
+        train(tiny(), data, ObjectiveConfig(method="ce"), cfg(epochs=3), on_step=seen.append)
+    assert str(err.value) == ("Training stopped at step 1 (epoch 1): the loss part 'ce' was nan (not finite); "
+                              "lower the learning rate, or check the data and the teacher.")
+    assert seen == []  # it failed before reporting a NaN as progress
+
+
+def test_a_diverging_learning_rate_stops_within_the_epoch_naming_the_first_bad_step():
+    seen = []
+    with pytest.raises(KdigaError, match=r"^Training stopped at step (\d+) \(epoch 1\): the loss part '\w+' was "
+                                         r"(nan|inf|-inf) \(not finite\)") as err:
+        train(tiny(), toy_data(), ObjectiveConfig(method="ce"), cfg(epochs=5, lr=1e30), on_step=seen.append)
+    step = int(str(err.value).split()[4])
+    assert 2 <= step <= 3 and len(seen) < 3  # 3 steps per epoch: it never reached epoch 2
+    assert all(math.isfinite(v) for p in seen for v in p.values() if isinstance(v, float))
+
+
+def test_loss_parts_are_read_once_per_progress_interval_not_every_step(monkeypatch):
+    """Reading a device scalar waits for the device: the loop reads at step 1, when progress is due,
+    and at each epoch's end; between reads the progress dicts carry the last values read."""
+    from kdiga_core import train as train_mod
+
+    reads = []
+    original = train_mod._LossWatch.read
+    monkeypatch.setattr(train_mod, "PROGRESS_READ_S", 3600.0)
+    monkeypatch.setattr(train_mod._LossWatch, "read", lambda self: (reads.append(1), original(self))[1])
+    seen = []
+    data = toy_data(n=320)  # 10 steps of 32 per epoch
+    train(tiny(), data, ObjectiveConfig(method="ce"), cfg(epochs=2), on_step=seen.append)
+    assert len(seen) == 20 and len(reads) == 4
+    assert seen[1]["ce"] == seen[0]["ce"] and seen[9]["ce"] != seen[0]["ce"]
