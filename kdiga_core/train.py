@@ -302,7 +302,7 @@ def train(
                 with distributed.sync_on(model, last=i == len(micro_batches) - 1):  # DDP: one all-reduce a step
                     out, y = _micro_step(objective, x_train, y_train, index.to(device), train_cfg, generator,
                                          progress=global_step / total_steps, cached=use_cache,
-                                         scale=len(micro_batches))
+                                         scale=len(micro_batches), step=global_step)
                 # keep running sums on the device: no host sync unless someone listens per step
                 parts = {k: v.detach() if isinstance(v, Tensor) else v for k, v in out.items() if k != "logits"}
                 for key, v in parts.items():
@@ -345,7 +345,7 @@ def train(
 
 def _micro_step(objective: Any, x_train: Tensor, y_train: Tensor, index: Tensor, train_cfg: TrainConfig,
                 generator: torch.Generator, *, progress: float, cached: bool,
-                scale: int) -> tuple[dict[str, Any], Tensor]:
+                scale: int, step: int = 0) -> tuple[dict[str, Any], Tensor]:
     """Forward and backward of one micro-batch; the loss is divided by the micro-batches of its step."""
     x, y = x_train[index], y_train[index]
     if train_cfg.augment:
@@ -355,6 +355,6 @@ def _micro_step(objective: Any, x_train: Tensor, y_train: Tensor, index: Tensor,
     if x.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device, train_cfg):
-        out = objective(x, y, progress=progress, index=index if cached else None)
+        out = objective(x, y, progress=progress, index=index if cached else None, step=step)
     (out["loss"] / scale if scale > 1 else out["loss"]).backward()
     return out, y
