@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from kdiga_core import distributed
+from kdiga_core import distributed, teacher_bank
 from kdiga_core.config import ObjectiveConfig, TrainConfig
 from kdiga_core.errors import CancelledError, KdigaError
 from kdiga_core.objectives import TEACHER_METHODS, build_objective
@@ -195,7 +195,8 @@ def _check_same_run(meta: dict[str, Any], obj_cfg: ObjectiveConfig, train_cfg: T
     # a field added since the checkpoint was written counts as its default
     saved_train = {k: v for k, v in {**TrainConfig().to_dict(), **meta["train"]}.items() if k != "device"}
     wanted_train = {k: v for k, v in train_cfg.to_dict().items() if k != "device"}
-    if not (same(meta["objective"], obj_cfg.to_dict()) and same(saved_train, wanted_train)):
+    saved_objective = {**ObjectiveConfig().to_dict(), **meta["objective"]}
+    if not (same(saved_objective, obj_cfg.to_dict()) and same(saved_train, wanted_train)):
         raise KdigaError("The checkpoint was made with a different configuration; start without resume.")
 
 
@@ -249,6 +250,8 @@ def train(
         student.to(memory_format=torch.channels_last)
     if teacher is not None:
         teacher.to(device)  # DDP: replicated on every rank, never wrapped (it has no gradient)
+        if device.type == "cuda":  # its first-order side runs under the step's bf16 autocast
+            teacher.to(memory_format=torch.channels_last)
     model = distributed.wrap(student, ctx)  # DDP: the objective trains through the wrapper
     objective = build_objective(obj_cfg, model, teacher, generator=generator)
     optimizer = _make_optimizer(student, train_cfg)
@@ -278,6 +281,10 @@ def train(
     if use_cache:
         distributed.precompute_teacher(objective, x_train, y_train, batch_size=max(256, train_cfg.batch_size),
                                        ctx=ctx)
+    # With augmentation: K fixed augmentations per sample, the teacher run over them once.
+    bank = teacher_bank.for_training(objective, x_train, y_train, k=obj_cfg.teacher_bank_k, augment=train_cfg.augment,
+                                     hflip=train_cfg.hflip, seed=train_cfg.seed, device=device,
+                                     checkpoint_dir=checkpoint_dir, rank=ctx.rank)
 
     started, session_steps = time.perf_counter(), 0
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -302,7 +309,7 @@ def train(
                 with distributed.sync_on(model, last=i == len(micro_batches) - 1):  # DDP: one all-reduce a step
                     out, y = _micro_step(objective, x_train, y_train, index.to(device), train_cfg, generator,
                                          progress=global_step / total_steps, cached=use_cache,
-                                         scale=len(micro_batches), step=global_step)
+                                         scale=len(micro_batches), step=global_step, bank=bank)
                 # keep running sums on the device: no host sync unless someone listens per step
                 parts = {k: v.detach() if isinstance(v, Tensor) else v for k, v in out.items() if k != "logits"}
                 for key, v in parts.items():
@@ -337,6 +344,8 @@ def train(
             if on_checkpoint is not None:
                 on_checkpoint(Path(checkpoint_dir))
 
+    if bank is not None:
+        bank.close()
     distributed.broadcast_model(student, ctx)  # DDP: every rank returns rank 0's model, running stats included
     student.eval()
     return TrainResult(model=student, history=history, steps=global_step,
@@ -345,10 +354,13 @@ def train(
 
 def _micro_step(objective: Any, x_train: Tensor, y_train: Tensor, index: Tensor, train_cfg: TrainConfig,
                 generator: torch.Generator, *, progress: float, cached: bool,
-                scale: int, step: int = 0) -> tuple[dict[str, Any], Tensor]:
+                scale: int, step: int = 0, bank: Any = None) -> tuple[dict[str, Any], Tensor]:
     """Forward and backward of one micro-batch; the loss is divided by the micro-batches of its step."""
     x, y = x_train[index], y_train[index]
-    if train_cfg.augment:
+    if bank is not None:  # replay the banked augmentation; the teacher's outputs are read by bank row
+        x, index = bank.replay(x, index, generator)
+        cached = True
+    elif train_cfg.augment:
         from kdiga_core.data import augment_batch
 
         x = augment_batch(x, generator, pad=max(1, x.shape[-1] // 8), hflip=train_cfg.hflip)
