@@ -135,6 +135,7 @@ class TeacherBank(TeacherCache):
         `KdigaError` that says how much it needs.
         """
         n = len(x)
+        teacher.eval()  # frozen: batch-norm running statistics, whatever mode it came in
         params = draw_augmentations(n, k, pad=pad, hflip=hflip, generator=torch.Generator().manual_seed(seed))
         num_classes = _num_classes(teacher, x[:1].to(device))
         size = bank_bytes(n, k, num_classes, tuple(x.shape[1:]), grads=need_grad)
@@ -217,18 +218,28 @@ def _fill(teacher: nn.Module, x: Tensor, y: Tensor, params: Tensor, pad: int, lo
 
 
 def for_training(objective, x: Tensor, y: Tensor, *, k: int, augment: bool, hflip: bool, seed: int,
-                 device: torch.device, checkpoint_dir: str | Path | None, rank: int = 0) -> TeacherBank | None:
+                 device: torch.device, checkpoint_dir: str | Path | None, rank: int = 0,
+                 budget_bytes: int | None = None) -> TeacherBank | None:
     """The bank the training loop replays, set as the objective's cache; None when it does not apply
     (no augmentation, K = 0 or a method without a teacher).
 
-    Its files go beside the checkpoint folder, not in it: that folder is uploaded after every epoch.
+    Its files go beside the job's checkpoint folder, not in it: that folder (with the γ sweep's
+    trial folders inside it) is uploaded after every epoch.
     Under torch.distributed every rank builds the whole bank (each rank's shard changes every epoch).
     """
     if objective.teacher is None or not augment or k == 0:
         return None
-    directory = None if checkpoint_dir is None else Path(checkpoint_dir).parent / f"teacher_bank-rank{rank}"
+    directory = None if checkpoint_dir is None else _scratch(Path(checkpoint_dir)) / f"teacher_bank-rank{rank}"
     bank = TeacherBank.build(objective.teacher, x, y, k=k, pad=max(1, x.shape[-1] // 8), hflip=hflip,
                              need_grad=objective.needs_teacher_grads(), device=device, seed=seed,
-                             directory=directory)
+                             directory=directory, budget_bytes=budget_bytes)
     objective.cache = bank
     return bank
+
+
+def _scratch(checkpoint_dir: Path) -> Path:
+    """The folder holding the job's ``checkpoint`` folder (the sweep's trials live deeper inside it)."""
+    for folder in (checkpoint_dir, *checkpoint_dir.parents):
+        if folder.name == "checkpoint":
+            return folder.parent
+    return checkpoint_dir.parent

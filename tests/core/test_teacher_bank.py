@@ -116,3 +116,16 @@ def test_a_resumed_run_with_a_bank_is_bit_identical(tmp_path):
     resumed = train(tiny_cnn(), data, obj, cfg, teacher=tiny_cnn(seed=1), checkpoint_dir=ckpt, resume=True).model
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_bank_files_stay_out_of_the_uploaded_checkpoint_tree(tmp_path):
+    from kdiga_core.teacher_bank import for_training
+
+    x, y = images()
+    objective = build_objective(ObjectiveConfig(method="kdiga", gamma=1.0), tiny_cnn(), tiny_cnn(seed=1))
+    trial = tmp_path / "job" / "checkpoint" / "sweep" / "trial-3"  # where the γ sweep trains a trial
+    bank = for_training(objective, x, y, k=2, augment=True, hflip=True, seed=0, device=torch.device("cpu"),
+                        checkpoint_dir=trial, budget_bytes=0)  # no memory: the memory-mapped files
+    assert objective.cache is bank and bank.stats["kept_in"] == str(tmp_path / "job" / "teacher_bank-rank0")
+    assert not list((tmp_path / "job" / "checkpoint").rglob("*.npy"))
+    bank.close()
