@@ -18,6 +18,7 @@ minimum over rounds is kept (the least disturbed epoch) in wall and in CPU time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -65,6 +66,18 @@ class Pair:
     hflip: bool
     eps: float
     batch: int = 64
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: str) -> Pair:
+        """On CUDA: data and models on the GPU, channels_last, as `train` runs them (bf16 autocast in
+        `one_epoch`). Not measured yet: no GPU time was left for issue 13."""
+        self.device = torch.device(device)
+        self.x, self.y = self.x.to(self.device), self.y.to(self.device)
+        for model in (self.teacher, self.student):
+            model.to(self.device)
+            if self.device.type == "cuda":
+                model.to(memory_format=torch.channels_last)
+        return self
 
 
 @dataclass
@@ -94,7 +107,7 @@ def generated_pair(n: int = 256, seed: int = 0) -> Pair:
 def build_bank(pair: Pair, k: int, need_grad: bool) -> tuple[TeacherBank, dict[str, float]]:
     cpu = time.process_time()
     bank = TeacherBank.build(pair.teacher, pair.x, pair.y, k=k, pad=max(1, pair.x.shape[-1] // 8), hflip=pair.hflip,
-                             need_grad=need_grad, device=torch.device("cpu"), seed=0, budget_bytes=2**34)
+                             need_grad=need_grad, device=pair.device, seed=0, budget_bytes=2**34)
     return bank, {"seconds": bank.stats["seconds"], "cpu_s": time.process_time() - cpu, "mib": bank.stats["bytes"] / 2**20}
 
 
@@ -110,21 +123,37 @@ def one_epoch(pair: Pair, spec: dict[str, Any], student: nn.Module, bank: Teache
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
     order = torch.randperm(len(pair.x), generator=gen)
     student.train()
+    _sync(pair.device)
     wall, cpu = time.perf_counter(), time.process_time()
     for step, idx in enumerate(order.split(pair.batch)):
+        idx = idx.to(pair.device)
         x, y, index = pair.x[idx], pair.y[idx], None
         if bank is not None:
             x, index = bank.replay(x, idx, gen)
         else:
             x = augment_batch(x, gen, pad=max(1, x.shape[-1] // 8), hflip=pair.hflip)
         optimizer.zero_grad(set_to_none=True)
-        if author:
-            loss = reference_kdiga_loss(student, pair.teacher, x, y, alpha=cfg.alpha, tau=cfg.tau, gamma=GAMMA)["loss"]
-        else:
-            loss = objective(x, y, progress=1.0, index=index, step=step)["loss"]
+        with _autocast(pair.device):
+            if author:  # the author's code runs in float32: no autocast for the reference
+                with torch.autocast(pair.device.type, enabled=False):
+                    loss = reference_kdiga_loss(student, pair.teacher, x, y, alpha=cfg.alpha, tau=cfg.tau,
+                                                gamma=GAMMA)["loss"]
+            else:
+                loss = objective(x, y, progress=1.0, index=index, step=step)["loss"]
         loss.backward()
         optimizer.step()
+    _sync(pair.device)
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (train's default), nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_pair(pair: Pair, specs: dict[str, dict[str, Any]], rounds: int, log: Callable[[str], None]) -> dict[str, Timing]:
@@ -156,16 +185,19 @@ def uptime() -> str:
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} cores"
 
 
-def run(*, quick: bool, log: Callable[[str], None], lazy: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(*, quick: bool, log: Callable[[str], None], lazy: dict[str, Any] | None = None,
+        device: str = "cpu") -> dict[str, Any]:
     """Both pairs (digits only with --quick); the minimum over the rounds per method."""
     # digits epochs take a fraction of a second: more rounds there
     pairs = [(digits_pair(), 1)] if quick else [(digits_pair(), 5), (generated_pair(), 2)]
+    pairs = [(pair.to(device), rounds) for pair, rounds in pairs]
     out: dict[str, Any] = {"load_start": uptime(), "lazy": lazy or LAZY, "bank_k": BANK_K, "gamma": GAMMA,
-                           "pairs": []}
+                           "device": device, "pairs": []}
     for pair, rounds in pairs:
         timings = run_pair(pair, methods(pair.eps, lazy), rounds, log)
         ce_wall, ce_cpu = min(timings["ce"].wall), min(timings["ce"].cpu)
         rows = {name: {"wall_s": min(t.wall), "cpu_s": min(t.cpu), "wall_vs_ce": min(t.wall) / ce_wall,
+                       "images_per_s": len(pair.x) / min(t.wall),
                        "cpu_vs_ce": min(t.cpu) / ce_cpu, "bank_build": t.bank_build}
                 for name, t in timings.items()}
         out["pairs"].append({"pair": pair.name, "samples": len(pair.x), "batch": pair.batch, "rounds": rounds,
@@ -179,16 +211,18 @@ TARGET_VS_RSLAD = 1 / 3  # issue 13: KDIGA default epoch ≤ ⅓ of RSLAD's and 
 
 def markdown(out: dict[str, Any]) -> str:
     """One table per pair: wall and CPU seconds, ratios to CE, and the targets of issue 13."""
-    parts = [f"Load at the start: {out['load_start']}; at the end: {out['load_end']}. γ = {out['gamma']} (no "
+    parts = [f"Device: {out.get('device', 'cpu')}. "
+             f"Load at the start: {out['load_start']}; at the end: {out['load_end']}. γ = {out['gamma']} (no "
              f"warm-up), lazy = {out['lazy']}, bank K = {out['bank_k']}; batch 64, SGD, augmentation on."]
     for p in out["pairs"]:
         rows = p["rows"]
-        table = ["| method | epoch wall s | × CE (wall) | epoch CPU s | × CE (CPU) | bank build s (CPU s), MiB |",
-                 "|---|---|---|---|---|---|"]
+        table = ["| method | epoch wall s | images/s | × CE (wall) | epoch CPU s | × CE (CPU) | "
+                 "bank build s (CPU s), MiB |", "|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             b = r["bank_build"]
             build = f"{b['seconds']:.2f} ({b['cpu_s']:.2f}), {b['mib']:.1f}" if b else "–"
-            table.append(f"| {name} | {r['wall_s']:.2f} | {r['wall_vs_ce']:.2f} | {r['cpu_s']:.2f} | "
+            table.append(f"| {name} | {r['wall_s']:.2f} | {p['samples'] / r['wall_s']:.0f} | {r['wall_vs_ce']:.2f} | "
+                         f"{r['cpu_s']:.2f} | "
                          f"{r['cpu_vs_ce']:.2f} | {build} |")
         verdicts = []
         for name in ("kdiga", "kdiga_lazy", "kdiga_bank", "kdiga_lazy_bank"):
@@ -212,10 +246,11 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: bf16 autocast, channels_last)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
-    out = run(quick=a.quick, log=lambda m: print(m, file=sys.stderr, flush=True))  # noqa: T201
+    out = run(quick=a.quick, device=a.device, log=lambda m: print(m, file=sys.stderr, flush=True))  # noqa: T201
     with open(a.out, "w") as fh:
         json.dump(out, fh, indent=1)
     print(markdown(out))  # noqa: T201
