@@ -119,7 +119,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def run(*, epochs: int, seeds: int, lazy: tuple[tuple[int, float], ...] = LAZY_GRID, bank_k: int, subset: int, aa_points: int,
         aa_queries: int, teacher_path: Path | None, teacher_epochs: int, plot: Path | None,
-        log: Callable[[str], None], partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        log: Callable[[str], None], partial: Callable[[dict[str, Any]], None] | None = None,
+        first_seed: int = 0) -> dict[str, Any]:
     torch.set_num_threads(1)
     data = load_dataset("digits")
     points = evaluation_points(data, subset, seed=0)
@@ -133,7 +134,7 @@ def run(*, epochs: int, seeds: int, lazy: tuple[tuple[int, float], ...] = LAZY_G
                            "threshold": threshold, "epochs": epochs, "seeds": seeds, "subset": subset,
                            "aa_points": aa_points, "aa_queries": aa_queries, "lazy": lazy, "bank_k": bank_k,
                            "runs": []}
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for method, spec in student_methods(lazy, bank_k).items():
             run_ = curve(method, spec, data, teacher, points, epochs=epochs, seed=seed)
             model = run_.pop("model")
@@ -225,6 +226,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … (to split seeds over processes)")
     p.add_argument("--bank-k", type=int, default=4)
     p.add_argument("--subset", type=int, default=100)
     p.add_argument("--aa-points", type=int, default=50)
@@ -234,7 +236,7 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
-    out = run(epochs=a.epochs, seeds=a.seeds, bank_k=a.bank_k, subset=a.subset, aa_points=a.aa_points,
+    out = run(epochs=a.epochs, seeds=a.seeds, first_seed=a.first_seed, bank_k=a.bank_k, subset=a.subset, aa_points=a.aa_points,
               aa_queries=a.aa_queries, teacher_path=a.teacher, teacher_epochs=a.teacher_epochs, plot=a.plot,
               log=lambda m: print(m, file=sys.stderr, flush=True),  # noqa: T201
               partial=lambda o: a.out.with_suffix(".partial.json").write_text(json.dumps(o, indent=1)))
