@@ -131,6 +131,8 @@ class ObjectiveConfigSchema(_Strict):
     kd/kdiga: L = alpha*tau^2*KL(T||S) + (1-alpha)*CE + gamma*IGA.
     gamma_warmup: fraction of total steps over which gamma ramps linearly from 0.
     iga_noise_eps: if > 0, input gradients are taken at x + U(-eps, eps) (author's variant).
+    iga_every / iga_fraction: lazy IGA (every k-th step, scaled by k; on a share of the batch).
+    teacher_bank_k: K precomputed teacher augmentations per sample for augmented training (0: off).
     ard/rslad/pgd_at/trades use the attack_* fields for their inner PGD.
     """
 
@@ -144,6 +146,15 @@ class ObjectiveConfigSchema(_Strict):
     iga_reduction: IGAReduction = "per_sample"
     fd_step: float = Field(default=1e-2, gt=0, le=0.5)
     iga_noise_eps: float = Field(default=0.0, ge=0)
+    iga_every: int = Field(
+        default=1, ge=1, le=64,
+        description="Lazy IGA: the IGA term every k-th step only, scaled by k (1: every step, exact).")
+    iga_fraction: float = Field(
+        default=1.0, gt=0.0, le=1.0,
+        description="Lazy IGA: the IGA term on this share of each batch (its first ceil(f·B) samples).")
+    teacher_bank_k: int = Field(
+        default=0, ge=0, le=64,
+        description="With train.augment: precompute the teacher for K fixed augmentations per sample (0: off).")
     attack_eps: float = Field(default=8 / 255, ge=0, description="Inner attack radius (adversarial methods).")
     attack_step: float = Field(default=2 / 255, gt=0)
     attack_steps: int = Field(default=10, ge=1)

@@ -1,8 +1,10 @@
 """The benchmark harness: `python -m benchmarks.run [--quick] [--cases step,attack,api,flops] [--out BENCHMARKS.md]`.
 
 Cases: step, flops, attack, api (the default set, with layout and threads), demo, sse, ddp (1 vs 2
-gloo ranks; `python -m benchmarks.ddp_bench` is the same measurement on a GPU machine) and data (the
-streaming input pipeline at 10k and 100k images; `python -m benchmarks.data_bench`).
+gloo ranks; `python -m benchmarks.ddp_bench` is the same measurement on a GPU machine), data (the
+streaming input pipeline at 10k and 100k images; `python -m benchmarks.data_bench`), and the
+issue-13 cases epoch (one augmented epoch per method) and time_to_robust (digits, 3 seeds; not in
+the default set: it takes about half an hour on 2 cores).
 Other options: --threads N (torch intra-op threads), --step-budget-s S (start no new step row
 after S seconds), --models/--inputs/--repeats/--teacher (narrow the step case).
 
@@ -394,10 +396,32 @@ def case_data(args, log) -> str:
     ])
 
 
+def case_epoch(args, log) -> str:
+    """One augmented epoch per method, as ratios to CE (issue 13; benchmarks/epoch_bench.py)."""
+    from benchmarks import epoch_bench
+
+    out = epoch_bench.run(quick=args.quick, log=log)
+    return "### epoch: one augmented epoch per method (CPU)\n\n" + epoch_bench.markdown(out)
+
+
+def case_time_to_robust(args, log) -> str:
+    """Robust accuracy against training time on digits (issue 13; benchmarks/time_to_robust.py)."""
+    from benchmarks import time_to_robust
+
+    plot = Path("benchmarks/results/time_to_robust_digits.png")
+    small = dict(epochs=2, seeds=1, subset=50, aa_points=10, aa_queries=100, teacher_epochs=1) if args.quick else {}
+    settings = {"epochs": 12, "seeds": 3, "subset": 100, "aa_points": 50, "aa_queries": 500, "teacher_epochs": 8,
+                **small}
+    out = time_to_robust.run(**settings, bank_k=4, teacher_path=None, plot=None if args.quick else plot, log=log)
+    return ("### time_to_robust: digits, augmentation on\n\n"
+            + time_to_robust.markdown(out, None if args.quick else str(plot)))
+
+
 CASES: dict[str, Callable[..., str]] = {
     "step": case_step, "flops": case_flops, "attack": case_attack, "api": case_api, "layout": case_layout,
     "threads": case_threads, "demo": case_demo, "precision": case_precision,
-    "compile": case_compile, "sse": case_sse, "ddp": case_ddp, "data": case_data,
+    "compile": case_compile, "sse": case_sse, "ddp": case_ddp, "data": case_data, "epoch": case_epoch,
+    "time_to_robust": case_time_to_robust,
 }
 DEFAULT_CASES = "step,flops,attack,api,layout,precision,compile,threads,demo,ddp"
 

@@ -199,6 +199,11 @@ class ObjectiveConfig(_FromDict):
     kd/kdiga: L = alpha*tau^2*KL(T||S) + (1-alpha)*CE + gamma*IGA.
     gamma_warmup: fraction of total steps over which gamma ramps linearly from 0.
     iga_noise_eps: if > 0, input gradients are taken at x + U(-eps, eps) (author's variant).
+    iga_every / iga_fraction: lazy IGA (StyleGAN2's lazy R1): the IGA term only on every
+        iga_every-th step, scaled by iga_every, and on the first ceil(iga_fraction·B) samples of
+        the (already shuffled) batch. 1 and 1.0: exact full-batch IGA on every step.
+    teacher_bank_k: with augmentation, precompute the teacher's logits and input gradients for
+        this many fixed augmentations of every training sample (kdiga_core.teacher_bank); 0: off.
     ard/rslad/pgd_at/trades use the attack_* fields for their inner PGD.
     """
 
@@ -213,6 +218,9 @@ class ObjectiveConfig(_FromDict):
     iga_reduction: IGAReduction = "per_sample"
     fd_step: float = 1e-2
     iga_noise_eps: float = 0.0
+    iga_every: int = 1
+    iga_fraction: float = 1.0
+    teacher_bank_k: int = 0
     # inner attack for adversarial methods (ARD, RSLAD, PGD-AT, TRADES)
     attack_eps: float = 8 / 255
     attack_step: float = 2 / 255
@@ -240,6 +248,11 @@ class ObjectiveConfig(_FromDict):
         _check(self.iga_reduction in ("per_sample", "author"), "iga_reduction must be one of: author, per_sample.")
         _check(0 < self.fd_step <= 0.5, "fd_step must be in (0, 0.5].")
         _check(self.iga_noise_eps >= 0, "iga_noise_eps must be zero or positive.")
+        _check(isinstance(self.iga_every, int) and 1 <= self.iga_every <= 64,
+               "iga_every must be a whole number between 1 and 64.")
+        _check(0.0 < self.iga_fraction <= 1.0, "iga_fraction must be in (0, 1].")
+        _check(isinstance(self.teacher_bank_k, int) and 0 <= self.teacher_bank_k <= 64,
+               "teacher_bank_k must be a whole number between 0 and 64.")
         _check(self.attack_eps >= 0 and self.attack_step > 0 and self.attack_steps >= 1,
                "attack_eps must be >= 0, attack_step > 0 and attack_steps >= 1.")
 

@@ -19,6 +19,7 @@ training set when there is no augmentation (method.md §3).
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -196,6 +197,8 @@ class Objective:
         progress: fraction of training done, in [0, 1] (drives γ warm-up).
         index: the samples' positions in the training set; when given and `precompute_teacher`
             was called, the teacher's outputs are read from the cache instead of recomputed.
+        step: the optimizer step (0-based) this batch belongs to, which lazy IGA's schedule reads;
+            micro-batches of one step share it. None: the calls are counted.
 
     Returns:
         dict with ``loss`` (scalar to backpropagate), ``logits`` (student logits on the batch it
@@ -211,11 +214,16 @@ class Objective:
         # so training attacks are L∞ until it grows one and this reads it.
         self.attack_norm = "Linf"
         self.cache: TeacherCache | None = None
+        # the optimizer step this call belongs to (lazy IGA): the loop passes it, else calls are counted
+        self.calls = self.step = 0
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
 
-    def __call__(self, x: Tensor, y: Tensor, *, progress: float = 0.0, index: Tensor | None = None) -> dict[str, Any]:
+    def __call__(self, x: Tensor, y: Tensor, *, progress: float = 0.0, index: Tensor | None = None,
+                 step: int | None = None) -> dict[str, Any]:
+        self.step = self.calls if step is None else step
+        self.calls += 1
         return self.forward(x, y, progress=progress, index=index)
 
     def forward(self, x: Tensor, y: Tensor, *, progress: float, index: Tensor | None) -> dict[str, Any]:
@@ -359,6 +367,7 @@ class KDIGAObjective(Objective):
         self.kd_reduction = "mean" if cfg.iga_reduction == "author" else "batchmean"
         self.mode: str | None = None  # resolved on the first batch (needs the input shape)
         self.batchnorm = _has_batchnorm(student)
+        self.last_iga = torch.zeros(())  # lazy steps report the last measured IGA
 
     def needs_teacher_grads(self) -> bool:
         # with input noise the gradients are taken at a fresh random point each step: not cacheable
@@ -379,13 +388,19 @@ class KDIGAObjective(Objective):
                 self.mode = "finite_difference"
         return self.mode
 
+    def iga_due(self) -> bool:
+        """Lazy IGA: the term runs on every `iga_every`-th optimizer step (StyleGAN2's lazy R1)."""
+        return self.use_iga and self.step % self.cfg.iga_every == 0
+
     def forward(self, x, y, *, progress, index):
         c = self.cfg
-        noisy = self.use_iga and c.iga_noise_eps > 0
-        # with input noise only the clean logits come from the cache; g_t is taken at the noised point below
-        z_t, g_t = self.teacher_batch(x, y, index, need_grad=self.use_iga and not noisy)
-        # share the clean forward between the KD/CE loss and the first-order input gradient
-        x_in = x.detach().requires_grad_(self.use_iga and not noisy)
+        due = self.iga_due()
+        noisy = due and c.iga_noise_eps > 0
+        part = max(1, math.ceil(c.iga_fraction * len(x))) if due else 0
+        whole = due and not noisy and part == len(x)  # the exact full-batch path shares the clean forward
+        # a lazy step needs neither g_t nor ∇ₓ: no teacher backward, no input gradient
+        z_t, g_t = self.teacher_batch(x, y, index, need_grad=whole)
+        x_in = x.detach().requires_grad_(whole)
         logits = self.student(x_in)
         self.check_classes(logits, z_t)
         ce = cross_entropy(logits, y)
@@ -395,15 +410,41 @@ class KDIGAObjective(Objective):
         if not self.use_iga:
             return {"loss": loss, **out}
         gamma = effective_gamma(c, progress)
-        if noisy:  # author's variant: gradients at x + U(−ε, ε), KD/CE still on clean x
-            x_in = (x + uniform_noise(x, c.iga_noise_eps, self.generator)).clamp(0, 1).detach().requires_grad_(True)
-            _, g_t = teacher_outputs(self.teacher, x_in, y, need_grad=True)
-            with _same_function(self.student):  # the extra pass must not count as new data for BN
-                ce_sum = F.cross_entropy(upcast(self.student(x_in)), y, reduction="sum")
-        else:
+        if not due:  # the epoch mean reads the last measured IGA, not a zero
+            return {"loss": loss, **out, "iga": self.last_iga, "gamma": gamma}
+        if whole:
+            x_in, y_in, g_in = x_in, y, g_t
             ce_sum = ce * x.shape[0]  # Σ_i ℓ_i, so each slice of ∇ₓ is that sample's own gradient
-        penalty, iga = self.iga_penalty(x_in, y, ce_sum, g_t, gamma)
-        return {"loss": loss + penalty, **out, "iga": iga.detach(), "gamma": gamma}
+        else:
+            x_in, y_in, g_in, ce_sum = self.iga_inputs(x[:part], y[:part], g_t, noisy)
+        # every k-th step carries k steps' worth of the term; a part of the batch estimates the whole
+        weight = c.iga_every * self.part_scale(part, len(x))
+        penalty, iga = self.iga_penalty(x_in, y_in, ce_sum, g_in, gamma * weight)
+        self.last_iga = (iga * self.part_scale(part, len(x))).detach()
+        return {"loss": loss + penalty, **out, "iga": self.last_iga, "gamma": gamma}
+
+    def part_scale(self, part: int, batch: int) -> float:
+        """The mean (per_sample) over a part estimates the whole batch's as is; the author's
+        (1/B²)·‖G‖_F over m samples is (B/m)^1.5 times the whole batch's estimate."""
+        return 1.0 if self.cfg.iga_reduction == "per_sample" else (part / batch) ** 1.5
+
+    def iga_inputs(self, x: Tensor, y: Tensor, g_t: Tensor | None,
+                   noisy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Inputs, labels, teacher gradients and Σ_i ℓ_i of the IGA samples, by a pass of their own.
+
+        Used for a part of the batch (lazy IGA) and for the author's noised point; the extra
+        forward evaluates the same function, so batch-norm running statistics stay put.
+        """
+        if noisy:  # author's variant: gradients at x + U(−ε, ε), KD/CE still on clean x
+            x = (x + uniform_noise(x, self.cfg.iga_noise_eps, self.generator)).clamp(0, 1)
+        x_in = x.detach().requires_grad_(True)
+        if noisy or g_t is None:
+            _, g_t = teacher_outputs(self.teacher, x_in, y, need_grad=True)
+        else:
+            g_t = g_t[: len(x)]
+        with _same_function(self.student):
+            ce_sum = F.cross_entropy(upcast(self.student(x_in)), y, reduction="sum")
+        return x_in, y, g_t, ce_sum
 
     def iga_penalty(self, x_in: Tensor, y: Tensor, ce_sum: Tensor, g_t: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
         """γ·IGA as a differentiable term (exact or finite-difference surrogate) and IGA's value."""

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from kdiga_core import cache_policy, distributed
+from kdiga_core import cache_policy, distributed, teacher_bank
 from kdiga_core.batches import as_input, batch_source
 from kdiga_core.config import ObjectiveConfig, TrainConfig
 from kdiga_core.data import pixels
@@ -197,7 +197,8 @@ def _check_same_run(meta: dict[str, Any], obj_cfg: ObjectiveConfig, train_cfg: T
     # a field added since the checkpoint was written counts as its default
     saved_train = {k: v for k, v in {**TrainConfig().to_dict(), **meta["train"]}.items() if k != "device"}
     wanted_train = {k: v for k, v in train_cfg.to_dict().items() if k != "device"}
-    if not (same(meta["objective"], obj_cfg.to_dict()) and same(saved_train, wanted_train)):
+    saved_objective = {**ObjectiveConfig().to_dict(), **meta["objective"]}
+    if not (same(saved_objective, obj_cfg.to_dict()) and same(saved_train, wanted_train)):
         raise KdigaError("The checkpoint was made with a different configuration; start without resume.")
 
 
@@ -254,6 +255,8 @@ def train(
         student.to(memory_format=torch.channels_last)
     if teacher is not None:
         teacher.to(device)  # DDP: replicated on every rank, never wrapped (it has no gradient)
+        if device.type == "cuda":  # its first-order side runs under the step's bf16 autocast
+            teacher.to(memory_format=torch.channels_last)
     model = distributed.wrap(student, ctx)  # DDP: the objective trains through the wrapper
     objective = build_objective(obj_cfg, model, teacher, generator=generator)
     optimizer = _make_optimizer(student, train_cfg)
@@ -278,6 +281,13 @@ def train(
     use_cache = cache_policy.plan(objective, obj_cfg, train_cfg, source, budget_bytes=teacher_cache_budget).use
     if use_cache:
         source.precompute_teacher(objective, batch_size=max(256, train_cfg.batch_size))
+    # With pad-crop-flip augmentation on in-memory rows: K fixed augmentations per sample, the teacher
+    # run over them once (kdiga_core.teacher_bank); streaming and other presets recompute the teacher.
+    bank = None
+    if not source.streaming and train_cfg.preset == "cifar":
+        bank = teacher_bank.for_training(objective, source.x, source.y, k=obj_cfg.teacher_bank_k, augment=True,
+                                         hflip=train_cfg.hflip, seed=train_cfg.seed, device=device,
+                                         checkpoint_dir=checkpoint_dir, rank=ctx.rank)
 
     started, session_steps = time.perf_counter(), 0
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -302,7 +312,7 @@ def train(
                 with distributed.sync_on(model, last=i == len(micro_batches) - 1):  # DDP: one all-reduce a step
                     out = _micro_step(objective, source, x, y, index, train_cfg, generator,
                                       progress=min(1.0, global_step / total_steps),
-                                      cached=use_cache, scale=len(micro_batches))
+                                      cached=use_cache, scale=len(micro_batches), step=global_step, bank=bank)
                 # keep running sums on the device: the host reads them only when progress is due
                 parts = {k: v.detach() if isinstance(v, Tensor) else v for k, v in out.items() if k != "logits"}
                 for key, v in parts.items():
@@ -343,6 +353,8 @@ def train(
             if on_checkpoint is not None:
                 on_checkpoint(Path(checkpoint_dir))
 
+    if bank is not None:
+        bank.close()
     distributed.broadcast_model(student, ctx)  # DDP: every rank returns rank 0's model, running stats included
     student.eval()
     return TrainResult(model=student, history=history, steps=global_step,
@@ -350,11 +362,18 @@ def train(
 
 
 def _micro_step(objective: Any, source: Any, x: Tensor, y: Tensor, index: Tensor | None, train_cfg: TrainConfig,
-                generator: torch.Generator, *, progress: float, cached: bool, scale: int) -> dict[str, Any]:
+                generator: torch.Generator, *, progress: float, cached: bool, scale: int, step: int = 0,
+                bank: Any = None) -> dict[str, Any]:
     """Forward and backward of one micro-batch; the loss is divided by the micro-batches of its step."""
-    x = as_input(source.augment(pixels(x), generator))  # uint8 rows become floats here, on the device
+    if bank is not None and index is not None:  # replay the banked augmentation; teacher outputs by bank row
+        x, index = bank.replay(pixels(x), index, generator)
+        x, cached = as_input(x), True
+    else:
+        x = as_input(source.augment(pixels(x), generator))  # uint8 rows become floats here, on the device
+    if x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device, train_cfg):
-        out = objective(x, y, progress=progress, index=index if cached else None)
+        out = objective(x, y, progress=progress, index=index if cached else None, step=step)
     (out["loss"] / scale if scale > 1 else out["loss"]).backward()
     return out
 

@@ -55,13 +55,13 @@ def batches():
             for _ in range(STEPS)]
 
 
-def objective_config(mode: str) -> ObjectiveConfig:
-    return ObjectiveConfig(method="kdiga", gamma=5.0, gamma_warmup=0.0, iga_mode=mode)
+def objective_config(mode: str, **lazy) -> ObjectiveConfig:
+    return ObjectiveConfig(method="kdiga", gamma=5.0, gamma_warmup=0.0, iga_mode=mode, **lazy)
 
 
-def gradients_after_two_steps(student, trained, teacher, mode: str, data) -> list[float]:
+def gradients_after_two_steps(student, trained, teacher, mode: str, data, **lazy) -> list[float]:
     """SGD step on the first batch, then the parameter gradients of the second."""
-    objective = build_objective(objective_config(mode), trained, teacher)
+    objective = build_objective(objective_config(mode, **lazy), trained, teacher)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     for step, (x, y) in enumerate(data):
         optimizer.zero_grad(set_to_none=True)
@@ -71,10 +71,10 @@ def gradients_after_two_steps(student, trained, teacher, mode: str, data) -> lis
     return torch.cat([p.grad.flatten() for p in student.parameters()]).tolist()
 
 
-def reference_gradients(mode: str) -> list[float]:
+def reference_gradients(mode: str, **lazy) -> list[float]:
     """One process on the concatenated batch (what DDP must reproduce)."""
     student, teacher = models()
-    return gradients_after_two_steps(student, student, teacher, mode, batches())
+    return gradients_after_two_steps(student, student, teacher, mode, batches(), **lazy)
 
 
 def every_scenario(rank: int, world: int, port: int, out: str) -> None:
@@ -82,6 +82,7 @@ def every_scenario(rank: int, world: int, port: int, out: str) -> None:
     since a timed-out group cannot be used again."""
     ctx = join(rank, world, port, timeout_s=HUNG_TIMEOUT_S)
     gradient_match(ctx, out)
+    lazy_gradient_match(ctx, out)
     train_loop(ctx, out)
     sharded_evaluation(ctx, out)
     hung_peer(ctx, out)
@@ -99,6 +100,21 @@ def gradient_match(ctx: distributed.RankContext, out: str) -> None:
             grads = gradients_after_two_steps(student, trained, teacher, mode, mine)
             if rank == 0:
                 save(out, f"grad-{mode}-{wrapper}", rank, grads)
+
+
+LAZY = {"iga_every": 2}  # step 0 aligns with k·γ, step 1 is a KD step: both go through DDP
+
+
+def lazy_gradient_match(ctx: distributed.RankContext, out: str) -> None:
+    """Lazy IGA through `distributed.wrap`, and a part of each rank's batch (it only has to run)."""
+    rank, world = ctx.rank, ctx.world_size
+    mine = [(x[rank::world], y[rank::world]) for x, y in batches()]
+    for name, lazy in (("lazy", LAZY), ("lazy-part", {"iga_every": 1, "iga_fraction": 0.5})):
+        student, teacher = models()
+        grads = gradients_after_two_steps(student, distributed.wrap(student, ctx), teacher, "exact", mine, **lazy)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, grads)
+        save(out, f"grad-{name}", rank, {"grads": grads, "ranks_agree": all(g == grads for g in gathered)})
 
 
 # ----------------------------------------------------------------------------- the training loop

@@ -66,6 +66,16 @@ def test_static_graph_silently_breaks_the_gradient(runs, mode):
     assert cosine < 0.99, cosine  # what distributed.wrap's static_graph=False avoids
 
 
+def test_lazy_iga_under_ddp_matches_one_process_and_a_part_runs(runs):
+    reference = torch.tensor(ddp_ranks.reference_gradients("exact", **ddp_ranks.LAZY))
+    lazy = found(runs, "grad-lazy")
+    through_ddp = torch.tensor(lazy["grads"])
+    assert lazy["ranks_agree"]
+    assert torch.nn.functional.cosine_similarity(through_ddp, reference, dim=0).item() >= 0.9999
+    part = found(runs, "grad-lazy-part")
+    assert part["ranks_agree"] and all(torch.isfinite(torch.tensor(part["grads"])))
+
+
 def test_train_under_ddp_shards_agrees_and_writes_from_rank_zero(runs):
     zero, one = found(runs, "train", 0), found(runs, "train", 1)
     # 90 samples, 45 per rank, micro-batches of 8 → 6, two per step → 3 steps an epoch, 2 epochs
