@@ -121,7 +121,7 @@ class TeacherBank(TeacherCache):
 
     def __init__(self, logits: _Rows, grads: _Rows | None, params: Tensor, pad: int, device: torch.device,
                  stats: dict):
-        super().__init__(logits, grads)  # type: ignore[arg-type] -- rows read through `lookup`
+        super().__init__(logits, grads, device)  # type: ignore[arg-type] -- rows read through `lookup`
         self.params, self.k, self.pad, self.device, self.stats = params, params.shape[1], pad, device, stats
 
     @classmethod

@@ -120,7 +120,8 @@ def test_lazy_iga_reads_the_teacher_cache():
     cached = build_objective(cfg, student, teacher)
     cached.precompute_teacher(x, y)
     out = cached(x, y, progress=1.0, index=torch.arange(len(x)))
-    assert out["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-5)
+    # the cache holds the teacher in 16-bit floats (fp16 logits, bf16 gradients: kdiga_core.cache_policy)
+    assert out["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-3)
 
 
 def test_bad_lazy_settings_are_one_sentence():
