@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiga_core.attacks import batch_loss, model_mode, pgd, random_start, uniform_noise
+from kdiga_core.attacks import batch_loss, model_mode, pgd, random_start
 from kdiga_core.config import METHODS, ObjectiveConfig
 from kdiga_core.errors import KdigaError, UnknownNameError
 from kdiga_core.losses import (
@@ -186,9 +186,7 @@ class Objective:
     def __init__(self, cfg: ObjectiveConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  generator: torch.Generator | None = None):
         self.cfg, self.student, self.teacher, self.generator = cfg, student, teacher, generator
-        # The inner attacks take any norm of attacks.NORMS; ObjectiveConfig has no norm field yet,
-        # so training attacks are L∞ until it grows one and this reads it.
-        self.attack_norm = "Linf"
+        self.attack_norm = cfg.attack_norm  # the job's threat model (kdiga_core.defaults): L∞ or L2
         self.cache: TeacherCache | None = None
         if teacher is not None:
             teacher.eval()
@@ -372,8 +370,9 @@ class KDIGAObjective(Objective):
         if not self.use_iga:
             return {"loss": loss, **out}
         gamma = effective_gamma(c, progress)
-        if noisy:  # author's variant: gradients at x + U(−ε, ε), KD/CE still on clean x
-            x_in = (x + uniform_noise(x, c.iga_noise_eps, self.generator)).clamp(0, 1).detach().requires_grad_(True)
+        if noisy:  # author's variant: gradients at a random point of the ε-ball, KD/CE still on clean x
+            # a random point of the threat model's ball (L∞: U(−ε, ε) per pixel, as the author's)
+            x_in = random_start(x, c.iga_noise_eps, c.attack_norm, self.generator).clamp(0, 1).detach().requires_grad_(True)
             _, g_t = teacher_outputs(self.teacher, x_in, y, need_grad=True)
             with _same_function(self.student):  # the extra pass must not count as new data for BN
                 ce_sum = F.cross_entropy(upcast(self.student(x_in)), y, reduction="sum")
