@@ -375,7 +375,9 @@ def _evaluate_only(job: _Job) -> dict[str, Any]:
     progress = JobProgress(job.hooks, train=False, eval_seconds=_expected(model, reference, job, resolve_device()))
     report = _report(model, reference, job, progress)
     progress.check_cancel()
-    artifacts = _write_report(report, job.out, job.spec, {"kind": "evaluate", "dataset": job.data.name})
+    artifacts = _write_report(report, job.out, job.spec, {"kind": "evaluate", "dataset": job.data.name,
+                                                          "threat_model": job.spec.get("threat_model"),
+                                                          "defaulted": list(job.spec.get("defaulted") or [])})
     return {"artifacts": artifacts, "metrics": headline_metrics(report), "report": report}
 
 

@@ -77,9 +77,9 @@ def test_training_attacks_and_iga_noise_follow_the_norm():
 
 
 def _job(kind, method, tmp_path, teacher=None):
-    spec = {"student": {"arch": "cnn_small"}, "objective": {"method": method}, "threat_model": {"norm": "L2"},
-            "train": {"epochs": 6},
-            "evaluation": {"max_points": 150, "alignment": False, "smoothing_sigma": 0.0, "latency": False,
+    spec = {"student": {"arch": "cnn_small"}, "objective": {"method": method, "attack_steps": 3},
+            "threat_model": {"norm": "L2", "eps": 1.0}, "train": {"epochs": 4},
+            "evaluation": {"max_points": 100, "alignment": False, "smoothing_sigma": 0.0, "latency": False,
                            "eps_curve": [0.0]}}
     return jobs.run_job(kind, spec, tmp_path / method, jobs.JobInputs({"kind": "digits"}, teacher=teacher))
 
@@ -87,13 +87,14 @@ def _job(kind, method, tmp_path, teacher=None):
 def test_an_l2_pgd_at_teacher_trains_and_is_evaluated_at_l2(tmp_path):
     robust = _job("adversarial_train", "pgd_at", tmp_path)
     plain = _job("adversarial_train", "ce", tmp_path)
-    eps = defaults.default_eps(DIGITS, "L2")
+    eps = 1.0  # in L2 on 64 pixels: the default (0.23) is too small to tell the two models apart quickly
     for result in (robust, plain):
         assert result["report"]["threat_model"]["norm"] == "L2"
         assert result["report"]["threat_model"]["eps"] == pytest.approx(eps)
-        assert result["report"]["threat_model_spec"]["norm"] == "L2"
+        assert result["report"]["threat_model_spec"] == {"norm": "L2", "eps": 1.0, "step": pytest.approx(2.5 / 7)}
+        assert "threat_model.step" in result["report"]["defaulted"]
     pgd = next(k for k in robust["metrics"] if k.startswith("student_pgd") and k.endswith("_accuracy"))
     # PGD-AT in the L2 ball makes the model more robust in that ball than plain training does
     assert robust["metrics"][pgd] > plain["metrics"][pgd] + 0.05, (robust["metrics"], plain["metrics"])
-    assert robust["metrics"]["student_clean_accuracy"] > 0.8
+    assert robust["metrics"]["student_clean_accuracy"] > 0.7
     assert math.isclose(robust["report"]["threat_model"]["eps"], eps, rel_tol=1e-6)
