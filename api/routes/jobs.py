@@ -278,7 +278,7 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         "labels": body.labels or {},
         "notify": check_notify(session, owner_id, body.notify, settings),
     }
-    spec["resources"] = _resources(body, parts, settings)
+    spec["resources"] = _resources(body, spec, settings)
     if problem := check_parameters(spec, JobLimits.from_settings(settings)):
         raise unprocessable(problem)
     work = estimate_work(spec, train_size=dataset.train_size or 0, test_size=dataset.test_size or 0)
