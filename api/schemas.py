@@ -133,7 +133,9 @@ class ObjectiveConfigSchema(_Strict):
     iga_noise_eps: if > 0, input gradients are taken at x + U(-eps, eps) (author's variant).
     iga_every / iga_fraction: lazy IGA (every k-th step, scaled by k; on a share of the batch).
     teacher_bank_k: K precomputed teacher augmentations per sample for augmented training (0: off).
-    ard/rslad/pgd_at/trades use the attack_* fields for their inner PGD.
+    ard/rslad/pgd_at/trades use the attack_* fields for their inner PGD, in the `attack_norm` ball;
+    the IGA noise (iga_noise_eps) is drawn from the same norm's ball. attack_step None: 2.5·eps/steps.
+    A job's omitted attack_* values come from its threat model (`kdiga_core.defaults`).
     """
 
     method: Method = "kdiga"
@@ -155,9 +157,13 @@ class ObjectiveConfigSchema(_Strict):
     teacher_bank_k: int = Field(
         default=0, ge=0, le=64,
         description="With train.augment: precompute the teacher for K fixed augmentations per sample (0: off).")
-    attack_eps: float = Field(default=8 / 255, ge=0, description="Inner attack radius (adversarial methods).")
-    attack_step: float = Field(default=2 / 255, gt=0)
-    attack_steps: int = Field(default=10, ge=1)
+    attack_norm: Norm = Field(default="Linf", description="Inner attack and IGA noise norm; omitted: the job's "
+                              "threat_model.norm.")
+    attack_eps: float = Field(default=8 / 255, ge=0, description="Inner attack radius (adversarial methods); "
+                              "omitted: the job's threat_model.eps.")
+    attack_step: float | None = Field(default=None, gt=0, description="Omitted: the threat model's step "
+                                      "(2.5·eps/steps).")
+    attack_steps: int = Field(default=10, ge=1, description="Omitted: 7 (PGD-7) in a job.")
     trades_beta: float = 6.0
     ard_tau: float = 30.0
     ard_alpha: float = 1.0
@@ -183,7 +189,12 @@ class ObjectiveConfigSchema(_Strict):
 
 
 class TrainConfigSchema(_Strict):
-    """The training loop's settings (nanoGPT-style: one dataclass)."""
+    """The training loop's settings (nanoGPT-style: one dataclass).
+
+    In a job, an omitted optimizer, lr, weight_decay, batch_size or epochs is sized to the data
+    (`kdiga_core.defaults`: AdamW 3e-3, weight decay 0.05, batch 64 below 20,000 training images,
+    epochs to reach the optimizer steps the digits recipes took); the job's `spec.defaulted` lists them.
+    """
 
     epochs: int = Field(default=10, ge=1, le=10_000)
     batch_size: int = Field(
@@ -241,10 +252,18 @@ class AttackSpecSchema(_Strict):
     )
     step_size: float | None = Field(default=None, description="None: 2.5*eps/steps.")
     restarts: int = 1
+    max_seconds: float | None = Field(
+        default=None, gt=0, description="Skip this attack (the report says so) when the evaluation plan expects "
+        "it to take longer; the defaults give AutoAttack 60 s.")
 
 
 class EvalConfigSchema(_Strict):
-    """What the robustness report measures."""
+    """What the robustness report measures.
+
+    In a job, omitted `attacks` are PGD-20 and AutoAttack at the threat model (AutoAttack with
+    `max_seconds` 60: it runs only where it is cheap), an attack without `norm`/`eps` takes the
+    threat model's, and omitted `max_points` is min(test split, 1000).
+    """
 
     attacks: list[AttackSpecSchema] = Field(
         default_factory=lambda: [AttackSpecSchema(name="pgd"), AttackSpecSchema(name="autoattack")]
@@ -263,6 +282,17 @@ class EvalConfigSchema(_Strict):
     square_queries: int = Field(default=5000, ge=1, description="Square's query budget in AutoAttack (5000 is standard).")
     batch_size: int = 500
     seed: int = 0
+
+
+class ThreatModelSchema(_Strict):
+    """The job's one threat model: training attacks, the IGA noise and the report's attacks use it
+    unless they give their own. None: sized to the data (`kdiga_core.defaults`); step is the training
+    attack's (evaluation attacks take 2.5·eps/steps of their own)."""
+
+    norm: Norm | None = Field(default=None, description="Linf or L2; omitted: Linf.")
+    eps: float | None = Field(default=None, gt=0, description="Radius in pixel units; omitted: by image size "
+                              "(L∞: 0.1 up to 16 px, 8/255 up to 64 px, 4/255 above; L2: that × √d × 0.287).")
+    step: float | None = Field(default=None, gt=0, description="Training attack step; omitted: 2.5·eps/7.")
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -368,7 +398,8 @@ class ResourcesSchema(_Strict):
 
 
 class JobCreate(_Strict):
-    """A job request; `objective`, `train` and `evaluation` take kdiga_core's defaults when omitted."""
+    """A job request; what `objective`, `train`, `evaluation` and `threat_model` leave out is sized to the
+    dataset (`kdiga_core.defaults`), and the stored spec shows every value, with `defaulted` naming those."""
 
     kind: JobKind
     name: str | None = Field(default=None, max_length=200)
@@ -379,6 +410,8 @@ class JobCreate(_Strict):
     objective: ObjectiveConfigSchema | None = None
     train: TrainConfigSchema | None = None
     evaluation: EvalConfigSchema | None = None
+    threat_model: ThreatModelSchema | None = Field(
+        default=None, description="Norm, ε and step used by training attacks, IGA noise and evaluation alike.")
     labels: Labels | None = None
     notify: NotifySpec | None = None
     resources: ResourcesSchema | None = None

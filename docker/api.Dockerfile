@@ -16,6 +16,8 @@ COPY alembic.ini ./
 COPY migrations/ migrations/
 COPY kdiga_service/ kdiga_service/
 COPY api/ api/
+# the one kdiga_core module the API reads (defaults sized to the data): standard library only
+COPY kdiga_core/__init__.py kdiga_core/defaults.py kdiga_core/
 COPY docker/entrypoint.sh docker/healthcheck.sh docker/wait_and_migrate.py docker/
 
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/kdiga --create-home kdiga \

@@ -515,7 +515,8 @@ def build_job_spec(base: dict[str, Any] | None = None, *, kind: str | None = Non
                    train: dict[str, Any] | None = None, eval_attacks: list[str] | None = None,
                    eval_eps: float | None = None, eval_norm: str | None = None,
                    evaluation: dict[str, Any] | None = None,
-                   resources: dict[str, Any] | None = None) -> dict[str, Any]:
+                   resources: dict[str, Any] | None = None,
+                   threat_model: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge a --spec file with the flags (flags win); `None` flags leave the spec alone."""
     spec: dict[str, Any] = json.loads(json.dumps(base or {}))  # deep copy
     for key, value in (("kind", kind), ("name", name), ("dataset_id", dataset), ("teacher_id", teacher)):
@@ -533,14 +534,16 @@ def build_job_spec(base: dict[str, Any] | None = None, *, kind: str | None = Non
     if model_teacher is not None or model_job is not None:
         spec["model"] = {"teacher_id": model_teacher} if model_teacher else {"job_id": model_job}
     for section, values in (("objective", objective), ("train", train), ("evaluation", evaluation),
-                            ("resources", resources)):
+                            ("resources", resources), ("threat_model", threat_model)):
         values = {k: v for k, v in (values or {}).items() if v is not None}
         if values:
             spec.setdefault(section, {}).update(values)
     if eval_attacks is not None or eval_eps is not None or eval_norm is not None:
         ev = spec.setdefault("evaluation", {})
-        current = {a.get("name", "pgd"): a for a in ev.get("attacks") or []}
-        names = eval_attacks or list(current) or ["pgd", "autoattack"]
+        # the service's defaults: PGD, and AutoAttack only where the plan expects it to be cheap
+        current = {a.get("name", "pgd"): a for a in ev.get("attacks") or []} or {
+            "pgd": {"name": "pgd"}, "autoattack": {"name": "autoattack", "max_seconds": 60.0}}
+        names = eval_attacks or list(current)
         attacks = []
         for attack_name in names:
             attack = dict(current.get(attack_name, {"name": attack_name}))
@@ -632,6 +635,11 @@ def jobs_submit(
         gamma: Annotated[float | None, typer.Option(help="IGA weight γ (default: chosen per job by a sweep).")] = None,
         alpha: Annotated[float | None, typer.Option(help="KD weight α.")] = None,
         tau: Annotated[float | None, typer.Option(help="KD temperature τ.")] = None,
+        norm: Annotated[str | None, typer.Option(help="Threat model norm, Linf | L2: training attacks, IGA noise "
+                                                 "and report (default: Linf).")] = None,
+        eps: Annotated[float | None, typer.Option(help="Threat model ε in pixel units (default: sized to the "
+                                                  "images, 0.1 on 8×8 digits).")] = None,
+        step: Annotated[float | None, typer.Option(help="Threat model training attack step (default: 2.5·ε/7).")] = None,
         attack_eps: Annotated[float | None, typer.Option(help="Inner attack ε (adversarial methods).")] = None,
         attack_steps: Annotated[int | None, typer.Option(help="Inner attack steps.")] = None,
         epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
@@ -663,7 +671,8 @@ def jobs_submit(
         train={"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "device": device,
                "seed": seed, "grad_accum_steps": grad_accum_steps},
         eval_attacks=_csv(eval_attacks), eval_eps=eval_eps, eval_norm=eval_norm,
-        evaluation={"max_points": max_points}, resources={"nodes": nodes, "devices_per_node": devices_per_node})
+        evaluation={"max_points": max_points}, resources={"nodes": nodes, "devices_per_node": devices_per_node},
+        threat_model={"norm": norm, "eps": eps, "step": step})
     with _client(url, api_key) as client:
         job = client.submit_job(body, idempotency_key=idempotency_key)
         if not json_out:

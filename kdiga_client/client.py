@@ -457,8 +457,13 @@ class Client:
                    train: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None,
                    model: dict[str, Any] | None = None, name: str | None = None,
                    idempotency_key: str | None = None, labels: dict[str, str] | None = None,
-                   notify: dict[str, Any] | None = None, resources: dict[str, int] | None = None) -> Job:
+                   notify: dict[str, Any] | None = None, resources: dict[str, int] | None = None,
+                   threat_model: dict[str, Any] | None = None) -> Job:
         """Create a `distill`, `adversarial_train` or `evaluate` job; it starts `queued`.
+
+        What is left out is sized to the dataset by the service (the job's ``spec.defaulted`` lists
+        those values); `threat_model` (``{"norm": "Linf" | "L2", "eps", "step"}``) is the one
+        threat model of the job's training attacks, IGA noise and report.
 
         `labels`: `{key: value}` to find it by (`?label=key=value`); `notify`: `{"url", "events"}`
         for signed webhooks (see `kdiga_client.webhooks`). `resources` (``{"nodes": N,
@@ -467,7 +472,8 @@ class Client:
         """
         body = _drop_none({"kind": kind, "name": name, "dataset_id": dataset_id, "teacher_id": teacher_id,
                            "student": student, "model": model, "objective": objective, "train": train,
-                           "evaluation": evaluation, "labels": labels, "notify": notify, "resources": resources})
+                           "evaluation": evaluation, "labels": labels, "notify": notify, "resources": resources,
+                           "threat_model": threat_model})
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return Job.from_dict(self._json("POST", "/v1/jobs", json=body, headers=headers))
 

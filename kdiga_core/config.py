@@ -204,7 +204,9 @@ class ObjectiveConfig(_FromDict):
         the (already shuffled) batch. 1 and 1.0: exact full-batch IGA on every step.
     teacher_bank_k: with augmentation, precompute the teacher's logits and input gradients for
         this many fixed augmentations of every training sample (kdiga_core.teacher_bank); 0: off.
-    ard/rslad/pgd_at/trades use the attack_* fields for their inner PGD.
+    ard/rslad/pgd_at/trades use the attack_* fields for their inner PGD, in the `attack_norm` ball;
+    the IGA noise (iga_noise_eps) is drawn from the same norm's ball. attack_step None: 2.5·eps/steps.
+    A job's omitted attack_* values come from its threat model (`kdiga_core.defaults`).
     """
 
     method: Method = "kdiga"
@@ -222,8 +224,9 @@ class ObjectiveConfig(_FromDict):
     iga_fraction: float = 1.0
     teacher_bank_k: int = 0
     # inner attack for adversarial methods (ARD, RSLAD, PGD-AT, TRADES)
+    attack_norm: Norm = "Linf"
     attack_eps: float = 8 / 255
-    attack_step: float = 2 / 255
+    attack_step: float | None = None  # None: 2.5*attack_eps/attack_steps (scales with the radius)
     attack_steps: int = 10
     trades_beta: float = 6.0
     ard_tau: float = 30.0
@@ -253,8 +256,11 @@ class ObjectiveConfig(_FromDict):
         _check(0.0 < self.iga_fraction <= 1.0, "iga_fraction must be in (0, 1].")
         _check(isinstance(self.teacher_bank_k, int) and 0 <= self.teacher_bank_k <= 64,
                "teacher_bank_k must be a whole number between 0 and 64.")
-        _check(self.attack_eps >= 0 and self.attack_step > 0 and self.attack_steps >= 1,
-               "attack_eps must be >= 0, attack_step > 0 and attack_steps >= 1.")
+        _check(self.attack_norm in ("Linf", "L2"), "attack_norm must be one of: L2, Linf.")
+        _check(self.attack_eps >= 0 and self.attack_steps >= 1, "attack_eps must be >= 0 and attack_steps >= 1.")
+        if self.attack_step is None:
+            object.__setattr__(self, "attack_step", 2.5 * self.attack_eps / self.attack_steps if self.attack_eps else 1e-3)
+        _check(self.attack_step > 0, "attack_step must be positive.")
 
     @property
     def sweeps_gamma(self) -> bool:
@@ -327,6 +333,9 @@ class AttackSpec(_FromDict):
     steps: int | None = None  # None: 20 for pgd/fgsm, 100 for AutoAttack and its parts (the standard)
     step_size: float | None = None  # None: 2.5*eps/steps
     restarts: int = 1
+    # skip this attack (the report says so) when the evaluation plan expects it to take longer; the
+    # defaults give the full AutoAttack a small budget so it runs only where it is cheap
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps is None:
@@ -335,6 +344,23 @@ class AttackSpec(_FromDict):
         _check(self.norm in ("Linf", "L2"), "norm must be one of: L2, Linf.")
         _check(self.eps >= 0, "eps must be zero or positive.")
         _check(self.steps >= 1, "steps must be at least 1.")
+        _check(self.max_seconds is None or self.max_seconds > 0, "max_seconds must be positive.")
+
+
+@dataclass(frozen=True)
+class ThreatModel(_FromDict):
+    """The job's one threat model: training attacks, the IGA noise and the report's attacks use it
+    unless they give their own. None: sized to the data (`kdiga_core.defaults`); step is the training
+    attack's (evaluation attacks take 2.5·eps/steps of their own)."""
+
+    norm: Norm | None = None
+    eps: float | None = None
+    step: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.norm in (None, "Linf", "L2"), "threat_model.norm must be one of: L2, Linf.")
+        _check(self.eps is None or self.eps > 0, "threat_model.eps must be positive.")
+        _check(self.step is None or self.step > 0, "threat_model.step must be positive.")
 
 
 @dataclass(frozen=True)

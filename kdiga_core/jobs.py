@@ -7,6 +7,7 @@ is plain dicts and local paths, so the worker stays thin and a notebook can call
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,11 +19,11 @@ from typing import Any
 import torch
 
 from kdiga_core import data as data_mod
-from kdiga_core import distributed, formats, models, provenance
+from kdiga_core import defaults, distributed, formats, models, provenance
 from kdiga_core import evaluate as evaluate_mod
 from kdiga_core import limits as limits_mod
 from kdiga_core.artifacts import ARTIFACT_KINDS, artifact
-from kdiga_core.config import EvalConfig, ModelSpec, ObjectiveConfig, TrainConfig
+from kdiga_core.config import AttackSpec, EvalConfig, ModelSpec, ObjectiveConfig, TrainConfig
 from kdiga_core.errors import CancelledError, KdigaError
 from kdiga_core.limits import NO_LIMITS, Limits
 from kdiga_core.models import NormalizedModel
@@ -259,9 +260,26 @@ class _Job:
     data: data_mod.DataBundle
     teacher: NormalizedModel | None
     eval_cfg: EvalConfig = field(init=False)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # attacks left out for their time budget
 
     def __post_init__(self) -> None:
         self.eval_cfg = EvalConfig.from_dict(self.spec.get("evaluation"))
+
+    def drop_costly_attacks(self, model: torch.nn.Module, teacher: torch.nn.Module | None) -> float:
+        """Leave out each attack whose share of the evaluation plan exceeds its ``max_seconds`` (the
+        defaults give the full AutoAttack one); returns the expected seconds of what is left."""
+        total = evaluate_mod.expected_seconds(model, self.data, self.eval_cfg, teacher=teacher)
+        for spec in [a for a in self.eval_cfg.attacks if a.max_seconds is not None]:
+            rest = tuple(a for a in self.eval_cfg.attacks if a is not spec)
+            if not rest:
+                continue
+            without = dataclasses.replace(self.eval_cfg, attacks=rest)
+            left = evaluate_mod.expected_seconds(model, self.data, without, teacher=teacher)
+            over = total - left > float(spec.max_seconds or 0)
+            if distributed.agree(lambda over=over: over, distributed.context()):  # DDP: rank 0 decides for all
+                self.skipped.append(_skipped(spec, total - left))
+                self.eval_cfg, total = without, left
+        return total
 
     @property
     def role(self) -> str:
@@ -276,6 +294,13 @@ class _Job:
     def cache(self) -> evaluate_mod.ReportCache | None:
         folder = self.inputs.teacher_cache_dir
         return evaluate_mod.DirectoryReportCache(folder) if folder is not None else None
+
+
+def _skipped(spec: AttackSpec, seconds: float) -> dict[str, Any]:
+    return {"attack": spec.name, "norm": spec.norm, "eps": spec.eps, "expected_s": round(seconds, 1),
+            "max_seconds": spec.max_seconds,
+            "why": f"{spec.name} was expected to take {seconds:.0f} s, over its budget of {spec.max_seconds:g} s "
+                   "(evaluation.attacks[].max_seconds); ask for it without max_seconds to run it"}
 
 
 def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, inputs: JobInputs,
@@ -316,6 +341,8 @@ def _open(kind: str, spec: dict[str, Any], workdir: Path, inputs: JobInputs, hoo
     # a dataset read in place takes its size from the job (else the teacher's input size)
     img_size = train_cfg.img_size or (teacher.spec.img_size if teacher is not None else None)
     data = load_data(inputs.dataset, img_size=img_size, preset=train_cfg.preset)
+    # what the request left out, sized to this data (the API has already done so for its jobs)
+    spec = defaults.resolve(kind, spec, defaults.DataFacts.from_summary(data.summary()))
     if teacher is not None:
         _check_compatible(teacher.spec, data, "teacher")
     return _Job(kind, spec, workdir, inputs, hooks, data, teacher)
@@ -386,7 +413,7 @@ def _expected(model: torch.nn.Module, teacher: torch.nn.Module | None, job: _Job
     model.to(device)
     if teacher is not None:
         teacher.to(device)
-    return evaluate_mod.expected_seconds(model, job.data, job.eval_cfg, teacher=teacher)
+    return job.drop_costly_attacks(model, teacher)
 
 
 def _build_student(student: dict[str, Any], data: data_mod.DataBundle) -> NormalizedModel:
@@ -418,9 +445,12 @@ def _evaluate_only(job: _Job) -> dict[str, Any]:
     model, reference = _models_to_evaluate(job)
     progress = JobProgress(job.hooks, train=False, eval_seconds=_expected(model, reference, job, resolve_device()))
     report = _report(model, reference, job, progress)
+    progress.check_cancel()
     progress.export_stage("report", 0.0)
     report["about"] = _about(job, {job.role: model, "teacher": reference}, _evaluated_sha256(job))
-    artifacts = _write_report(report, job.out, job.spec, {"kind": "evaluate", "dataset": job.data.name})
+    artifacts = _write_report(report, job.out, job.spec, {"kind": "evaluate", "dataset": job.data.name,
+                                                          "threat_model": job.spec.get("threat_model"),
+                                                          "defaulted": list(job.spec.get("defaulted") or [])})
     progress.export_stage("done", 1.0)
     return {"artifacts": artifacts, "metrics": headline_metrics(report), "report": report}
 
@@ -439,8 +469,12 @@ def _models_to_evaluate(job: _Job) -> tuple[NormalizedModel, NormalizedModel | N
 def _report(model: torch.nn.Module, teacher: torch.nn.Module | None, job: _Job,
             progress: JobProgress) -> dict[str, Any]:
     log.info("evaluating on %s", evaluate_mod.model_device(model))
-    return evaluate_mod.evaluate(model, job.data, job.eval_cfg, teacher=teacher, on_progress=progress,
-                                 teacher_cache=job.cache, role=job.role)
+    report = evaluate_mod.evaluate(model, job.data, job.eval_cfg, teacher=teacher, on_progress=progress,
+                                   teacher_cache=job.cache, role=job.role)
+    report["threat_model_spec"] = job.spec.get("threat_model")
+    report["defaulted"] = list(job.spec.get("defaulted") or [])  # the settings sized to the data
+    report["skipped_attacks"] = list(job.skipped)
+    return report
 
 
 def _about(job: _Job, models_by_role: dict[str, torch.nn.Module | None], sha256: dict[str, str | None]
@@ -490,7 +524,8 @@ def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cf
     training = {"kind": job.kind, "objective": objective.to_dict(), "train": train_cfg.to_dict(),
                 "dataset": job.data.name, "steps": result.steps, "seconds": round(result.seconds, 2),
                 "resumed_from_step": result.resumed_from_step, "compute": distributed.batch_plan(train_cfg),
-                "labels": dict(job.spec.get("labels") or {})}
+                "labels": dict(job.spec.get("labels") or {}), "threat_model": job.spec.get("threat_model"),
+                "defaulted": list(job.spec.get("defaulted") or []), "skipped_attacks": list(job.skipped)}
     if sweep is not None:  # the model card says γ was chosen, and how long choosing took
         training["gamma_auto"] = {"chosen": sweep.gamma, "sweep_seconds": round(sweep.seconds, 2)}
     report["compute"] = training["compute"]  # devices, effective batch and learning rate, in the report

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiga_core.attacks import batch_loss, model_mode, pgd, random_start, uniform_noise
+from kdiga_core.attacks import batch_loss, model_mode, pgd, random_start
 from kdiga_core.config import METHODS, ObjectiveConfig
 from kdiga_core.errors import KdigaError, UnknownNameError
 from kdiga_core.losses import (
@@ -210,9 +210,7 @@ class Objective:
     def __init__(self, cfg: ObjectiveConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  generator: torch.Generator | None = None):
         self.cfg, self.student, self.teacher, self.generator = cfg, student, teacher, generator
-        # The inner attacks take any norm of attacks.NORMS; ObjectiveConfig has no norm field yet,
-        # so training attacks are L∞ until it grows one and this reads it.
-        self.attack_norm = "Linf"
+        self.attack_norm = cfg.attack_norm  # the job's threat model (kdiga_core.defaults): L∞ or L2
         self.cache: TeacherCache | None = None
         # the optimizer step this call belongs to (lazy IGA): the loop passes it, else calls are counted
         self.calls = self.step = 0
@@ -435,8 +433,9 @@ class KDIGAObjective(Objective):
         Used for a part of the batch (lazy IGA) and for the author's noised point; the extra
         forward evaluates the same function, so batch-norm running statistics stay put.
         """
-        if noisy:  # author's variant: gradients at x + U(−ε, ε), KD/CE still on clean x
-            x = (x + uniform_noise(x, self.cfg.iga_noise_eps, self.generator)).clamp(0, 1)
+        if noisy:  # author's variant: gradients at a random point of the threat model's ε-ball
+            # (L∞: U(−ε, ε) per pixel, as the author's), KD/CE still on clean x
+            x = random_start(x, self.cfg.iga_noise_eps, self.cfg.attack_norm, self.generator).clamp(0, 1)
         x_in = x.detach().requires_grad_(True)
         if noisy or g_t is None:
             _, g_t = teacher_outputs(self.teacher, x_in, y, need_grad=True)

@@ -90,9 +90,24 @@ def test_the_shared_package_loads_neither_fastapi_celery_nor_torch():
     assert not loaded & ({"torch", "kdiga_core", "celery", "api", "worker", "kdiga_launcher"} | WEB)
 
 
+# The API resolves a job's defaults with the core's own rules: that one module, which uses only the
+# standard library (docker/api.Dockerfile copies just it), and nothing else of kdiga_core.
+API_CORE_MODULES = {"kdiga_core", "kdiga_core.defaults"}
+
+
 def test_the_api_loads_no_torch_core_or_worker():
     loaded = _loaded_after_importing(_importable("api"))
-    assert not loaded & {"torch", "kdiga_core", "worker", "kdiga_launcher"}
+    assert not loaded & {"torch", "worker", "kdiga_launcher"}
+    code = ("import sys, importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in _importable("api"))
+            + "print(sorted(m for m in sys.modules if m.startswith('kdiga_core')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert set(ast.literal_eval(out.stdout.strip().splitlines()[-1])) <= API_CORE_MODULES
+
+
+def test_the_core_module_the_api_reads_imports_only_the_standard_library():
+    names = external_imports("kdiga_core")["kdiga_core.defaults"]
+    assert names <= set(sys.stdlib_module_names) | {"__future__"}
 
 
 def test_kdiga_core_loads_no_service_layer():

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import anyio
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -44,7 +45,11 @@ from api.schemas import (
     Page,
     ResourcesSchema,
     SweepConfigSchema,
+    ThreatModelSchema,
     TrainConfigSchema,
+)
+from kdiga_core import (
+    defaults as sized,  # standard library only: no torch in the API (tests/test_import_direction.py)
 )
 from kdiga_service import crud
 from kdiga_service.catalog import check_name, methods_by_kind
@@ -149,13 +154,50 @@ def objective_schema(body: JobCreate) -> ObjectiveConfigSchema:
     return objective
 
 
-def _objective(body: JobCreate) -> dict[str, Any]:
-    objective = objective_schema(body)
+def _given(model: Any) -> dict[str, Any]:
+    """What the request gave in one section (unset fields left out: they are sized to the data)."""
+    return model.model_dump(exclude_unset=True) if model is not None else {}
+
+
+def _facts(dataset: Dataset, img_size: int | None = None) -> sized.DataFacts:
+    # a reference dataset of mixed image sizes has no input shape: the job's img_size decides it
+    shape = dataset.input_shape or [3, img_size or 32, img_size or 32]
+    return sized.DataFacts.from_summary({"input_shape": shape, "num_classes": dataset.num_classes,
+                                         "train_size": dataset.train_size, "test_size": dataset.test_size})
+
+
+def _sized(body: JobCreate, dataset: Dataset, parts: dict[str, Any]) -> dict[str, Any]:
+    """The job's threat model, objective, train and evaluation with every omitted data-sized value
+    filled (`kdiga_core.defaults`), each then checked by its schema; ``defaulted`` names them."""
+    facts = _facts(dataset, body.train.img_size if body.train is not None else None)
+    given: dict[str, Any] = {"threat_model": _given(body.threat_model), "evaluation": _given(body.evaluation)}
+    if body.kind != "evaluate":
+        objective = objective_schema(body)
+        given["objective"] = objective.model_dump(include=set(objective.model_fields_set))
+        given["train"] = _given(body.train)
+    if problem := sized.check_threat_model({"norm": "Linf", **given["threat_model"]}, facts):
+        raise unprocessable(problem)
+    out = sized.resolve(body.kind, given, facts)
+    try:
+        resolved = {"threat_model": ThreatModelSchema.model_validate(out["threat_model"]).model_dump(),
+                    "evaluation": EvalConfigSchema.model_validate(out["evaluation"]).model_dump(),
+                    "defaulted": out["defaulted"]}
+        if body.kind != "evaluate":
+            resolved["train"] = TrainConfigSchema.model_validate(out["train"]).model_dump()
+            resolved["objective"] = _objective(ObjectiveConfigSchema.model_validate(out["objective"]), body.kind)
+    except ValidationError as exc:  # a filled value outside a field's range (a tiny dataset, a huge ε)
+        raise unprocessable(f"A default sized to this dataset is out of range: {exc.errors()[0]['msg']}.") from None
+    if problem := sized.check_threat_model(resolved["threat_model"], facts):
+        raise unprocessable(problem)
+    return {**parts, **resolved}
+
+
+def _objective(objective: ObjectiveConfigSchema, kind: str) -> dict[str, Any]:
     _check_names("methods", [objective.method])
-    allowed = methods_by_kind()[body.kind]
+    allowed = methods_by_kind()[kind]
     if objective.method not in allowed:
         raise unprocessable(
-            f"Method '{objective.method}' cannot be used by a {body.kind} job; "
+            f"Method '{objective.method}' cannot be used by a {kind} job; "
             f"valid methods are: {', '.join(allowed)}."
         )
     return objective.model_dump()
@@ -186,12 +228,8 @@ def _plan_training(session: Session, owner_id: str, body: JobCreate,
         _ready_teacher(session, owner_id, body.teacher_id, planned)
     elif body.teacher_id:
         raise unprocessable("An adversarial_train job takes no 'teacher_id'; it trains 'student' from data.")
-    parts = {
-        "student": _student(session, owner_id, body, planned),
-        "model": None,
-        "objective": _objective(body),
-        "train": (body.train or TrainConfigSchema()).model_dump(),
-    }
+    _objective(objective_schema(body), body.kind)  # the method, before the student is looked at
+    parts = {"student": _student(session, owner_id, body, planned), "model": None}
     return parts, body.teacher_id
 
 
@@ -238,8 +276,8 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
     """
     _check_names("job_kinds", [body.kind])
     dataset = _ready_dataset(session, owner_id, body.dataset_id)
-    evaluation = body.evaluation or EvalConfigSchema()
-    _check_names("attacks", [a.name for a in evaluation.attacks])
+    if body.evaluation is not None:
+        _check_names("attacks", [a.name for a in body.evaluation.attacks])
     if body.kind == "evaluate":
         parts, teacher_id = _plan_evaluate(session, owner_id, body, planned)
     else:
@@ -249,15 +287,14 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         "name": body.name,
         "dataset_id": body.dataset_id,
         "teacher_id": body.teacher_id,
-        **parts,
-        "evaluation": evaluation.model_dump(),
+        **_sized(body, dataset, parts),
         "labels": body.labels or {},
         "notify": check_notify(session, owner_id, body.notify, settings),
     }
     _check_classes(session, owner_id, dataset, {
         "teacher": body.teacher_id, "student's initial weights": body.student.weights_id if body.student else None,
         "model": body.model.teacher_id if body.model else None}, planned)
-    spec["resources"] = _resources(body, parts, settings)
+    spec["resources"] = _resources(body, spec, settings)
     if problem := check_parameters(spec, JobLimits.from_settings(settings)):
         raise unprocessable(problem)
     work = estimate_work(spec, train_size=dataset.train_size or 0, test_size=dataset.test_size or 0)
@@ -265,16 +302,17 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
     return JobPlan(spec=spec, queue=queue, dataset=dataset, teacher_id=teacher_id, work=work)
 
 
-def normalised_request(body: JobCreate) -> dict[str, Any]:
-    """The request with every default written out, so that omitting a default and writing it out
-    are the same request for `Idempotency-Key` (the configs a kind does not take stay as sent)."""
+SIZED_PARTS = ("threat_model", "objective", "train", "evaluation")
+
+
+def normalised_request(body: JobCreate, spec: dict[str, Any]) -> dict[str, Any]:
+    """The request with every default written out as the job's spec holds it (``spec``: the plan's),
+    so that omitting a default and writing it out are the same request for `Idempotency-Key`."""
     data = body.model_dump(mode="json")
-    if body.kind != "evaluate":
-        data["objective"] = objective_schema(body).model_dump(mode="json")
-        data["train"] = (body.train or TrainConfigSchema()).model_dump(mode="json")
-    data["evaluation"] = (body.evaluation or EvalConfigSchema()).model_dump(mode="json")
+    for part in SIZED_PARTS:
+        data[part] = spec.get(part)
     data["resources"] = (body.resources or ResourcesSchema()).model_dump(mode="json")
-    return data
+    return json.loads(json.dumps(data))
 
 
 def _resources(body: JobCreate, parts: dict[str, Any], settings: Settings) -> dict[str, int]:
@@ -355,10 +393,11 @@ def create_job(
     Parameters that multiply work have server-set maxima, and the job's expected work (forward and
     backward passes, estimated from the spec and the dataset's size) must fit the key's budget.
     """
-    digest = request_digest(normalised_request(body))
-    if existing := find_replay(session, Job, owner.id, idempotency_key):
+    existing = find_replay(session, Job, owner.id, idempotency_key)
+    plan = plan_job(session, owner.id, body, settings)  # its spec, defaults sized to the data, is what is hashed
+    digest = request_digest(normalised_request(body, plan.spec))
+    if existing is not None:
         return replay(existing, digest, idempotency_key or "", response)  # type: ignore[no-any-return]
-    plan = plan_job(session, owner.id, body, settings)
     _check_limits(session, owner, settings, plan.work)
     new = Job(
         owner_id=owner.id, kind=body.kind, name=body.name, queue=plan.queue, spec=plan.spec,

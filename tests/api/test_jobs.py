@@ -48,9 +48,18 @@ def test_create_distill_job_enqueues_by_name(client, owner, ready, redis_client,
         and job["attempts"] == 0
     )
     # γ "auto" is the default, and its sweep is written out (its budget is part of the work estimate)
-    assert job["spec"]["objective"] == {**ObjectiveConfigSchema().model_dump(), "sweep": SweepConfigSchema().model_dump()}
-    assert job["spec"]["train"] == TrainConfigSchema(epochs=1).model_dump()
-    assert job["spec"]["evaluation"] == EvalConfigSchema().model_dump()
+    # what the request left out is sized to the data (8×8 digits, 1000 train / 797 test) and written out
+    threat = {"norm": "Linf", "eps": 0.1, "step": 2.5 * 0.1 / 7}
+    assert job["spec"]["threat_model"] == threat
+    assert job["spec"]["objective"] == {**ObjectiveConfigSchema().model_dump(), "sweep": SweepConfigSchema().model_dump(),
+                                        "attack_norm": "Linf", "attack_eps": 0.1, "attack_step": threat["step"],
+                                        "attack_steps": 7}
+    assert job["spec"]["train"] == TrainConfigSchema(epochs=1, optimizer="adamw", lr=0.003, weight_decay=0.05,
+                                                     batch_size=64).model_dump()
+    attacks = [{"name": "pgd", "norm": "Linf", "eps": 0.1, "steps": 20},
+               {"name": "autoattack", "norm": "Linf", "eps": 0.1, "max_seconds": 60.0}]
+    assert job["spec"]["evaluation"] == EvalConfigSchema(attacks=attacks, max_points=797).model_dump()
+    assert "train.lr" in job["spec"]["defaulted"] and "train.epochs" not in job["spec"]["defaulted"]
     assert job["spec"]["student"]["arch"] == "cnn_tiny" and job["artifacts"] == []
     assert job["id"] in _queued_job_ids(redis_client, settings.queue_train)
     raw = [json.loads(m) for m in redis_client.lrange(settings.queue_train, 0, -1)]
@@ -204,8 +213,8 @@ def test_idempotency_key(client, owner, other, ready, redis_client, settings):
     assert r.status_code == 409
     assert r.json() == {"detail": "Idempotency-Key 'abc-123' was already used with a different request."}
     # The same request with every default written out is the same request (the normalised spec is hashed).
-    spelled_out = {**body, "objective": ObjectiveConfigSchema().model_dump(), "evaluation": EvalConfigSchema().model_dump(),
-                   "train": TrainConfigSchema(epochs=1).model_dump()}
+    stored = first.json()["spec"]
+    spelled_out = {**body, **{part: stored[part] for part in ("objective", "evaluation", "train", "threat_model")}}
     r = client.post("/v1/jobs", headers=headers, json=spelled_out)
     assert r.status_code == 200 and r.json()["id"] == first.json()["id"]
     other_ready = (ready_dataset(client, other), ready_teacher(client, other))
