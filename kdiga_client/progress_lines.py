@@ -17,6 +17,7 @@ from kdiga_client.client import Job
 
 DEFAULT_EVERY_S = 30.0
 EVERY_ENV = "KDIGA_PROGRESS_EVERY_S"  # seconds between repeated lines when nothing changes
+STALE_AFTER_S = 60.0  # progress older than this is shown with its age (a long attack batch reports nothing)
 
 
 def every_from_env() -> float:
@@ -53,8 +54,24 @@ def describe(job: Job) -> tuple[tuple[Any, ...], str]:
     if running and p is not None and (eta := _duration(p.eta_s)):
         whole_eta = _duration(raw.get("job_eta_s"))
         parts.append(f"ETA {eta}" + (f" (job {whole_eta})" if whole_eta else ""))
+    age = _age(p.updated_at if p is not None else None)
+    if running and age is not None and age >= STALE_AFTER_S:  # one long batch: say so, not a frozen number
+        parts.append(f"last progress {_duration(age)} ago")
     key = (job.status, phase, stage, epoch)
     return key, " · ".join(str(x) for x in parts if x)
+
+
+def _age(updated_at: str | None) -> float | None:
+    """Seconds since the worker wrote this progress (None when unknown)."""
+    if not updated_at:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(updated_at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (dt.datetime.now(dt.UTC) - when).total_seconds())
 
 
 class JobLines:
@@ -64,7 +81,7 @@ class JobLines:
         self.out = out or sys.stdout
         self.every = every if every is not None else every_from_env()
         self._labels: dict[str, str] = {}
-        self._last: dict[str, tuple[tuple[Any, ...], str]] = {}
+        self._jobs: dict[str, tuple[tuple[Any, ...], Job]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, daemon=True, name="kdiga-progress-lines")
@@ -87,18 +104,17 @@ class JobLines:
             return
         key, text = describe(job)
         with self._lock:
-            if self._last.get(job.id, (None, ""))[0] == key:
-                self._last[job.id] = (key, text)  # newest numbers, printed by the next tick
-                return
-            self._last[job.id] = (key, text)
-            self._write(job.id, text)
+            changed = self._jobs.get(job.id, (None, job))[0] != key
+            self._jobs[job.id] = (key, job)  # the newest numbers, printed by the next tick
+            if changed:
+                self._write(job.id, text)
 
     def _tick(self) -> None:
         while not self._stop.wait(self.every):
             with self._lock:
-                for job_id, (key, text) in self._last.items():
+                for job_id, (key, job) in self._jobs.items():
                     if key[0] not in ("succeeded", "failed", "cancelled"):
-                        self._write(job_id, text)
+                        self._write(job_id, describe(job)[1])  # described again: the progress's age moves
 
     def _write(self, job_id: str, text: str) -> None:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -171,3 +171,15 @@ def test_existing_teacher_ids_still_work_in_a_step(client, owner, dataset_id):
     assert pipe.status_code == 201, pipe.text
     assert _job(client, pipe.json()["steps"][0]["job_id"]).teacher_id == teacher_id
     client.post(f"/v1/pipelines/{pipe.json()['id']}/cancel", headers=owner)
+
+
+def test_a_step_can_describe_a_vit_with_kwargs(client, owner, dataset_id):
+    step = {"name": "vit", "kind": "adversarial_train", "dataset_id": dataset_id, **TINY,
+            "student": {"arch": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4, "depth": 2}}}
+    r = client.post("/v1/pipelines", headers=owner, json={"steps": [step]})
+    assert r.status_code == 201, r.text
+    job = _job(client, r.json()["steps"][0]["job_id"])
+    assert job.spec["student"]["kwargs"] == {"patch_size": 4, "depth": 2}
+    step["student"]["kwargs"] = {"pretrained": True}
+    r = client.post("/v1/pipelines", headers=owner, json={"steps": [step]})
+    assert r.status_code == 422 and "kwargs.pretrained is not a keyword a model spec may set" in r.json()["detail"]

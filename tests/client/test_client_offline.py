@@ -60,3 +60,22 @@ def test_student_kwargs_flag_and_its_one_sentence():
         with pytest.raises(cli._Fail) as info:
             cli._json_object(bad, "--student-kwargs")
         assert str(info.value).startswith("--student-kwargs must be a JSON object")
+
+
+def test_progress_lines_say_how_old_the_progress_is():
+    """A long attack batch reports nothing for minutes: the CI line says how old its numbers are."""
+    import datetime as dt
+
+    from kdiga_client.client import Job
+    from kdiga_client.progress_lines import describe
+
+    old = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)).isoformat()
+    progress = {"phase": "evaluate", "stage": "model: autoattack (APGD-T)", "percent": 40.0, "eta_s": 90,
+                "job_percent": 70.0, "job_eta_s": 120, "updated_at": old}
+    job = Job.from_dict({"id": "j1", "kind": "evaluate", "status": "running", "progress": progress})
+    key, text = describe(job)
+    assert key == ("running", "evaluate", "model: autoattack (APGD-T)", None)
+    assert text.startswith("running · evaluate · model: autoattack (APGD-T) · 40% (job 70%) · ETA 1:30 (job 2:00)")
+    assert text.endswith("last progress 5:00 ago") or text.endswith("last progress 5:01 ago")
+    fresh = Job.from_dict({**job.to_dict(), "progress": {**progress, "updated_at": dt.datetime.now(dt.UTC).isoformat()}})
+    assert "last progress" not in describe(fresh)[1] and "\r" not in text
