@@ -101,12 +101,19 @@ def _example_of(doc: dict, content: dict) -> list:
 def test_every_request_body_has_a_real_example(client):
     """/docs shows a real body for every operation that takes one: never Swagger's placeholder "string", and
     no body that fills both `student` and `model` (a job has one or the other)."""
-    from api.schemas import DatasetBuiltinCreate, DatasetUploadMetadata, JobCreate, TeacherMetadata
+    from api.schemas import (
+        DatasetBuiltinCreate,
+        DatasetReferenceCreate,
+        DatasetUploadMetadata,
+        JobCreate,
+        TeacherMetadata,
+    )
     from api.schemas_mlops import PipelineCreate
 
     doc = client.get("/openapi.json").json()
     models = {"/v1/jobs": JobCreate, "/v1/teachers": TeacherMetadata, "/v1/datasets": DatasetUploadMetadata,
-              "/v1/datasets/builtin": DatasetBuiltinCreate, "/v1/pipelines": PipelineCreate}
+              "/v1/datasets/builtin": DatasetBuiltinCreate, "/v1/datasets/reference": DatasetReferenceCreate,
+              "/v1/pipelines": PipelineCreate}
     seen = set()
     for path, method, op in _operations(doc):
         for content in op.get("requestBody", {}).get("content", {}).values():
