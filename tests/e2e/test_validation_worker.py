@@ -140,7 +140,7 @@ def test_serve_restarts_a_killed_celery_main_process_and_the_job_finishes(tmp_pa
         h.wait_for(lambda: _healthy(url), 120, what="kdiga serve")
         api = flow.Api(url, (home / "admin_key").read_text().strip())
         ids = flow.setup_inputs(api, teacher_file)
-        job = _long_job(api, ids, "survives its worker", epochs=6)
+        job = _long_job(api, ids, "survives its worker", epochs=60)  # ~0.5 s an epoch here: time to kill it
         h.wait_for(lambda: api.ok(api.http.get(f"/v1/jobs/{job['id']}"))["progress"].get("epoch", 0) >= 2,
                    240, what="the job's second epoch")
         celery_main = _service_pid(served.pid, "--role jobs")
