@@ -315,6 +315,9 @@ def check_model_archive(store: ArtifactStore, key: str, *, max_unpacked_bytes: i
         if total > max_unpacked_bytes:
             return f"The archive unpacks to {total} bytes, more than the limit of {max_unpacked_bytes} bytes."
         return None if names else "The archive is empty."
+    with store.open(key) as f:
+        if not zipfile.is_zipfile(f):
+            return "The teacher file is neither an ONNX model nor a readable zip or tar archive."
     return check_dataset_zip(store, key, max_unpacked_bytes=max_unpacked_bytes)
 
 

@@ -535,6 +535,29 @@ def _check_onnx(model: NormalizedModel, path: Path, dynamic: bool) -> float:
     return worst
 
 
+DEFAULT_NORMALISATION = 0.5  # NormalizedModel: a spec without mean/std normalises with 0.5 per channel
+
+
+def card_normalisation(model: NormalizedModel) -> dict[str, Any]:
+    """What the model normalises its [0, 1] inputs with, and where that came from (issue 17.4).
+
+    source: "spec" (given by the user or stored in their file), "default" (none given: 0.5 per
+    channel, stated so nobody mistakes it for a choice), or "model" (an ONNX graph normalising itself).
+    """
+    spec = model.spec
+    mean, std = model.mean.reshape(-1).tolist(), model.std.reshape(-1).tolist()
+    if spec.mean is None or spec.std is None:
+        source = "default"
+    elif spec.arch in (ONNX_ARCH, TORCHSCRIPT_ARCH) and set(mean) == {0.0} and set(std) == {1.0}:
+        source = "model"
+    else:
+        source = "spec"
+    notes = {"default": f"no mean/std was given: {DEFAULT_NORMALISATION} per channel was used",
+             "model": "none added: the graph normalises inside itself", "spec": "as given"}
+    return {"mean": mean, "std": std, "inside_model": True, "source": source, "defaulted": source == "default",
+            "note": notes[source]}
+
+
 def _model_card(
     model: NormalizedModel,
     name: str,
@@ -552,11 +575,7 @@ def _model_card(
         "num_classes": spec.num_classes,
         "class_names": list(spec.class_names) if spec.class_names else None,
         "input": {"shape": list(spec.input_shape), "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0]},
-        "normalisation": {
-            "mean": model.mean.reshape(-1).tolist(),
-            "std": model.std.reshape(-1).tolist(),
-            "inside_model": True,
-        },
+        "normalisation": card_normalisation(model),
         "params": count_parameters(model),
         "training": training,
         "metrics": metrics,

@@ -526,6 +526,8 @@ def _export(job: _Job, result: TrainResult, objective: ObjectiveConfig, train_cf
                 "resumed_from_step": result.resumed_from_step, "compute": distributed.batch_plan(train_cfg),
                 "labels": dict(job.spec.get("labels") or {}), "threat_model": job.spec.get("threat_model"),
                 "defaulted": list(job.spec.get("defaulted") or []), "skipped_attacks": list(job.skipped)}
+    if job.kind == "distill" and job.teacher is not None:  # what the teacher normalised with, defaulted or not
+        training["teacher_normalisation"] = formats.card_normalisation(job.teacher)
     if sweep is not None:  # the model card says γ was chosen, and how long choosing took
         training["gamma_auto"] = {"chosen": sweep.gamma, "sweep_seconds": round(sweep.seconds, 2)}
     report["compute"] = training["compute"]  # devices, effective batch and learning rate, in the report

@@ -161,6 +161,7 @@ class OnnxGraphModule(nn.Module):
         self.input_names, self.output_names, self.opset = input_names, output_names, opset
 
     fixed_batch: int | None = None  # set when the graph only runs at its exported batch size
+    free_batch: int | None = None  # the export batch baked into Reshape/Expand targets, replaced per run
 
     def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         if len(inputs) != len(self.input_names):
@@ -174,8 +175,12 @@ class OnnxGraphModule(nn.Module):
     def _run(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         env: dict[str, Any] = {name: getattr(self.weights, attr) for name, attr in self._slots.items()}
         env.update(zip(self.input_names, inputs, strict=True))
+        batch = inputs[0].shape[0] if self.free_batch is not None and inputs[0].dim() else None
+        rebatch = batch is not None and batch != self.free_batch
         for i, node in enumerate(self._nodes):
             args = [env[name] if name else None for name in node.inputs]
+            if rebatch and node.op in _BATCH_SHAPED:
+                args[1] = _rebatched(args[1], self.free_batch, batch)
             result = _OPS[node.op](args, node.attrs, self.opset)
             results = result if isinstance(result, tuple | list) else (result,)
             for name, value in zip(node.outputs, results, strict=False):
@@ -203,23 +208,44 @@ class OnnxGraphModule(nn.Module):
         """Decide whether the graph runs at any batch size; if not, run it in chunks.
 
         Exporters without a dynamic batch axis bake the batch size into Reshape and
-        Expand constants. We compare a batch of B+1 against the chunked result: a
-        graph that fails or disagrees is pinned to its declared batch B.
+        Expand constants. We compare a batch of B+1 against the chunked result, first as
+        exported, then with B in those targets replaced by the run's batch (`free_batch`);
+        a graph that still fails or disagrees is pinned to its declared batch B.
         """
         batch, sample = declared_shape[0] if declared_shape else None, tuple(declared_shape[1:])
-        self.fixed_batch = None
+        self.fixed_batch = self.free_batch = None
         if not batch or None in sample or len(self.input_names) != 1 or len(self.output_names) != 1:
             return
         x = torch.rand(batch + 1, *sample, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             chunked = self._run_chunked(x, batch)
-            try:
-                whole = self._run(x)
-            except Exception:  # a baked-in batch size usually makes a Reshape fail
-                self.fixed_batch = batch
+            if self._runs_whole(x, chunked):
                 return
-        if whole.shape != chunked.shape or not torch.allclose(whole, chunked, rtol=1e-4, atol=1e-5):
-            self.fixed_batch = batch
+            # Running in chunks of the export batch (often 1 or 2) costs 4-30x on CPU. Most such graphs
+            # bake the batch only into the target shapes of Reshape and Expand: give those the batch of
+            # the input instead, and keep that only if a batch of B+1 then agrees with the chunked run.
+            self.free_batch = batch
+            if self._runs_whole(x, chunked):
+                return
+            self.free_batch = None
+        self.fixed_batch = batch
+
+    def _runs_whole(self, x: Tensor, chunked: Tensor) -> bool:
+        try:
+            whole = self._run(x)
+        except Exception:  # a baked-in batch size usually makes a Reshape fail
+            return False
+        return whole.shape == chunked.shape and torch.allclose(whole, chunked, rtol=1e-4, atol=1e-5)
+
+
+_BATCH_SHAPED = ("Reshape", "Expand")  # ops whose target shape may hold the export batch
+
+
+def _rebatched(shape: Any, export_batch: int | None, batch: int) -> Any:
+    """A target shape whose first entry is the export batch, with the run's batch there instead."""
+    if not isinstance(shape, Tensor) or shape.dim() != 1 or not shape.numel() or int(shape[0]) != export_batch:
+        return shape
+    return torch.cat([shape.new_tensor([batch]), shape[1:]])
 
 
 def _unique_attr(onnx_name: str, taken: set[str]) -> str:

@@ -104,6 +104,20 @@ def _check_format(fmt: str, meta: TeacherMetadata, settings: Settings) -> None:
         )
     if meta.arch is not None and (message := check_name("architectures", meta.arch)):
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+    _check_caps(meta, settings)
+
+
+def _check_caps(meta: TeacherMetadata, settings: Settings) -> None:
+    """What the metadata declares above the operator's caps is refused at once (validation, which
+    applies the same caps to what the file holds, would only refuse it later)."""
+    if meta.num_classes is not None and meta.num_classes > settings.max_classes:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"The teacher has {meta.num_classes} classes, above this service's limit of "
+                            f"{settings.max_classes} (KDIGA_MAX_CLASSES).")
+    if meta.in_chans > settings.max_input_channels:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"The teacher takes {meta.in_chans} input channels, above this service's limit of "
+                            f"{settings.max_input_channels} (KDIGA_MAX_INPUT_CHANNELS).")
 
 
 def _archive_problem(store: Any, key: str, settings: Settings) -> str | None:
@@ -122,6 +136,7 @@ def _early_check(settings: Settings) -> Any:
             meta = parse_json_field(fields["metadata"], TeacherMetadata, max_bytes=settings.max_json_bytes)
             if meta.arch is not None and (message := check_name("architectures", meta.arch)):
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message)
+            _check_caps(meta, settings)
 
     return check
 

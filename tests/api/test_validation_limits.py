@@ -132,17 +132,27 @@ def test_onnx_teacher_building_a_1gb_constant_is_refused_before_it_is_built(clie
         "this service's teacher memory limit of 512 MiB (KDIGA_MAX_TEACHER_MEMORY_BYTES).")
 
 
-def test_teacher_above_the_class_and_channel_caps_is_invalid(client, owner, settings):
-    body = _validated(client, owner, _weights(), {**TINY, "num_classes": settings.max_classes + 1})
-    assert body["status"] == "invalid" and body["error"] == (
+def test_teacher_metadata_above_the_class_and_channel_caps_is_a_422(client, owner, settings):
+    r = upload_teacher(client, owner, _weights(), meta={**TINY, "num_classes": settings.max_classes + 1})
+    assert r.status_code == 422 and r.json() == {"detail": (
         f"The teacher has {settings.max_classes + 1} classes, above this service's limit of "
-        f"{settings.max_classes} (KDIGA_MAX_CLASSES).")
+        f"{settings.max_classes} (KDIGA_MAX_CLASSES).")}
     chans = settings.max_input_channels + 1
-    body = _validated(client, owner, _weights(), {**TINY, "in_chans": chans, "mean": [0.5] * chans,
-                                                   "std": [0.5] * chans})
-    assert body["status"] == "invalid" and body["error"] == (
+    r = upload_teacher(client, owner, _weights(), meta={**TINY, "in_chans": chans, "mean": [0.5] * chans,
+                                                        "std": [0.5] * chans})
+    assert r.status_code == 422 and r.json() == {"detail": (
         f"The teacher takes {chans} input channels, above this service's limit of "
-        f"{settings.max_input_channels} (KDIGA_MAX_INPUT_CHANNELS).")
+        f"{settings.max_input_channels} (KDIGA_MAX_INPUT_CHANNELS).")}
+    assert client.get("/v1/teachers", headers=owner).json()["count"] == 0
+
+
+def test_onnx_teacher_above_the_class_cap_is_invalid_at_validation(client, owner, settings, monkeypatch):
+    """An ONNX graph declares its classes only by running: validation applies the cap."""
+    monkeypatch.setattr(settings, "max_classes", 5)
+    weight = np.random.default_rng(0).normal(size=(10, 64)).astype(np.float32)
+    body = _validated(client, owner, _linear_onnx(weight), {}, "m.onnx")
+    assert body["status"] == "invalid" and body["error"] == (
+        "The teacher has 10 classes, above this service's limit of 5 (KDIGA_MAX_CLASSES).")
 
 
 def test_teacher_above_the_parameter_cap_is_invalid(client, owner, settings, monkeypatch):
@@ -256,3 +266,11 @@ def test_an_archive_escaping_itself_is_refused_at_upload(client, owner, external
     assert r.status_code == 422
     assert r.json() == {"detail": "The archive entry '../model.onnx.data' points outside the archive."}
     assert client.get("/v1/teachers", headers=owner).json()["count"] == 0
+
+
+def test_a_gzip_that_is_no_tar_named_onnx_is_one_sentence(client, owner):
+    import gzip
+
+    r = upload_teacher(client, owner, gzip.compress(b"not a tar at all" * 10), meta={}, filename="m.onnx")
+    assert r.status_code == 422
+    assert r.json() == {"detail": "The teacher file is neither an ONNX model nor a readable zip or tar archive."}

@@ -44,6 +44,12 @@ def test_distill_job_returns_artifacts_with_their_kinds(tmp_path):
     assert result["model_file"] == "student.safetensors" and result["model_spec"]["arch"] == "cnn_tiny"
     report = json.loads(next(a["path"] for a in result["artifacts"] if a["kind"] == "report_json").read_text())
     assert report["points"]["method"] == "stratified" and set(report["models"]) == {"student", "teacher"}
+    card = json.loads(next(a["path"] for a in result["artifacts"] if a["kind"] == "model_card").read_text())
+    # the student was given no mean/std: its card says the normalisation was defaulted (issue 17.4); the
+    # teacher's (a bundle of ours) comes from the mean/std stored in its file
+    assert card["normalisation"]["source"] == "default" and card["normalisation"]["defaulted"] is True
+    assert card["training"]["teacher_normalisation"]["source"] == "spec"
+    assert card["training"]["teacher_normalisation"]["mean"] == [0.5]
 
 
 def test_adversarial_train_makes_model_weights_not_student_weights(tmp_path):

@@ -296,3 +296,17 @@ def test_bundle_with_the_dynamo_exporter(tmp_path):
         card["onnx"]["exporter"] == "dynamo" and card["onnx"]["dynamic_batch"] and card["onnx"]["opset"] == 18
     )
     assert _same(model, load_model(paths["onnx"]), torch.rand(5, 1, 8, 8))
+
+
+def test_the_model_card_says_whether_the_normalisation_was_defaulted(tmp_path):
+    """Issue 17.4: a model built without mean/std normalises with 0.5, and its card says so."""
+    defaulted = create_model("cnn_tiny", 10, in_chans=1, img_size=8)
+    given = create_model("cnn_tiny", 10, in_chans=1, img_size=8, mean=(0.1,), std=(0.3,))
+    cards = {}
+    for name, m in (("defaulted", defaulted), ("given", given)):
+        artifacts = save_model_bundle(m, tmp_path / name, name=name, exporter="legacy")
+        cards[name] = json.loads(_by_kind(artifacts)["model_card"].read_text())["normalisation"]
+    assert cards["defaulted"] == {"mean": [0.5], "std": [0.5], "inside_model": True, "source": "default",
+                                  "defaulted": True, "note": "no mean/std was given: 0.5 per channel was used"}
+    assert cards["given"]["source"] == "spec" and cards["given"]["defaulted"] is False
+    assert cards["given"]["mean"] == pytest.approx([0.1]) and cards["given"]["std"] == pytest.approx([0.3])
