@@ -152,7 +152,7 @@ def _duration(seconds: Any) -> str:
 
 _STATUS_STYLE = {"ready": "green", "succeeded": "green", "running": "cyan", "queued": "yellow",
                  "validating": "yellow", "cancelling": "magenta", "invalid": "red", "failed": "red",
-                 "cancelled": "magenta"}
+                 "cancelled": "magenta", "stopped": "yellow"}
 
 
 def _id_column(header: str = "id") -> Column:
@@ -694,6 +694,20 @@ def jobs_cancel(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, json_ou
     """Ask a job to stop (a queued job never starts; a running one stops at its next step)."""
     with _client(url, api_key) as client:
         job = client.cancel_job(job_id)
+    if json_out:
+        return _print_json(job.to_dict())
+    console.print(f"Job {job.id} is {_status(job.status)}.")
+
+
+@jobs_app.command("resume")
+@handle_errors
+def jobs_resume(job_id: str,
+                time_budget: Annotated[float | None, typer.Option(
+                    help="Seconds the resumed run may take (default: the job's limits.time_budget_s).")] = None,
+                url: UrlOpt = None, api_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
+    """Resume a stopped job from its last checkpoint (or retry the evaluation of one that failed after training)."""
+    with _client(url, api_key) as client:
+        job = client.resume_job(job_id, time_budget_s=time_budget)
     if json_out:
         return _print_json(job.to_dict())
     console.print(f"Job {job.id} is {_status(job.status)}.")

@@ -21,13 +21,13 @@ from kdiga_core import data as data_mod
 from kdiga_core import distributed, formats, models
 from kdiga_core import evaluate as evaluate_mod
 from kdiga_core.artifacts import ARTIFACT_KINDS, artifact
-from kdiga_core.config import EvalConfig, ModelSpec, ObjectiveConfig, TrainConfig
-from kdiga_core.errors import CancelledError, KdigaError
+from kdiga_core.config import EvalConfig, LimitsConfig, ModelSpec, ObjectiveConfig, TrainConfig
+from kdiga_core.errors import CancelledError, KdigaError, StoppedError
 from kdiga_core.models import NormalizedModel
 from kdiga_core.train import TrainResult, resolve_device, train
 
 __all__ = ["ARTIFACT_KINDS", "JOB_KINDS", "METHODS_BY_KIND", "JobHooks", "JobInputs", "JobProgress", "ModelInput",
-           "headline_metrics", "load_data", "run_job", "validate_dataset", "validate_teacher"]
+           "Stopper", "headline_metrics", "load_data", "run_job", "validate_dataset", "validate_teacher"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ METHODS_BY_KIND: dict[str, tuple[str, ...]] = {
 JOB_KINDS: tuple[str, ...] = tuple(METHODS_BY_KIND)
 # A phase's own rate replaces its estimate made beforehand once this much of it is done.
 RATE_AFTER = 0.05
+# A run stops this long (at most; a tenth of a short limit) before the service's time limit, to write
+# and upload its checkpoint before the limit interrupts it.
+LIMIT_MARGIN_S = 60.0
 
 StepFn = Callable[[dict[str, Any]], None]
 
@@ -99,13 +102,35 @@ class JobHooks:
             every evaluation batch, and before the files are written).
         on_checkpoint: Called with the checkpoint folder after each epoch's checkpoint.
         time_left: Seconds the job may still run (None: no limit); the γ sweep stops early to
-            leave the final run its time.
+            leave the final run its time, and training stops (resumable) shortly before it.
+        after_training: Called once training has ended, its last checkpoint handed to
+            ``on_checkpoint``, before evaluation starts: the worker waits here until that checkpoint
+            is stored, so a failure in evaluation keeps the trained weights.
     """
 
     on_step: StepFn | None = None
     should_cancel: Callable[[], bool] | None = None
     on_checkpoint: Callable[[Path], None] | None = None
     time_left: Callable[[], float | None] | None = None
+    after_training: Callable[[], None] | None = None
+
+
+class Stopper:
+    """``should_stop()`` for a run: a sentence once the job's time budget (``limits.time_budget_s``)
+    is spent or the service's time limit is near, else None."""
+
+    def __init__(self, budget_s: float | None, time_left: Callable[[], float | None] | None):
+        self.started, self.budget_s, self.time_left = time.monotonic(), budget_s, time_left
+        first = time_left() if time_left is not None else None
+        self.margin_s = min(LIMIT_MARGIN_S, 0.1 * first) if first is not None else 0.0
+
+    def __call__(self) -> str | None:
+        if self.budget_s is not None and time.monotonic() - self.started >= self.budget_s:
+            return f"The job reached its time budget of {self.budget_s:g} seconds (limits.time_budget_s)"
+        left = self.time_left() if self.time_left is not None else None
+        if left is not None and left <= self.margin_s:
+            return "The job reached the service's time limit for one run"
+        return None
 
 
 def validate_teacher(path: str | Path, spec: dict[str, Any] | None,
@@ -149,8 +174,9 @@ class JobProgress:
     checks itself), it also stops the job when ``should_cancel`` says so.
     """
 
-    def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float, sweep: bool = False):
-        self.hooks = hooks
+    def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float, sweep: bool = False,
+                 should_stop: Callable[[], str | None] | None = None):
+        self.hooks, self.should_stop, self.trains = hooks, should_stop, train
         self.seconds = {"train": 0.0, "evaluate": float(eval_seconds)}
         self.fraction = {"train": 0.0 if train else 1.0, "evaluate": 0.0}
         if sweep:  # γ "auto": the sweep runs before training (kdiga_core.sweep)
@@ -160,6 +186,7 @@ class JobProgress:
     def __call__(self, progress: dict[str, Any]) -> None:
         if progress["phase"] != "train":
             self.check_cancel()
+            self.check_stop(progress["phase"])
         self._update(progress["phase"], float(progress.get("percent") or 0.0) / 100.0, progress.get("eta_s"))
         if self.hooks.on_step is not None:
             self.hooks.on_step({**progress, **self._overall()})
@@ -168,6 +195,20 @@ class JobProgress:
         """Raise `CancelledError` when ``should_cancel`` says so."""
         if self.hooks.should_cancel is not None and self.hooks.should_cancel():
             raise CancelledError("The job was cancelled.")
+
+    def check_stop(self, phase: str) -> None:
+        """Raise `StoppedError` between evaluation batches (or sweep steps) once the budget is spent."""
+        if not distributed.is_main():  # DDP: rank 0 stops and records it; torchrun then ends the others
+            return
+        why = self.should_stop() if self.should_stop is not None else None
+        if not why:
+            return
+        if phase == "evaluate" and self.trains:
+            raise StoppedError(f"{why} during evaluation; the trained weights are kept, and resuming the job "
+                               "runs only its evaluation again.")
+        if phase == "evaluate":
+            raise StoppedError(f"{why} during evaluation; resuming the job runs its evaluation again.")
+        raise StoppedError(f"{why} during the {phase} phase; resuming the job continues from its last checkpoint.")
 
     def _update(self, phase: str, fraction: float, eta: float | None) -> None:
         self.fraction[phase] = min(max(fraction, 0.0), 1.0)
@@ -200,6 +241,7 @@ class _Job:
     hooks: JobHooks
     data: data_mod.DataBundle
     teacher: NormalizedModel | None
+    should_stop: Stopper
     eval_cfg: EvalConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -238,20 +280,23 @@ def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, inputs: JobInp
     if kind not in METHODS_BY_KIND:
         raise KdigaError(f"Unknown job kind '{kind}'; valid names are: {', '.join(JOB_KINDS)}.")
     started = time.monotonic()
-    job = _open(kind, spec, Path(workdir), inputs, hooks or JobHooks())
+    hooks = hooks or JobHooks()
+    stopper = Stopper(LimitsConfig.from_dict(spec.get("limits")).time_budget_s, hooks.time_left)
+    job = _open(kind, spec, Path(workdir), inputs, hooks, stopper)
     result = _evaluate_only(job) if kind == "evaluate" else _train_and_report(job, resume)
     result["metrics"]["wall_s"] = round(time.monotonic() - started, 2)
     return result
 
 
-def _open(kind: str, spec: dict[str, Any], workdir: Path, inputs: JobInputs, hooks: JobHooks) -> _Job:
+def _open(kind: str, spec: dict[str, Any], workdir: Path, inputs: JobInputs, hooks: JobHooks,
+          stopper: Stopper) -> _Job:
     workdir.mkdir(parents=True, exist_ok=True)
     data = load_data(inputs.dataset)
     teacher = None
     if inputs.teacher is not None:
         teacher = inputs.teacher.load(allow_torchscript=inputs.allow_torchscript).eval()
         _check_compatible(teacher.spec, data, "teacher")
-    return _Job(kind, spec, workdir, inputs, hooks, data, teacher)
+    return _Job(kind, spec, workdir, inputs, hooks, data, teacher, stopper)
 
 
 def _check_compatible(spec: ModelSpec, data: data_mod.DataBundle, role: str) -> None:
@@ -280,14 +325,17 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     train_cfg = TrainConfig.from_dict(job.spec.get("train"))
     student = _initial_student(job) or _build_student(job.spec.get("student") or {}, job.data)
     sweeping = objective.sweeps_gamma and teacher is not None
-    progress = JobProgress(job.hooks, train=True, sweep=sweeping,
+    progress = JobProgress(job.hooks, train=True, sweep=sweeping, should_stop=job.should_stop,
                            eval_seconds=_expected(student, teacher, job, resolve_device(train_cfg.device)))
     sweep = _choose_gamma(student, teacher, objective, train_cfg, job, progress) if sweeping else None
     if sweep is not None:
         objective = sweep.final_objective(objective)
     result = train(student, job.data, objective, train_cfg, teacher=teacher, on_step=progress,
                    should_cancel=job.hooks.should_cancel, checkpoint_dir=job.workdir / "checkpoint",
-                   on_checkpoint=job.hooks.on_checkpoint, resume=resume)
+                   on_checkpoint=job.hooks.on_checkpoint, resume=resume, should_stop=job.should_stop,
+                   checkpoint_every_s=LimitsConfig.from_dict(job.spec.get("limits")).checkpoint_every_s)
+    if job.hooks.after_training is not None:  # the trained weights are stored before evaluation starts
+        job.hooks.after_training()
     # evaluated where it was trained (DDP: each rank its share of the points); the bundle export takes its
     # own CPU copy
     report = _report(result.model.eval(), teacher, job, progress)
@@ -345,7 +393,8 @@ def _initial_student(job: _Job) -> NormalizedModel | None:
 
 def _evaluate_only(job: _Job) -> dict[str, Any]:
     model, reference = _models_to_evaluate(job)
-    progress = JobProgress(job.hooks, train=False, eval_seconds=_expected(model, reference, job, resolve_device()))
+    progress = JobProgress(job.hooks, train=False, should_stop=job.should_stop,
+                           eval_seconds=_expected(model, reference, job, resolve_device()))
     report = _report(model, reference, job, progress)
     progress.check_cancel()
     artifacts = _write_report(report, job.out, job.spec, {"kind": "evaluate", "dataset": job.data.name})
