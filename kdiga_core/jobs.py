@@ -323,6 +323,7 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     _check_method(job.kind, objective.method, teacher)
     distributed.check_supported(objective, distributed.context())  # DDP: before the γ sweep would start
     train_cfg = TrainConfig.from_dict(job.spec.get("train"))
+    torch.manual_seed(train_cfg.seed)  # the student's initial draw too: one seed gives one model in any process
     student = _initial_student(job) or _build_student(job.spec.get("student") or {}, job.data)
     sweeping = objective.sweeps_gamma and teacher is not None
     progress = JobProgress(job.hooks, train=True, sweep=sweeping, should_stop=job.should_stop,
