@@ -303,10 +303,11 @@ def create_pipeline(session: Session, *, owner_id: str, name: str | None, steps:
 
 
 def request_pipeline_cancel(session: Session, *, pipe: Pipeline) -> Pipeline:
-    """API: no step starts any more; active steps are cancelled like jobs (caller commits)."""
+    """API: no step starts any more; active (and stopped) steps are cancelled like jobs (caller commits)."""
     pipe.cancel_requested = True
     session.flush()
-    active = session.scalars(select(Job).where(Job.pipeline_id == pipe.id, Job.status.in_(ACTIVE_STATES))).all()
+    active = session.scalars(select(Job).where(Job.pipeline_id == pipe.id,
+                                               Job.status.in_((*ACTIVE_STATES, STOPPED)))).all()
     for job in active:
         request_cancel(session, job=job)
     advance_pipeline(session, pipe.id)

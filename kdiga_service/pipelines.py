@@ -70,8 +70,9 @@ def next_moves(steps: Sequence[Mapping[str, Any]], job_states: Mapping[str, str]
     states = step_states(steps, job_states, cancel_requested=cancel_requested)
     create = [s for s in steps if states[s["name"]] == READY_TO_CREATE]
     moves = Moves(create=create, states={k: (QUEUED if v == READY_TO_CREATE else v) for k, v in states.items()})
-    # a stopped step can be resumed: the pipeline waits for it
-    if create or any(v in ACTIVE_STATES or v in (WAITING, STOPPED) for v in states.values()):
+    # a stopped step can be resumed: the pipeline waits for it (unless the pipeline is being cancelled)
+    waits = (WAITING,) if cancel_requested else (WAITING, STOPPED)
+    if create or any(v in ACTIVE_STATES or v in waits for v in states.values()):
         return moves
     failed = [n for n, v in states.items() if v == FAILED]
     if failed:
