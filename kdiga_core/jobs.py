@@ -197,18 +197,20 @@ class JobProgress:
             raise CancelledError("The job was cancelled.")
 
     def check_stop(self, phase: str) -> None:
-        """Raise `StoppedError` between evaluation batches (or sweep steps) once the budget is spent."""
-        if not distributed.is_main():  # DDP: rank 0 stops and records it; torchrun then ends the others
+        """Raise `StoppedError` between evaluation batches once the budget is spent.
+
+        Not in the γ sweep: it keeps its own clock (``time_left``) and a trial ended by an exception
+        would be recorded as failed; a spent budget stops the final training at its first step.
+        """
+        if phase != "evaluate" or not distributed.is_main():  # DDP: rank 0 stops and records it
             return
         why = self.should_stop() if self.should_stop is not None else None
         if not why:
             return
-        if phase == "evaluate" and self.trains:
+        if self.trains:
             raise StoppedError(f"{why} during evaluation; the trained weights are kept, and resuming the job "
                                "runs only its evaluation again.")
-        if phase == "evaluate":
-            raise StoppedError(f"{why} during evaluation; resuming the job runs its evaluation again.")
-        raise StoppedError(f"{why} during the {phase} phase; resuming the job continues from its last checkpoint.")
+        raise StoppedError(f"{why} during evaluation; resuming the job runs its evaluation again.")
 
     def _update(self, phase: str, fraction: float, eta: float | None) -> None:
         self.fraction[phase] = min(max(fraction, 0.0), 1.0)

@@ -101,3 +101,39 @@ def test_failure_in_evaluation_keeps_the_trained_weights_and_resume_only_evaluat
     training = _card(settings, job_id)["training"]
     assert training["resumed_from_step"] == training["steps"] > 0  # nothing was trained again
     assert len(calls) == 2
+
+
+def _resume(settings, job_id):
+    with get_sessionmaker(settings)() as session:
+        crud.resume_job(session, job=session.get(Job, job_id))
+        session.commit()
+
+
+@pytest.mark.slow
+def test_near_the_soft_time_limit_a_job_stops_resumably(settings, seeded):
+    """A run nearing KDIGA_JOB_SOFT_TIME_LIMIT_S (1 s here; the job takes several) stops as `stopped`,
+    not failed; resumed under a longer limit, it finishes."""
+    short = settings.model_copy(update={"job_soft_time_limit_s": 1, "job_hard_time_limit_s": 60})
+    job_id = h.create_job_row(settings, seeded["owner_id"], _request(seeded))
+    assert runner.run_job(job_id, settings=short).status == "stopped"
+    row = h.job_row(settings, job_id)
+    assert row.error.startswith("The job reached the service's time limit for one run"), row.error
+    _resume(settings, job_id)
+    assert runner.run_job(job_id, settings=settings).status == "succeeded", h.job_row(settings, job_id).error
+
+
+@pytest.mark.slow
+def test_evaluate_job_stops_between_evaluation_batches_and_resumes(settings, seeded):
+    request = {"kind": "evaluate", "dataset_id": seeded["dataset_id"], "teacher_id": None,
+               "model": {"teacher_id": seeded["teacher_id"], "job_id": None}, "evaluation": h.TINY_EVAL,
+               "limits": {"time_budget_s": 1e-3}}
+    job_id = h.create_job_row(settings, seeded["owner_id"], request)
+    assert runner.run_job(job_id, settings=settings).status == "stopped"
+    assert h.job_row(settings, job_id).error == ("The job reached its time budget of 0.001 seconds "
+                                                 "(limits.time_budget_s) during evaluation; resuming the job "
+                                                 "runs its evaluation again.")
+    with get_sessionmaker(settings)() as session:
+        job = session.get(Job, job_id)
+        crud.resume_job(session, job=job, spec={**job.spec, "limits": {}})
+        session.commit()
+    assert runner.run_job(job_id, settings=settings).status == "succeeded", h.job_row(settings, job_id).error
