@@ -254,9 +254,32 @@ class _Job:
         return self.workdir / "out"
 
     @property
-    def cache(self) -> evaluate_mod.ReportCache | None:
+    def cache(self) -> evaluate_mod.ReportCache:
         folder = self.inputs.teacher_cache_dir
-        return evaluate_mod.DirectoryReportCache(folder) if folder is not None else None
+        shared = evaluate_mod.DirectoryReportCache(folder) if folder is not None else None
+        return JobReportCache(self.workdir / "checkpoint", shared, self.hooks.on_checkpoint)
+
+
+class JobReportCache:
+    """The teacher's evaluation kept in the job's checkpoint (``checkpoint/eval/<key>.json``, stored
+    with it through ``on_checkpoint``) as well as in the worker's cache between jobs: a job stopped
+    or failed after its teacher was measured reuses that measurement when resumed, on any worker."""
+
+    def __init__(self, checkpoint_dir: Path, shared: evaluate_mod.ReportCache | None,
+                 on_checkpoint: Callable[[Path], None] | None):
+        self.checkpoint_dir, self.shared, self.on_checkpoint = checkpoint_dir, shared, on_checkpoint
+        self.mine = evaluate_mod.DirectoryReportCache(checkpoint_dir / "eval")
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        found = self.mine.get(key)
+        return found if found is not None or self.shared is None else self.shared.get(key)
+
+    def put(self, key: str, report: dict[str, Any]) -> None:
+        self.mine.put(key, report)
+        if self.shared is not None:
+            self.shared.put(key, report)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.checkpoint_dir)
 
 
 def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, inputs: JobInputs,

@@ -137,3 +137,34 @@ def test_evaluate_job_stops_between_evaluation_batches_and_resumes(settings, see
         crud.resume_job(session, job=job, spec={**job.spec, "limits": {}})
         session.commit()
     assert runner.run_job(job_id, settings=settings).status == "succeeded", h.job_row(settings, job_id).error
+
+
+@pytest.mark.slow
+def test_resumed_evaluation_reuses_the_teacher_measured_before_the_failure(settings, seeded, monkeypatch):
+    """The teacher's evaluation is kept in the job's checkpoint: after a failure in the alignment stage
+    (injected), the retry reuses it even with the worker's own teacher cache wiped."""
+    import shutil
+
+    from kdiga_core.evaluate import report as report_mod
+    from worker.inputs import teacher_cache_dir
+
+    real, calls = report_mod.alignment_report, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected alignment fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report_mod, "alignment_report", flaky)
+    request = _request(seeded, evaluation={**h.TINY_EVAL, "alignment": True, "linearity_steps": 2})
+    job_id = h.create_job_row(settings, seeded["owner_id"], request)
+    assert runner.run_job(job_id, settings=settings).status == "failed"
+    assert h.job_row(settings, job_id).result == {"resumable": "evaluation"}
+    shutil.rmtree(teacher_cache_dir(settings), ignore_errors=True)
+
+    _resume(settings, job_id)
+    assert runner.run_job(job_id, settings=settings).status == "succeeded", h.job_row(settings, job_id).error
+    artifact = next(a for a in h.artifacts_of(settings, job_id) if a.name == "report.json")
+    report = json.loads(get_storage(settings).read_bytes(artifact.storage_key))
+    assert report["teacher_evaluation"]["cached"] is True and "alignment" in report
