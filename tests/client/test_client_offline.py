@@ -50,3 +50,8 @@ def test_build_job_spec_resources_and_accumulation():
     assert spec == {"kind": "distill", "dataset_id": "d", "train": {"batch_size": 32, "grad_accum_steps": 2},
                     "resources": {"nodes": 2}}
     assert "resources" not in cli.build_job_spec(dataset="d", resources={"nodes": None, "devices_per_node": None})
+
+
+def test_build_job_spec_time_budget():
+    assert cli.build_job_spec(dataset="d", limits={"time_budget_s": 90.0})["limits"] == {"time_budget_s": 90.0}
+    assert "limits" not in cli.build_job_spec(dataset="d", limits={"time_budget_s": None})
