@@ -18,6 +18,7 @@ PAIRS = [
     (config.AttackSpec, schemas.AttackSpecSchema, {}),
     (config.EvalConfig, schemas.EvalConfigSchema, {}),
     (config.ModelSpec, schemas.ModelSpecSchema, {"arch": "cnn_tiny", "num_classes": 10}),
+    (config.LimitsConfig, schemas.LimitsSchema, {}),
 ]
 
 

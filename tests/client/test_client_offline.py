@@ -60,3 +60,8 @@ def test_student_kwargs_flag_and_its_one_sentence():
         with pytest.raises(cli._Fail) as info:
             cli._json_object(bad, "--student-kwargs")
         assert str(info.value).startswith("--student-kwargs must be a JSON object")
+
+
+def test_build_job_spec_time_budget():
+    assert cli.build_job_spec(dataset="d", limits={"time_budget_s": 90.0})["limits"] == {"time_budget_s": 90.0}
+    assert "limits" not in cli.build_job_spec(dataset="d", limits={"time_budget_s": None})
