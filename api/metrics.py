@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from kdiga_service.models import Job
 
-JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled", "stopped")
 
 
 class JobsCollector(Collector):

@@ -34,7 +34,7 @@ from api.schemas_mlops import Labels, LabelsOut, NotifySpec
 T = TypeVar("T")
 
 JobKind = Literal["distill", "adversarial_train", "evaluate"]
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled", "stopped"]
 Method = Literal["ce", "kd", "kdiga", "ard", "rslad", "pgd_at", "trades"]
 IGAMode = Literal["auto", "exact", "finite_difference"]
 IGAReduction = Literal["per_sample", "author"]
@@ -397,6 +397,27 @@ class ResourcesSchema(_Strict):
         return self.nodes * self.devices_per_node
 
 
+class LimitsSchema(_Strict):
+    """How long one run of the job may take, and how often training saves its place."""
+
+    time_budget_s: float | None = Field(
+        default=None, gt=0,
+        description="Seconds one run may take (at most KDIGA_MAX_TIME_BUDGET_S). A run that spends it stops "
+                    "at a safe point, after a checkpoint, with status `stopped`; POST /v1/jobs/{id}/resume "
+                    "continues it with a fresh budget. None: only the service's time limit.")
+    checkpoint_every_s: float | None = Field(
+        default=None, gt=0,
+        description="Training also writes a checkpoint inside an epoch this often (one device; on several, at "
+                    "epoch ends only). None: KDIGA_CHECKPOINT_EVERY_S.")
+
+
+class ResumeRequest(_Strict):
+    """Optional changes for the resumed run."""
+
+    time_budget_s: float | None = Field(
+        default=None, gt=0, description="A new `limits.time_budget_s` for the resumed run (None: keep the job's).")
+
+
 class JobCreate(_Strict):
     """A job request; what `objective`, `train`, `evaluation` and `threat_model` leave out is sized to the
     dataset (`kdiga_core.defaults`), and the stored spec shows every value, with `defaulted` naming those."""
@@ -415,6 +436,7 @@ class JobCreate(_Strict):
     labels: Labels | None = None
     notify: NotifySpec | None = None
     resources: ResourcesSchema | None = None
+    limits: LimitsSchema | None = None
 
 
 # -- responses -----------------------------------------------------------------------------------

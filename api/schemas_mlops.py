@@ -49,7 +49,7 @@ class _Strict(BaseModel):
 class NotifySpec(_Strict):
     """Where to POST the job's events, and which (default: every state change).
 
-    Events: job.queued, job.running, job.cancelling, job.succeeded, job.failed, job.cancelled, and
+    Events: job.queued, job.running, job.cancelling, job.succeeded, job.failed, job.cancelled, job.stopped, and
     job.progress (at each new phase and each quarter of the work). Each request is signed with the
     API key's webhook secret (`Kdiga-Signature: t=...,v1=...`); see the README.
     """

@@ -6,6 +6,7 @@ from kdiga_client.errors import (
     ConflictError,
     JobCancelledError,
     JobFailedError,
+    JobStoppedError,
     KdigaError,
     NotFoundError,
     RateLimitError,
@@ -16,6 +17,6 @@ from kdiga_client.errors import (
 
 __all__ = [
     "Artifact", "AuthError", "Client", "ConflictError", "Dataset", "Job", "JobCancelledError", "JobEvent",
-    "JobFailedError", "KdigaError", "NotFoundError", "Page", "Progress", "RateLimitError",
+    "JobFailedError", "KdigaError", "NotFoundError", "JobStoppedError", "Page", "Progress", "RateLimitError",
     "ServerUnreachableError", "Teacher", "ValidationError", "WaitTimeoutError",
 ]

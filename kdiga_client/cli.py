@@ -166,7 +166,7 @@ def _duration(seconds: Any) -> str:
 
 _STATUS_STYLE = {"ready": "green", "succeeded": "green", "running": "cyan", "queued": "yellow",
                  "validating": "yellow", "cancelling": "magenta", "invalid": "red", "failed": "red",
-                 "cancelled": "magenta"}
+                 "cancelled": "magenta", "stopped": "yellow"}
 
 
 def _id_column(header: str = "id") -> Column:
@@ -516,7 +516,8 @@ def build_job_spec(base: dict[str, Any] | None = None, *, kind: str | None = Non
                    eval_eps: float | None = None, eval_norm: str | None = None,
                    evaluation: dict[str, Any] | None = None,
                    resources: dict[str, Any] | None = None,
-                   threat_model: dict[str, Any] | None = None) -> dict[str, Any]:
+                   threat_model: dict[str, Any] | None = None,
+                   limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge a --spec file with the flags (flags win); `None` flags leave the spec alone."""
     spec: dict[str, Any] = json.loads(json.dumps(base or {}))  # deep copy
     for key, value in (("kind", kind), ("name", name), ("dataset_id", dataset), ("teacher_id", teacher)):
@@ -534,7 +535,7 @@ def build_job_spec(base: dict[str, Any] | None = None, *, kind: str | None = Non
     if model_teacher is not None or model_job is not None:
         spec["model"] = {"teacher_id": model_teacher} if model_teacher else {"job_id": model_job}
     for section, values in (("objective", objective), ("train", train), ("evaluation", evaluation),
-                            ("resources", resources), ("threat_model", threat_model)):
+                            ("resources", resources), ("threat_model", threat_model), ("limits", limits)):
         values = {k: v for k, v in (values or {}).items() if v is not None}
         if values:
             spec.setdefault(section, {}).update(values)
@@ -656,6 +657,8 @@ def jobs_submit(
         eval_norm: Annotated[str | None, typer.Option(help="Linf | L2.")] = None,
         max_points: Annotated[int | None, typer.Option(help="Test points the report uses.")] = None,
         name: Annotated[str | None, typer.Option(help="A name for the job.")] = None,
+        time_budget: Annotated[float | None, typer.Option(
+            help="Seconds one run may take; then it stops (status stopped) and `kdiga jobs resume` continues it.")] = None,
         spec: Annotated[Path | None, typer.Option(help="JSON file with the whole job body; flags override it.",
                                                   exists=True, dir_okay=False)] = None,
         idempotency_key: Annotated[str | None, typer.Option(help="Retry-safe submit: same key, same job.")] = None,
@@ -672,7 +675,7 @@ def jobs_submit(
                "seed": seed, "grad_accum_steps": grad_accum_steps},
         eval_attacks=_csv(eval_attacks), eval_eps=eval_eps, eval_norm=eval_norm,
         evaluation={"max_points": max_points}, resources={"nodes": nodes, "devices_per_node": devices_per_node},
-        threat_model={"norm": norm, "eps": eps, "step": step})
+        threat_model={"norm": norm, "eps": eps, "step": step}, limits={"time_budget_s": time_budget})
     with _client(url, api_key) as client:
         job = client.submit_job(body, idempotency_key=idempotency_key)
         if not json_out:
@@ -737,6 +740,20 @@ def jobs_cancel(job_id: str, url: UrlOpt = None, api_key: KeyOpt = None, json_ou
     """Ask a job to stop (a queued job never starts; a running one stops at its next step)."""
     with _client(url, api_key) as client:
         job = client.cancel_job(job_id)
+    if json_out:
+        return _print_json(job.to_dict())
+    console.print(f"Job {job.id} is {_status(job.status)}.")
+
+
+@jobs_app.command("resume")
+@handle_errors
+def jobs_resume(job_id: str,
+                time_budget: Annotated[float | None, typer.Option(
+                    help="Seconds the resumed run may take (default: the job's limits.time_budget_s).")] = None,
+                url: UrlOpt = None, api_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
+    """Resume a stopped job from its last checkpoint (or retry the evaluation of one that failed after training)."""
+    with _client(url, api_key) as client:
+        job = client.resume_job(job_id, time_budget_s=time_budget)
     if json_out:
         return _print_json(job.to_dict())
     console.print(f"Job {job.id} is {_status(job.status)}.")

@@ -34,6 +34,7 @@ import httpx
 from kdiga_client.errors import (
     JobCancelledError,
     JobFailedError,
+    JobStoppedError,
     KdigaError,
     RateLimitError,
     ServerUnreachableError,
@@ -41,7 +42,7 @@ from kdiga_client.errors import (
     error_for_status,
 )
 
-TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled", "stopped"})  # stopped: until resumed
 TERMINAL_UPLOAD_STATES = frozenset({"ready", "invalid"})
 _CHUNK = 1 << 20
 
@@ -492,6 +493,12 @@ class Client:
         """Ask the job to stop (cooperative); ConflictError when it has already finished."""
         return Job.from_dict(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
 
+    def resume_job(self, job_id: str, *, time_budget_s: float | None = None) -> Job:
+        """Queue a `stopped` job again (or one that failed after training): it continues from its last
+        checkpoint, with a new ``time_budget_s`` when given; ConflictError for any other status."""
+        body = {"time_budget_s": time_budget_s} if time_budget_s is not None else None
+        return Job.from_dict(self._json("POST", f"/v1/jobs/{job_id}/resume", json=body))
+
     def stream_events(self, job_id: str, *, read_timeout: float | None = 60.0) -> Iterator[JobEvent]:
         """Yield the job's server-sent events until the stream ends (after the `end` event)."""
         timeout = self._timeout(read=read_timeout)
@@ -585,6 +592,8 @@ class Client:
     def _final(job: Job) -> Job:
         if job.status == "failed":
             raise JobFailedError(job)
+        if job.status == "stopped":
+            raise JobStoppedError(job)
         if job.status == "cancelled":
             raise JobCancelledError(job)
         return job

@@ -72,6 +72,16 @@ class JobFailedError(KdigaError):
         self.job = job
 
 
+class JobStoppedError(JobFailedError):
+    """wait_job found the job `stopped` (its time budget was spent at a safe point); `job.error` says
+    where. Not a failure: `Client.resume_job` continues it from its last checkpoint."""
+
+    def __init__(self, job: FinishedJob):
+        KdigaError.__init__(self, f"Job {job.id} stopped: {job.error or 'its time budget was spent'} "
+                                  f"Resume it with `kdiga jobs resume {job.id}`.")
+        self.job = job
+
+
 class JobCancelledError(KdigaError):
     """wait_job found the job `cancelled`; `job` is the final Job."""
 

@@ -3,9 +3,16 @@
 `train` asks `batch_source(data, ...)` for an object with:
 
 - ``n`` (training samples) and ``steps_per_epoch``;
-- ``epoch(epoch, generator)``: yields, per optimizer step, a list of micro-batches
+- ``epoch(epoch, generator, resume=None)``: yields, per optimizer step, a list of micro-batches
   ``(x, y, index)`` already on the device; ``x`` may be uint8 (`data.pixels` makes floats),
-  ``index`` is the rows in the training set (None when the source cannot say: no teacher cache);
+  ``index`` is the rows in the training set (None when the source cannot say: no teacher cache).
+  ``resume`` (a `ResumePoint`, from a checkpoint written inside the epoch) starts at the step after
+  it with the same order: in memory the order is drawn again from the generator's state at the
+  epoch's start (the generator itself stays where the checkpoint left it); streaming, an image
+  folder's sampler (seeded by (seed, epoch)) skips the indices of the batches already consumed,
+  never read, and WebDataset shards (no index) read those batches again and drop them;
+- ``batches_done``: the loader batches the steps yielded so far this epoch consumed (unreadable ones
+  included), what a checkpoint inside the epoch records as ``ResumePoint.batches``;
 - ``augment(x, generator, cfg)``: the augmentation still to apply on the device (in memory: the
   preset on whole batches; streaming: nothing, the loader's workers did it);
 - ``cacheable``: whether the same rows come back unchanged every epoch (a teacher cache can hold them);
@@ -13,13 +20,17 @@
   batch_size=...)`` builds it; ``streaming`` says which path this is.
 
 The in-memory path draws its order (and its augmentation) from the run's generator exactly as
-before, so resumed runs stay bit-identical; the streaming path seeds its loader from (seed, epoch).
+before, so resumed runs stay bit-identical; the streaming path seeds its loader from (seed, epoch)
+and each image's random transform from (seed, epoch, row), so a run resumed inside an epoch sees
+the same batches whatever its loader workers.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +44,17 @@ from kdiga_core.errors import KdigaError
 log = logging.getLogger(__name__)
 
 Batch = tuple[Tensor, Tensor, Tensor | None]
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a checkpoint written inside an epoch left it: ``step`` optimizer steps done, the run's
+    generator state at the epoch's start (``order_state``: the in-memory order is drawn from it) and
+    the loader batches consumed (``batches``: streaming; None: ``step`` x grad_accum_steps)."""
+
+    step: int
+    order_state: Tensor | None = None
+    batches: int | None = None
 
 
 def random_resized_crop_batch(x: Tensor, generator: torch.Generator | None, *, hflip: bool = True,
@@ -70,10 +92,29 @@ class InMemoryBatches:
         self.steps_per_epoch = distributed.steps_per_epoch(self.n, cfg, ctx) if self.n else 0
         self.row_numel = int(self.x[0].numel()) if self.n else 0
         self.num_classes = int(getattr(data, "num_classes", 0) or (int(self.y.max()) + 1 if self.n else 0))
+        self.batches_done = 0
 
-    def epoch(self, epoch: int, generator: torch.Generator) -> Iterator[list[Batch]]:
-        order = distributed.epoch_order(self.n, epoch=epoch, seed=self.cfg.seed, generator=generator, ctx=self.ctx)
-        for group in distributed.accumulation_groups(order, self.cfg):
+    def epoch(self, epoch: int, generator: torch.Generator, resume: ResumePoint | None = None) -> Iterator[list[Batch]]:
+        """The epoch's steps; the order is drawn now (the generator's first draw of the epoch)."""
+        order = self._order(epoch, generator, resume.order_state if resume is not None else None)
+        start = resume.step if resume is not None else 0
+        groups = itertools.islice(distributed.accumulation_groups(order, self.cfg), start, None)
+        self.batches_done = start * self.cfg.grad_accum_steps
+        return self._steps(groups)
+
+    def _order(self, epoch: int, generator: torch.Generator, order_state: Tensor | None) -> Tensor:
+        if order_state is None:
+            return distributed.epoch_order(self.n, epoch=epoch, seed=self.cfg.seed, generator=generator, ctx=self.ctx)
+        now = generator.get_state()  # resumed inside the epoch: draw the same order, then come back here
+        generator.set_state(order_state)
+        try:
+            return distributed.epoch_order(self.n, epoch=epoch, seed=self.cfg.seed, generator=generator, ctx=self.ctx)
+        finally:
+            generator.set_state(now)
+
+    def _steps(self, groups: Iterator[list[Tensor]]) -> Iterator[list[Batch]]:
+        for group in groups:
+            self.batches_done += len(group)
             yield [(self.x[i], self.y[i], i) for i in (index.to(self.device) for index in group)]
 
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -109,13 +150,29 @@ class StreamingBatches:
         self.row_numel, self.num_classes = data.in_chans * data.img_size ** 2, data.num_classes
         self.workers = loader_workers(cfg.loader_workers)
         self.cacheable = data.kind == "image_folder" and cfg.preset == "none" and not ctx.distributed
+        self.batches_done = 0
 
-    def epoch(self, epoch: int, generator: torch.Generator) -> Iterator[list[Batch]]:
+    def epoch(self, epoch: int, generator: torch.Generator,  # noqa: ARG002 (one signature for both sources)
+              resume: ResumePoint | None = None) -> Iterator[list[Batch]]:
+        """The epoch's steps; resumed inside it, the sampler skips the batches already consumed."""
+        skip = 0
+        if resume is not None:
+            skip = resume.batches if resume.batches is not None else resume.step * self.cfg.grad_accum_steps
+        # an image folder skips them in its sampler; shards have no index: their batches are read again
+        # (the same, each item's transform seeded) and dropped
+        skippable = self.data.kind == "image_folder"
         loader = self.data.train_loader(epoch=epoch, seed=self.cfg.seed, batch_size=self.cfg.batch_size,
                                         workers=self.workers, pin=self.device.type == "cuda", hflip=self.cfg.hflip,
-                                        ctx=self.ctx)
+                                        ctx=self.ctx, skip_batches=skip if skippable else 0)
+        self.batches_done = skip if skippable else 0
+        return self._steps(loader, drop=0 if skippable else skip)
+
+    def _steps(self, loader: Any, drop: int) -> Iterator[list[Batch]]:
         group: list[Batch] = []
         for batch in self.start(loader):
+            self.batches_done += 1
+            if self.batches_done <= drop:  # shards resumed inside the epoch: trained on before the checkpoint
+                continue
             if batch is None:  # every image of this batch was unreadable
                 continue
             x, y, rows = batch
@@ -127,7 +184,7 @@ class StreamingBatches:
         if group:
             yield group
 
-    def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:  # noqa: ARG002 (the workers augment)
         return x  # the loader's workers applied the preset
 
     def precompute_teacher(self, objective: Any, *, batch_size: int) -> None:

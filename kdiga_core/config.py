@@ -388,3 +388,19 @@ class EvalConfig(_FromDict):
         _check(self.max_points >= 1, "max_points must be at least 1.")
         _check(self.smoothing_sigma >= 0, "smoothing_sigma must be zero or positive.")
         _check(self.square_queries >= 1, "square_queries must be at least 1.")
+
+
+@dataclass(frozen=True)
+class LimitsConfig(_FromDict):
+    """How long one run of a job may take, and how often training saves its place.
+
+    A run that spends `time_budget_s` stops at a safe point (after a checkpoint) with
+    `StoppedError`; resuming the job gives it another budget and continues from that checkpoint.
+    """
+
+    time_budget_s: float | None = None  # None: only the service's time limit
+    checkpoint_every_s: float | None = None  # None: checkpoints at epoch ends only
+
+    def __post_init__(self) -> None:
+        _check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s must be positive.")
+        _check(self.checkpoint_every_s is None or self.checkpoint_every_s > 0, "checkpoint_every_s must be positive.")

@@ -21,6 +21,8 @@ from the labels alone.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import random
 from collections.abc import Iterator
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, get_worker_info
 
 from kdiga_core import distributed
 from kdiga_core.data_ref import decode_rgb, list_image_folder, list_shards, open_root, shard_samples
@@ -82,6 +84,37 @@ def collate(samples: list[tuple[Tensor, int, int] | None]) -> tuple[Tensor, Tens
             torch.tensor([s[2] for s in kept], dtype=torch.long))
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run the block with torch's global generator seeded by ``seed`` (None: as it is), then put its
+    state back: the transforms.v2 presets draw from it, and seeding each image by (seed, epoch, row)
+    makes its augmentation the same in any loader worker, also after a resume inside the epoch."""
+    if seed is None:
+        yield
+        return
+    gen = torch.default_generator
+    state = gen.get_state()
+    gen.manual_seed(seed % (1 << 63))
+    try:
+        yield
+    finally:
+        gen.set_state(state)
+
+
+class SkipSampler(Sampler[int]):
+    """A sampler without its first ``skip`` indices: a run resumed inside an epoch draws the epoch's
+    order again (the same generator draws) but never reads or decodes the batches it already trained on."""
+
+    def __init__(self, inner: Sampler[int], skip: int):
+        self.inner, self.skip = inner, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.inner), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.inner) - self.skip)  # type: ignore[arg-type]
+
+
 class _ProcessFs:
     """The filesystem, opened again in each process: an async one (s3fs) is not fork-safe, and
     fsspec gives a forked loader worker a fresh instance."""
@@ -101,8 +134,10 @@ class _ProcessFs:
 class FolderImages(_ProcessFs, Dataset):
     """Map-style dataset over listed files: each item is read and decoded in the loader's workers."""
 
-    def __init__(self, source: tuple[str, dict[str, Any]], items: list[tuple[str, int]], transform: Any):
+    def __init__(self, source: tuple[str, dict[str, Any]], items: list[tuple[str, int]], transform: Any,
+                 seed: int | None = None):
         super().__init__(*source)
+        self.seed = seed  # of this epoch's random transforms (None: the process's generator, as it is)
         # two flat arrays, not a list of tuples: a few bytes per file, and forked loader workers share
         # them (no per-object reference counts to write, so no copy-on-write copies)
         self.paths = np.array([p.encode("utf-8") for p, _ in items], dtype=np.bytes_)
@@ -115,7 +150,9 @@ class FolderImages(_ProcessFs, Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int, int] | None:
         path, label = self.paths[i].decode("utf-8"), int(self.labels[i])
         try:
-            return self.transform(_to_chw(bytes(self.fs.cat_file(path)))), label, i
+            image = _to_chw(bytes(self.fs.cat_file(path)))
+            with seeded(None if self.seed is None else self.seed * 1_000_003 + i):
+                return self.transform(image), label, i
         except (DataError, OSError):  # a file corrupted (or removed) since validation is skipped
             return None
 
@@ -128,6 +165,7 @@ class ShardStream(_ProcessFs, IterableDataset):
         super().__init__(*source)
         self.shards, self.transform = shards, transform
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self._count = 0  # items this worker has yielded, from a base of (seed, epoch, worker): their transform seeds
 
     def __iter__(self) -> Iterator[tuple[Tensor, int, int] | None]:
         info = get_worker_info()
@@ -137,6 +175,7 @@ class ShardStream(_ProcessFs, IterableDataset):
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)  # the same in every worker
         buffer: list[Any] = []
+        self._count = ((self.seed * 1_000_003 + self.epoch) * 64 + wid) * 1_000_003  # each item's transform seed
         for path in order[wid::workers]:
             for sample in shard_samples(self.fs, path):
                 if sample.image is None or sample.label is None:
@@ -148,8 +187,11 @@ class ShardStream(_ProcessFs, IterableDataset):
         yield from (self._item(s) for s in buffer)
 
     def _item(self, sample: Any) -> tuple[Tensor, int, int] | None:
+        self._count += 1
         try:
-            return self.transform(_to_chw(sample.image)), int(sample.label), -1
+            image = _to_chw(sample.image)
+            with seeded(self._count):
+                return self.transform(image), int(sample.label), -1
         except DataError:
             return None
 
@@ -280,8 +322,12 @@ class ReferenceData:
         return [o for o in out if o is not None]
 
     def train_loader(self, *, epoch: int, seed: int, batch_size: int, workers: int, pin: bool, hflip: bool = True,
-                     ctx: distributed.RankContext | None = None) -> DataLoader:
-        """This epoch's training batches of (uint8 images, labels, rows) in a fresh order of (seed, epoch)."""
+                     ctx: distributed.RankContext | None = None, skip_batches: int = 0) -> DataLoader:
+        """This epoch's training batches of (uint8 images, labels, rows) in a fresh order of (seed, epoch).
+
+        ``skip_batches``: the epoch's first batches left out (an image folder: their indices are skipped
+        in the sampler, never read; shards have no index to skip: refused, the caller reads past them).
+        """
         transform = train_transform(self.preset, self.img_size, hflip=hflip)
         ctx = ctx or distributed.context()
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # the order; workers' seeds too
@@ -290,11 +336,15 @@ class ReferenceData:
         if workers:
             kw.update(prefetch_factor=2, persistent_workers=False)
         if self.kind == "image_folder":
-            dataset = FolderImages(self._source, self.files["train"], transform)
+            dataset = FolderImages(self._source, self.files["train"], transform, seed=seed * 1_000_003 + epoch)
             shard = distributed.sampler(dataset, seed=seed, ctx=ctx)
             if shard is not None:
                 shard.set_epoch(epoch)
-            return DataLoader(dataset, sampler=shard or RandomSampler(dataset, generator=gen), **kw)
+            order: Sampler[int] = shard or RandomSampler(dataset, generator=gen)
+            return DataLoader(dataset, sampler=SkipSampler(order, skip_batches * batch_size) if skip_batches else order,
+                              **kw)
+        if skip_batches:
+            raise DataError("WebDataset shards cannot skip batches; read past them.")
         if ctx.distributed:
             raise DataError("WebDataset shards stream on one device per job; use an image folder for several.")
         return DataLoader(ShardStream(self._source, self.shards["train"], transform, seed=seed, epoch=epoch), **kw)

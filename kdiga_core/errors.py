@@ -27,3 +27,11 @@ class DataError(KdigaError):
 
 class CancelledError(Exception):
     """Raised inside the training loop when the caller's cancel check returns True."""
+
+
+class StoppedError(Exception):
+    """Raised at a safe point (after a checkpoint was written) when the job's time budget is spent.
+
+    Not a failure: the job keeps its checkpoint and a later run with ``resume=True`` continues it.
+    The message is one sentence for a person.
+    """

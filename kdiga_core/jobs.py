@@ -23,14 +23,14 @@ from kdiga_core import defaults, distributed, formats, models, provenance
 from kdiga_core import evaluate as evaluate_mod
 from kdiga_core import limits as limits_mod
 from kdiga_core.artifacts import ARTIFACT_KINDS, artifact
-from kdiga_core.config import AttackSpec, EvalConfig, ModelSpec, ObjectiveConfig, TrainConfig
-from kdiga_core.errors import CancelledError, KdigaError
+from kdiga_core.config import AttackSpec, EvalConfig, LimitsConfig, ModelSpec, ObjectiveConfig, TrainConfig
+from kdiga_core.errors import CancelledError, KdigaError, StoppedError
 from kdiga_core.limits import NO_LIMITS, Limits
 from kdiga_core.models import NormalizedModel
 from kdiga_core.train import TrainResult, resolve_device, train
 
 __all__ = ["ARTIFACT_KINDS", "JOB_KINDS", "METHODS_BY_KIND", "JobHooks", "JobInputs", "JobProgress", "ModelInput",
-           "headline_metrics", "load_data", "run_job", "validate_dataset", "validate_teacher"]
+           "Stopper", "headline_metrics", "load_data", "run_job", "validate_dataset", "validate_teacher"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ RATE_AFTER = 0.05
 # a small CNN took 2-5 s on a busy 2-core machine); its own rate replaces this once the weights are out.
 EXPORT_EXPECTED_S = 4.0
 REPORT_EXPECTED_S = 1.5  # rendering report.html's plots
+# A run stops this long (at most; a tenth of a short limit) before the service's time limit, to write
+# and upload its checkpoint before the limit interrupts it.
+LIMIT_MARGIN_S = 60.0
 
 StepFn = Callable[[dict[str, Any]], None]
 
@@ -114,13 +117,35 @@ class JobHooks:
             every evaluation batch, and before the files are written).
         on_checkpoint: Called with the checkpoint folder after each epoch's checkpoint.
         time_left: Seconds the job may still run (None: no limit); the γ sweep stops early to
-            leave the final run its time.
+            leave the final run its time, and training stops (resumable) shortly before it.
+        after_training: Called once training has ended, its last checkpoint handed to
+            ``on_checkpoint``, before evaluation starts: the worker waits here until that checkpoint
+            is stored, so a failure in evaluation keeps the trained weights.
     """
 
     on_step: StepFn | None = None
     should_cancel: Callable[[], bool] | None = None
     on_checkpoint: Callable[[Path], None] | None = None
     time_left: Callable[[], float | None] | None = None
+    after_training: Callable[[], None] | None = None
+
+
+class Stopper:
+    """``should_stop()`` for a run: a sentence once the job's time budget (``limits.time_budget_s``)
+    is spent or the service's time limit is near, else None."""
+
+    def __init__(self, budget_s: float | None, time_left: Callable[[], float | None] | None):
+        self.started, self.budget_s, self.time_left = time.monotonic(), budget_s, time_left
+        first = time_left() if time_left is not None else None
+        self.margin_s = min(LIMIT_MARGIN_S, 0.1 * first) if first is not None else 0.0
+
+    def __call__(self) -> str | None:
+        if self.budget_s is not None and time.monotonic() - self.started >= self.budget_s:
+            return f"The job reached its time budget of {self.budget_s:g} seconds (limits.time_budget_s)"
+        left = self.time_left() if self.time_left is not None else None
+        if left is not None and left <= self.margin_s:
+            return "The job reached the service's time limit for one run"
+        return None
 
 
 def validate_teacher(path: str | Path, spec: dict[str, Any] | None, *, allow_torchscript: bool = False,
@@ -197,8 +222,8 @@ class JobProgress:
     """
 
     def __init__(self, hooks: JobHooks, *, train: bool, eval_seconds: float, sweep: bool = False,
-                 export_seconds: float | None = None):
-        self.hooks = hooks
+                 export_seconds: float | None = None, should_stop: Callable[[], str | None] | None = None):
+        self.hooks, self.should_stop, self.trains = hooks, should_stop, train
         export = export_seconds if export_seconds is not None else (
             (EXPORT_EXPECTED_S if train else 0.0) + REPORT_EXPECTED_S)
         self.seconds = {"train": 0.0, "evaluate": float(eval_seconds), "export": export}
@@ -211,6 +236,7 @@ class JobProgress:
     def __call__(self, progress: dict[str, Any]) -> None:
         if progress["phase"] != "train":
             self.check_cancel()
+            self.check_stop(progress["phase"])
         self._update(progress["phase"], float(progress.get("percent") or 0.0) / 100.0, progress.get("eta_s"))
         if self.hooks.on_step is not None:
             self.hooks.on_step({**progress, **self._overall()})
@@ -227,6 +253,22 @@ class JobProgress:
         """Raise `CancelledError` when ``should_cancel`` says so."""
         if self.hooks.should_cancel is not None and self.hooks.should_cancel():
             raise CancelledError("The job was cancelled.")
+
+    def check_stop(self, phase: str) -> None:
+        """Raise `StoppedError` between evaluation batches once the budget is spent.
+
+        Not in the γ sweep: it keeps its own clock (``time_left``) and a trial ended by an exception
+        would be recorded as failed; a spent budget stops the final training at its first step.
+        """
+        if phase != "evaluate" or not distributed.is_main():  # DDP: rank 0 stops and records it
+            return
+        why = self.should_stop() if self.should_stop is not None else None
+        if not why:
+            return
+        if self.trains:
+            raise StoppedError(f"{why} during evaluation; the trained weights are kept, and resuming the job "
+                               "runs only its evaluation again.")
+        raise StoppedError(f"{why} during evaluation; resuming the job runs its evaluation again.")
 
     def _update(self, phase: str, fraction: float, eta: float | None) -> None:
         self.fraction[phase] = min(max(fraction, 0.0), 1.0)
@@ -259,6 +301,7 @@ class _Job:
     hooks: JobHooks
     data: data_mod.DataBundle
     teacher: NormalizedModel | None
+    should_stop: Stopper
     eval_cfg: EvalConfig = field(init=False)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # attacks left out for their time budget
 
@@ -291,9 +334,32 @@ class _Job:
         return self.workdir / "out"
 
     @property
-    def cache(self) -> evaluate_mod.ReportCache | None:
+    def cache(self) -> evaluate_mod.ReportCache:
         folder = self.inputs.teacher_cache_dir
-        return evaluate_mod.DirectoryReportCache(folder) if folder is not None else None
+        shared = evaluate_mod.DirectoryReportCache(folder) if folder is not None else None
+        return JobReportCache(self.workdir / "checkpoint", shared, self.hooks.on_checkpoint)
+
+
+class JobReportCache:
+    """The teacher's evaluation kept in the job's checkpoint (``checkpoint/eval/<key>.json``, stored
+    with it through ``on_checkpoint``) as well as in the worker's cache between jobs: a job stopped
+    or failed after its teacher was measured reuses that measurement when resumed, on any worker."""
+
+    def __init__(self, checkpoint_dir: Path, shared: evaluate_mod.ReportCache | None,
+                 on_checkpoint: Callable[[Path], None] | None):
+        self.checkpoint_dir, self.shared, self.on_checkpoint = checkpoint_dir, shared, on_checkpoint
+        self.mine = evaluate_mod.DirectoryReportCache(checkpoint_dir / "eval")
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        found = self.mine.get(key)
+        return found if found is not None or self.shared is None else self.shared.get(key)
+
+    def put(self, key: str, report: dict[str, Any]) -> None:
+        self.mine.put(key, report)
+        if self.shared is not None:
+            self.shared.put(key, report)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.checkpoint_dir)
 
 
 def _skipped(spec: AttackSpec, seconds: float) -> dict[str, Any]:
@@ -326,13 +392,16 @@ def run_job(kind: str, spec: dict[str, Any], workdir: str | Path, inputs: JobInp
     if kind not in METHODS_BY_KIND:
         raise KdigaError(f"Unknown job kind '{kind}'; valid names are: {', '.join(JOB_KINDS)}.")
     started = time.monotonic()
-    job = _open(kind, spec, Path(workdir), inputs, hooks or JobHooks())
+    hooks = hooks or JobHooks()
+    stopper = Stopper(LimitsConfig.from_dict(spec.get("limits")).time_budget_s, hooks.time_left)
+    job = _open(kind, spec, Path(workdir), inputs, hooks, stopper)
     result = _evaluate_only(job) if kind == "evaluate" else _train_and_report(job, resume)
     result["metrics"]["wall_s"] = round(time.monotonic() - started, 2)
     return result
 
 
-def _open(kind: str, spec: dict[str, Any], workdir: Path, inputs: JobInputs, hooks: JobHooks) -> _Job:
+def _open(kind: str, spec: dict[str, Any], workdir: Path, inputs: JobInputs, hooks: JobHooks,
+          stopper: Stopper) -> _Job:
     workdir.mkdir(parents=True, exist_ok=True)
     teacher = None
     if inputs.teacher is not None:
@@ -345,7 +414,7 @@ def _open(kind: str, spec: dict[str, Any], workdir: Path, inputs: JobInputs, hoo
     spec = defaults.resolve(kind, spec, defaults.DataFacts.from_summary(data.summary()))
     if teacher is not None:
         _check_compatible(teacher.spec, data, "teacher")
-    return _Job(kind, spec, workdir, inputs, hooks, data, teacher)
+    return _Job(kind, spec, workdir, inputs, hooks, data, teacher, stopper)
 
 
 def _check_compatible(spec: ModelSpec, data: data_mod.DataBundle, role: str) -> None:
@@ -372,19 +441,23 @@ def _train_and_report(job: _Job, resume: bool) -> dict[str, Any]:
     _check_method(job.kind, objective.method, teacher)
     distributed.check_supported(objective, distributed.context())  # DDP: before the γ sweep would start
     train_cfg = TrainConfig.from_dict(job.spec.get("train"))
+    torch.manual_seed(train_cfg.seed)  # the student's initial draw too: one seed gives one model in any process
     student = _initial_student(job) or _build_student(job.spec.get("student") or {}, job.data)
     sweeping = objective.sweeps_gamma and teacher is not None
     if sweeping and getattr(job.data, "streaming", False):
         raise KdigaError("gamma \"auto\" needs a dataset held in memory; give a number for objective.gamma.")
-    progress = JobProgress(job.hooks, train=True, sweep=sweeping,
+    progress = JobProgress(job.hooks, train=True, sweep=sweeping, should_stop=job.should_stop,
                            eval_seconds=_expected(student, teacher, job, resolve_device(train_cfg.device)))
     sweep = _choose_gamma(student, teacher, objective, train_cfg, job, progress) if sweeping else None
     if sweep is not None:
         objective = sweep.final_objective(objective)
     result = train(student, job.data, objective, train_cfg, teacher=teacher, on_step=progress,
                    should_cancel=job.hooks.should_cancel, checkpoint_dir=job.workdir / "checkpoint",
-                   on_checkpoint=job.hooks.on_checkpoint, resume=resume,
+                   on_checkpoint=job.hooks.on_checkpoint, resume=resume, should_stop=job.should_stop,
+                   checkpoint_every_s=LimitsConfig.from_dict(job.spec.get("limits")).checkpoint_every_s,
                    teacher_cache_budget=job.inputs.teacher_cache_budget_bytes)
+    if job.hooks.after_training is not None:  # the trained weights are stored before evaluation starts
+        job.hooks.after_training()
     # evaluated where it was trained (DDP: each rank its share of the points); the bundle export takes its
     # own CPU copy
     report = _report(result.model.eval(), teacher, job, progress)
@@ -443,7 +516,8 @@ def _initial_student(job: _Job) -> NormalizedModel | None:
 
 def _evaluate_only(job: _Job) -> dict[str, Any]:
     model, reference = _models_to_evaluate(job)
-    progress = JobProgress(job.hooks, train=False, eval_seconds=_expected(model, reference, job, resolve_device()))
+    progress = JobProgress(job.hooks, train=False, should_stop=job.should_stop,
+                           eval_seconds=_expected(model, reference, job, resolve_device()))
     report = _report(model, reference, job, progress)
     progress.check_cancel()
     progress.export_stage("report", 0.0)

@@ -3,13 +3,16 @@
 `train` fits a student (or a teacher, for pgd_at/trades) with any objective from
 `kdiga_core.objectives`. It knows nothing about databases or queues: progress goes out through
 `on_step`, cancellation comes in through `should_cancel`, and checkpoints are two plain files
-(safetensors + JSON, no pickle) written after every epoch, from which `resume=True` continues
-bit-identically on CPU.
+(safetensors + JSON, no pickle) written after every epoch and, with `checkpoint_every_s`, also
+inside an epoch, from which `resume=True` continues bit-identically on CPU. `should_stop` ends a
+run at a safe point (after such a checkpoint) with `StoppedError`: a time budget, not a failure.
 
 Everything random (shuffling, augmentation, attack starts, input noise) draws from one CPU
 `torch.Generator` seeded from `TrainConfig.seed`, whose state is part of the checkpoint; the
 learning rate is a pure function of the global step. Together they make a resumed run replay
-exactly what an uninterrupted run would have done.
+exactly what an uninterrupted run would have done. A checkpoint written inside an epoch also keeps
+the generator's state at the start of that epoch (to draw the same permutation again), the step
+within the epoch and the epoch's running sums, so a run resumed there sees the same batches.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kdiga_core import cache_policy, distributed, teacher_bank
-from kdiga_core.batches import as_input, batch_source
+from kdiga_core.batches import ResumePoint, as_input, batch_source
 from kdiga_core.config import ObjectiveConfig, TrainConfig
 from kdiga_core.data import pixels
-from kdiga_core.errors import CancelledError, KdigaError
+from kdiga_core.errors import CancelledError, KdigaError, StoppedError
 from kdiga_core.objectives import build_objective
 
 __all__ = ["TrainResult", "train", "resolve_device", "lr_at", "save_checkpoint", "load_checkpoint"]
@@ -143,11 +146,13 @@ def _optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[s
 
 
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, meta: dict[str, Any]) -> None:
+                    generator: torch.Generator, meta: dict[str, Any],
+                    extra: dict[str, Tensor] | None = None) -> None:
     """Write last.safetensors (model, optimizer and RNG tensors) then last.json, each atomically.
 
     The JSON is written second and names the same global step as the safetensors metadata, so a
-    crash between the two renames is detected on load instead of mixing two epochs.
+    crash between the two renames is detected on load instead of mixing two epochs. `extra`:
+    more tensors (named ``rng.*``), e.g. the generator's state at the start of the epoch.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,6 +163,7 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors.update(extra or {})
     # clone: safetensors refuses tensors that share storage (tied weights) or are not contiguous
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     step = str(meta["global_step"])
@@ -168,7 +174,11 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
 
 def load_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator) -> dict[str, Any] | None:
-    """Restore model, optimizer and RNG state from `directory`; None when there is no checkpoint."""
+    """Restore model, optimizer and RNG state from `directory`; None when there is no checkpoint.
+
+    A checkpoint written inside an epoch also returns the generator's state at that epoch's start
+    as ``meta["epoch_rng"]``.
+    """
     directory = Path(directory)
     if not (directory / META_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
         return None
@@ -184,6 +194,8 @@ def load_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if "rng.epoch_start" in tensors:
+        meta["epoch_rng"] = tensors["rng.epoch_start"]
     return meta
 
 
@@ -219,6 +231,8 @@ def train(
     resume: bool = False,
     stop_after_epoch: int | None = None,
     teacher_cache_budget: int | None = None,
+    should_stop: Callable[[], str | None] | None = None,
+    checkpoint_every_s: float | None = None,
 ) -> TrainResult:
     """Train `student` on `data.x_train`/`data.y_train` with the objective `obj_cfg.method`.
 
@@ -238,6 +252,11 @@ def train(
             `train_cfg.epochs`); with `checkpoint_dir` and `resume`, a later call continues it.
             The γ sweep uses this to score trials at the rungs of successive halving.
         teacher_cache_budget: host bytes the teacher cache may take (`cache_policy`; None: its default).
+        should_stop: checked after every step (on several devices: after every epoch); a sentence
+            (why) stops the run: a checkpoint is written, then `StoppedError` is raised, and a
+            later call with `resume` continues from that step.
+        checkpoint_every_s: also write a checkpoint inside an epoch once this many seconds have
+            passed since the last one (one device only; on several, epoch ends only).
 
     Returns:
         TrainResult with the student in eval mode and per-epoch history.
@@ -267,6 +286,7 @@ def train(
     lr_scale = distributed.lr_scale(train_cfg, ctx.world_size)
     history: list[dict[str, float]] = []
     start_epoch, global_step, seconds_before = 0, 0, 0.0
+    partial: dict[str, Any] | None = None  # where a checkpoint written inside an epoch left it
 
     if resume and checkpoint_dir is not None:
         meta = load_checkpoint(checkpoint_dir, model=student, optimizer=optimizer, generator=generator)
@@ -274,11 +294,14 @@ def train(
             _check_same_run(meta, obj_cfg, train_cfg, ctx.world_size)
             start_epoch, global_step = meta["epoch"], meta["global_step"]
             history, seconds_before = meta["history"], meta["seconds"]
+            partial = {**meta["partial"], "rng": meta["epoch_rng"]} if meta.get("partial") else None
             log.info("resuming from epoch %d (step %d)", start_epoch, global_step)
     resumed_from = global_step
 
-    # Without augmentation the teacher sees the same inputs every epoch: compute it once, where it fits.
-    use_cache = cache_policy.plan(objective, obj_cfg, train_cfg, source, budget_bytes=teacher_cache_budget).use
+    # Without augmentation the teacher sees the same inputs every epoch: compute it once, where it fits
+    # (not for a run resumed after its last epoch: only its evaluation is left).
+    use_cache = start_epoch < train_cfg.epochs and cache_policy.plan(
+        objective, obj_cfg, train_cfg, source, budget_bytes=teacher_cache_budget).use
     if use_cache:
         source.precompute_teacher(objective, batch_size=max(256, train_cfg.batch_size))
     # With pad-crop-flip augmentation on in-memory rows: K fixed augmentations per sample, the teacher
@@ -290,17 +313,37 @@ def train(
                                          checkpoint_dir=checkpoint_dir, rank=ctx.rank)
 
     started, session_steps = time.perf_counter(), 0
+    last_saved = time.monotonic()
+    mid_epoch = checkpoint_dir is not None and not ctx.distributed  # DDP: other ranks' RNGs are not saved
+
+    def checkpoint(epoch_done: int, extra: dict[str, Tensor] | None = None, **more: Any) -> None:
+        nonlocal last_saved
+        if checkpoint_dir is not None and ctx.is_main:  # DDP: rank 0 alone writes
+            meta = {"epoch": epoch_done, "global_step": global_step, "objective": obj_cfg.to_dict(),
+                    "train": train_cfg.to_dict(), "history": history, "world_size": ctx.world_size,
+                    "seconds": seconds_before + time.perf_counter() - started, **more}
+            save_checkpoint(checkpoint_dir, model=student, optimizer=optimizer, generator=generator, meta=meta,
+                            extra=extra)
+            if on_checkpoint is not None:
+                on_checkpoint(Path(checkpoint_dir))
+        last_saved = time.monotonic()
+
     for epoch in range(start_epoch, train_cfg.epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
         student.train()
-        epoch_started = time.perf_counter()
-        sums: dict[str, Tensor] = {}
         watch = _LossWatch(device, epoch=epoch + 1, check=not ctx.distributed)
-        correct = torch.zeros((), device=device)
-        seen = micro = 0
         distributed.seed_epoch(generator, seed=train_cfg.seed, epoch=epoch, ctx=ctx)
-        for step, micro_batches in enumerate(source.epoch(epoch, generator), start=1):
+        # the generator's state before the epoch's order is drawn (in memory: the first draw of `epoch`)
+        epoch_rng = partial["rng"] if partial is not None else generator.get_state()
+        sums, correct, seen, micro, skip, seconds_in = _epoch_sums(partial, device)
+        # resumed inside the epoch: the same order again, from the step after the checkpoint's
+        batches = source.epoch(epoch, generator, None if partial is None else ResumePoint(
+            skip, order_state=partial["rng"], batches=partial.get("batches")))
+        partial = None
+        epoch_started = time.perf_counter() - seconds_in
+        lr = lr_at(train_cfg, max(global_step - 1, 0), total_steps) * lr_scale  # no step left: the last one's
+        for step, micro_batches in enumerate(batches, start=skip + 1):
             if distributed.agree(should_cancel, ctx):  # rank 0 asks, every rank stops at this step
                 raise CancelledError("Training was cancelled.")
             lr = lr_at(train_cfg, global_step, total_steps) * lr_scale
@@ -336,6 +379,16 @@ def train(
                     **watch.values,
                 })
 
+            if step < steps_per_epoch and not ctx.distributed:  # DDP: at the epoch's end below
+                why = should_stop() if should_stop is not None else None
+                if why or (mid_epoch and checkpoint_every_s and time.monotonic() - last_saved >= checkpoint_every_s):
+                    checkpoint(epoch, {"rng.epoch_start": epoch_rng}, partial={
+                        "step": step, "sums": {k: float(v) for k, v in sums.items()}, "correct": float(correct),
+                        "seen": seen, "micro": micro, "batches": source.batches_done,
+                        "seconds": time.perf_counter() - epoch_started})
+                if why:
+                    raise StoppedError(_stopped(why, global_step, total_steps))
+
         # DDP: checked once per epoch, on every rank alike (a NaN on one rank makes every sum NaN)
         totals = distributed.all_reduce_sums({**sums, "_correct": correct, "_seen": seen, "_micro": micro}, ctx)
         if ctx.distributed:
@@ -345,13 +398,10 @@ def train(
                   **{k: v / totals["_micro"] for k, v in totals.items() if k != "_micro"}}
         history.append(record)
         log.info("epoch %d/%d %s", epoch + 1, train_cfg.epochs, record)
-        if checkpoint_dir is not None and ctx.is_main:  # DDP: rank 0 alone writes
-            meta = {"epoch": epoch + 1, "global_step": global_step, "objective": obj_cfg.to_dict(),
-                    "train": train_cfg.to_dict(), "history": history, "world_size": ctx.world_size,
-                    "seconds": seconds_before + time.perf_counter() - started}
-            save_checkpoint(checkpoint_dir, model=student, optimizer=optimizer, generator=generator, meta=meta)
-            if on_checkpoint is not None:
-                on_checkpoint(Path(checkpoint_dir))
+        checkpoint(epoch + 1)
+        more = epoch + 1 < min(train_cfg.epochs, stop_after_epoch or train_cfg.epochs)
+        if more and (why := _agreed_stop(should_stop, ctx)):  # DDP: rank 0 decides, every rank stops
+            raise StoppedError(_stopped(why, global_step, total_steps))
 
     if bank is not None:
         bank.close()
@@ -359,6 +409,30 @@ def train(
     student.eval()
     return TrainResult(model=student, history=history, steps=global_step,
                        seconds=seconds_before + time.perf_counter() - started, resumed_from_step=resumed_from)
+
+
+def _epoch_sums(partial: dict[str, Any] | None,
+                device: torch.device) -> tuple[dict[str, Tensor], Tensor, int, int, int, float]:
+    """(loss sums, correct, seen, micro-batches, steps done, seconds) of the epoch so far: zeros, or
+    what a checkpoint inside the epoch recorded (float32 values, so the sums continue exactly)."""
+    if partial is None:
+        return {}, torch.zeros((), device=device), 0, 0, 0, 0.0
+    as32 = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+    return ({k: as32(v) for k, v in partial["sums"].items()}, as32(partial["correct"]), int(partial["seen"]),
+            int(partial["micro"]), int(partial["step"]), float(partial["seconds"]))
+
+
+def _agreed_stop(should_stop: Callable[[], str | None] | None, ctx: Any) -> str | None:
+    """Rank 0's `should_stop()`, on every rank (one broadcast at an epoch's end)."""
+    why = should_stop() if should_stop is not None and ctx.is_main else None
+    if not ctx.distributed:
+        return why
+    return (why or "The job reached its time budget") if distributed.agree(lambda: bool(why), ctx) else None
+
+
+def _stopped(why: str, global_step: int, total_steps: int) -> str:
+    return (f"{why.rstrip('.')}; training stopped after step {global_step} of {total_steps} and saved a "
+            "checkpoint, and resuming the job continues from there.")
 
 
 def _micro_step(objective: Any, source: Any, x: Tensor, y: Tensor, index: Tensor | None, train_cfg: TrainConfig,

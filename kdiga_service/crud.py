@@ -27,6 +27,7 @@ from kdiga_service.models import (
     QUEUED,
     READY,
     RUNNING,
+    STOPPED,
     SUCCEEDED,
     ApiKey,
     Artifact,
@@ -226,7 +227,7 @@ def get_by_idempotency_key(session: Session, model: type[M], *, owner_id: str, k
 def request_cancel(session: Session, *, job: Job) -> Job:
     """API: a queued job becomes cancelled at once; a running one becomes cancelling (caller commits)."""
     job.cancel_requested = True
-    if job.status == QUEUED:
+    if job.status in (QUEUED, STOPPED):
         job.status, job.finished_at = CANCELLED, utcnow()
     elif job.status == RUNNING:
         job.status = CANCELLING
@@ -309,10 +310,11 @@ def create_pipeline(session: Session, *, owner_id: str, name: str | None, steps:
 
 
 def request_pipeline_cancel(session: Session, *, pipe: Pipeline) -> Pipeline:
-    """API: no step starts any more; active steps are cancelled like jobs (caller commits)."""
+    """API: no step starts any more; active (and stopped) steps are cancelled like jobs (caller commits)."""
     pipe.cancel_requested = True
     session.flush()
-    active = session.scalars(select(Job).where(Job.pipeline_id == pipe.id, Job.status.in_(ACTIVE_STATES))).all()
+    active = session.scalars(select(Job).where(Job.pipeline_id == pipe.id,
+                                               Job.status.in_((*ACTIVE_STATES, STOPPED)))).all()
     for job in active:
         request_cancel(session, job=job)
     advance_pipeline(session, pipe.id)
@@ -479,9 +481,31 @@ def finish_job(
     return _finish(session, job_id, worker_id, **values)
 
 
-def fail_job(session: Session, job_id: str, *, error: str, worker_id: str | None = None) -> bool:
-    """Mark a running job failed with one sentence saying why (server paths redacted); commits."""
-    return _finish(session, job_id, worker_id, status=FAILED, error=redact_server_paths(error))
+def fail_job(session: Session, job_id: str, *, error: str, worker_id: str | None = None,
+             resumable: bool = False) -> bool:
+    """Mark a running job failed with one sentence saying why; commits. `resumable`: it failed after
+    its trained weights were stored, so `resume` may retry what came after training."""
+    extra: dict[str, Any] = {"result": {"resumable": "evaluation"}} if resumable else {}
+    return _finish(session, job_id, worker_id, status=FAILED, error=redact_server_paths(error), **extra)
+
+
+def stop_job(session: Session, job_id: str, *, reason: str, worker_id: str | None = None) -> bool:
+    """Worker: the run reached its time budget at a safe point; `reason` says so (in `error`); commits."""
+    return _finish(session, job_id, worker_id, status=STOPPED, error=redact_server_paths(reason))
+
+
+def resume_job(session: Session, *, job: Job, spec: dict[str, Any] | None = None) -> Job:
+    """API: queue a stopped job again (or one that failed after training), a fresh attempt count, its
+    checkpoint kept (caller publishes its task, then commits). `spec`: the spec with a new budget."""
+    job.status, job.error, job.finished_at, job.worker_id, job.heartbeat_at = QUEUED, None, None, None, None
+    job.attempts, job.cancel_requested, job.enqueued_at = 0, False, utcnow()
+    job.result = {k: v for k, v in (job.result or {}).items() if k != "resumable"}
+    job.progress = {**(job.progress or {}), "phase": "queued", "eta_s": None}
+    if spec is not None:
+        job.spec = spec
+    session.flush()
+    after_state_change(session, job.id, event="job.queued")
+    return job
 
 
 def mark_cancelled(session: Session, job_id: str, *, worker_id: str | None = None) -> bool:

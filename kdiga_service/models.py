@@ -30,8 +30,12 @@ from sqlalchemy.types import TypeDecorator
 # Job states (design.md §3).
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+# A run that reached its time budget (or the service's time limit) at a safe point: not a failure;
+# its checkpoint is kept and POST /v1/jobs/{id}/resume queues it again. It holds no worker, so it is
+# not active; it ends a wait like the other finished states, but `resume` can reopen it.
+STOPPED = "stopped"
 ACTIVE_STATES = (QUEUED, RUNNING, CANCELLING)
-FINISHED_STATES = (SUCCEEDED, FAILED, CANCELLED)
+FINISHED_STATES = (SUCCEEDED, FAILED, CANCELLED, STOPPED)
 # Teacher / dataset states.
 VALIDATING, READY, INVALID = "validating", "ready", "invalid"
 # Webhook outbox states (kdiga_service.outbox).

@@ -40,7 +40,8 @@ from kdiga_service.webhooks import Attempt, Resolver, UrlPolicy, deliver, resolv
 
 log = logging.getLogger("kdiga.webhooks")
 
-STATE_EVENTS = ("job.queued", "job.running", "job.cancelling", "job.succeeded", "job.failed", "job.cancelled")
+STATE_EVENTS = ("job.queued", "job.running", "job.cancelling", "job.succeeded", "job.failed", "job.cancelled",
+                "job.stopped")
 PROGRESS_EVENT = "job.progress"
 EVENT_TYPES = (*STATE_EVENTS, PROGRESS_EVENT)
 BATCH = 32  # events claimed per pass and process

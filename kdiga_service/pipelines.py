@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdiga_service.models import ACTIVE_STATES, CANCELLED, FAILED, QUEUED, SUCCEEDED, derived_id
+from kdiga_service.models import ACTIVE_STATES, CANCELLED, FAILED, QUEUED, STOPPED, SUCCEEDED, derived_id
 
 WAITING, READY_TO_CREATE, SKIPPED = "waiting", "ready", "skipped"
 
@@ -70,7 +70,9 @@ def next_moves(steps: Sequence[Mapping[str, Any]], job_states: Mapping[str, str]
     states = step_states(steps, job_states, cancel_requested=cancel_requested)
     create = [s for s in steps if states[s["name"]] == READY_TO_CREATE]
     moves = Moves(create=create, states={k: (QUEUED if v == READY_TO_CREATE else v) for k, v in states.items()})
-    if create or any(v in ACTIVE_STATES or v == WAITING for v in states.values()):
+    # a stopped step can be resumed: the pipeline waits for it (unless the pipeline is being cancelled)
+    waits = (WAITING,) if cancel_requested else (WAITING, STOPPED)
+    if create or any(v in ACTIVE_STATES or v in waits for v in states.values()):
         return moves
     failed = [n for n, v in states.items() if v == FAILED]
     if failed:

@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     job_hard_time_limit_s: int = Field(
         default=6 * 3600 + 300, ge=1, description="A job is killed after this long."
     )
+    max_time_budget_s: int = Field(
+        default=6 * 3600, ge=1,
+        description="Largest `limits.time_budget_s` a job may ask for (one run; `resume` starts another). "
+                    "The soft time limit still bounds each run: a run nearing it stops, resumable.",
+    )
+    checkpoint_every_s: float = Field(
+        default=600.0, gt=0,
+        description="Default `limits.checkpoint_every_s`: training also checkpoints inside an epoch this often.",
+    )
     task_max_retries: int = Field(default=3, ge=0, description="Redeliveries allowed before a job fails.")
     progress_interval_s: float = Field(default=1.0, gt=0, description="Worker progress write throttle.")
     heartbeat_stale_s: float = Field(

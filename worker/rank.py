@@ -8,9 +8,9 @@ the row, all under the owner id of the worker holding the job (so a rank of an a
 taken over writes nothing). The other ranks report nothing.
 
 Exit codes tell torchrun, and through it the worker, how the rank ended: 0 finished (or, for the
-other ranks, cancelled); 1 the job failed (recorded on the row); 3 rank 0 recorded a cancel (not
-0, so that torchrun stops at once any rank still waiting in a collective, e.g. a cancel during the
-evaluation); 75 the attempt died under it (a peer or host lost, a collective timed out): nothing
+other ranks, cancelled); 1 the job failed (recorded on the row); 3 rank 0 recorded a cancel or a
+stop at the time budget (not 0, so that torchrun stops at once any rank still waiting in a
+collective, e.g. a cancel during the evaluation); 75 the attempt died under it (a peer or host lost, a collective timed out): nothing
 is recorded and the worker retries.
 """
 
@@ -98,8 +98,8 @@ def _job(job_id: str, s: Settings) -> Job:
 
 
 def _run(launch: dict[str, Any], s: Settings, ctx: RankContext) -> int:
-    from kdiga_core.errors import CancelledError
-    from worker.runner import _call_core, _finish_cancelled, _succeed
+    from kdiga_core.errors import CancelledError, StoppedError
+    from worker.runner import _call_core, _finish_cancelled, _stop, _succeed
 
     job, owner = _job(launch["job_id"], s), launch["owner"]
     reporter: Any = Reporter(job.id, owner, s) if ctx.is_main else QuietReporter()
@@ -112,6 +112,10 @@ def _run(launch: dict[str, Any], s: Settings, ctx: RankContext) -> int:
         if not reporter.lost:
             _finish_cancelled(job, s, owner)
         return EXIT_CANCELLED
+    except StoppedError as exc:  # the budget: every rank stopped at the same epoch end (or rank 0 in evaluation)
+        if ctx.is_main and not reporter.lost:
+            _stop(job, s, owner, str(exc))
+        return EXIT_CANCELLED if ctx.is_main else EXIT_DONE
     except Exception as exc:  # noqa: BLE001 - sorted out by _ended
         return _ended(launch, s, exc, rank=ctx.rank)
     if not ctx.is_main or reporter.lost:
@@ -127,9 +131,12 @@ def _ended(launch: dict[str, Any], s: Settings, exc: BaseException, *, rank: int
     """Record a failure the job owns (bad input, an internal error); leave a dead attempt to the worker."""
     from kdiga_core.errors import KdigaError
     from worker.common import internal_failure
-    from worker.runner import _fail
+    from worker.runner import AFTER_TRAINING, FailedAfterTraining, _fail
 
     job_id, owner = launch["job_id"], launch["owner"]
+    if isinstance(exc, FailedAfterTraining):
+        _fail(_job(job_id, s), s, owner, exc.sentence + AFTER_TRAINING.format(id=job_id), resumable=True)
+        return EXIT_FAILED
     if isinstance(exc, KdigaError):
         _fail(_job(job_id, s), s, owner, str(exc))
         return EXIT_FAILED

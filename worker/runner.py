@@ -7,6 +7,10 @@ Every function here takes only an id and is safe to run twice (style.md habit 8)
   heartbeat is stale is taken over and resumes from its last checkpoint; one whose worker is alive
   is left alone and looked at again later (`Outcome.retry_in`). After `task_max_retries`
   interruptions the job fails with a reason instead of killing workers forever (design.md §9).
+- A run that spends its time budget (`limits.time_budget_s`) or nears the soft time limit stops at a
+  safe point and the row becomes `stopped`, its checkpoint kept; `POST /v1/jobs/{id}/resume` queues it
+  again. Training and evaluation are separate phases: once training ends its checkpoint is stored
+  before evaluation starts, and a failure after that is recorded as resumable (evaluation only).
 - The rest lives beside it, one concern a module: `worker.inputs` (staging the dataset and models),
   `worker.checkpoints`, `worker.outputs` (artifacts, the teacher an adversarial_train job makes),
   `worker.progress` (throttled progress, cancel checks, heartbeat), `worker.validation` (teachers
@@ -38,7 +42,7 @@ from kdiga_service.models import (
 )
 from kdiga_service.settings import Settings, get_settings
 from kdiga_service.storage import ArtifactStore, get_storage
-from worker.checkpoints import checkpoint_prefix, download_checkpoint, upload_checkpoint
+from worker.checkpoints import CheckpointUploader, checkpoint_prefix, download_checkpoint
 from worker.common import (
     Outcome,
     free_accelerator_memory,
@@ -54,6 +58,26 @@ from worker.progress import Reporter
 from worker.registry import export_after_success
 
 log = logging.getLogger(__name__)
+
+AFTER_TRAINING = (" Its trained weights are kept: resuming the job (POST /v1/jobs/{id}/resume) retries the "
+                  "evaluation without retraining.")
+
+
+class FailedAfterTraining(Exception):
+    """A job failed once its trained weights were stored: `resume` can retry what came after training."""
+
+    def __init__(self, sentence: str):
+        super().__init__(sentence)
+        self.sentence = sentence
+
+
+def failure_sentence(exc: BaseException) -> str:
+    """The row's one sentence for an exception: a KdigaError's own words, else an internal error."""
+    from kdiga_core.errors import KdigaError
+
+    if isinstance(exc, KdigaError):
+        return str(exc)
+    return f"The job failed with an internal error ({type(exc).__name__}: {exc})."
 
 
 def run_job(job_id: str, *, settings: Settings | None = None, worker_id: str | None = None) -> Outcome:
@@ -112,7 +136,7 @@ def _execute(job: Job, s: Settings, me: str) -> Outcome:
     store = get_storage(s)
     reporter = Reporter(job.id, me, s)
     workdir = make_scratch(s, f"kdiga-job-{job.id[:8]}-")
-    from kdiga_core.errors import CancelledError, KdigaError
+    from kdiga_core.errors import CancelledError, KdigaError, StoppedError
 
     try:
         with ExitStack() as stack:
@@ -133,6 +157,10 @@ def _execute(job: Job, s: Settings, me: str) -> Outcome:
             log.warning("stopped: the job was taken over by another worker", extra={"job_id": job.id})
             return Outcome("skipped", "another worker took the job over")
         return _finish_cancelled(job, s, me)
+    except StoppedError as exc:
+        return _stop(job, s, me, str(exc))
+    except FailedAfterTraining as exc:
+        return _fail(job, s, me, exc.sentence + AFTER_TRAINING.format(id=job.id), resumable=True)
     except SoftTimeLimitExceeded:
         return _fail(job, s, me, f"The job exceeded its time limit of {s.job_soft_time_limit_s} seconds.")
     except KdigaError as exc:
@@ -149,14 +177,21 @@ def _execute(job: Job, s: Settings, me: str) -> Outcome:
 def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Reporter,
                store: ArtifactStore, resume: bool, s: Settings) -> dict[str, Any]:
     from kdiga_core import jobs as core_jobs
+    from kdiga_core.errors import CancelledError, StoppedError
 
-    # The γ sweep stops early to leave the final run time before the soft limit (the job's time budget
-    # when it has one).
+    # The γ sweep stops early to leave the final run time before the soft limit, and training stops
+    # (resumable) shortly before it.
     deadline = time.monotonic() + s.job_soft_time_limit_s
+    uploads = CheckpointUploader(store, job.id, workdir / "uploads")
+    trained: list[str] = []  # the stored checkpoint of the finished training, once there is one
 
     def on_checkpoint(directory: Path) -> None:
-        upload_checkpoint(store, job.id, Path(directory))
+        uploads.submit(Path(directory))  # stored in the background; training goes on
         reporter.beat()
+
+    def after_training() -> None:
+        if (folder := uploads.flush()) is not None:
+            trained.append(folder)
 
     teacher = initial = None
     if inputs.get("teacher_path") is not None:
@@ -168,8 +203,23 @@ def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Report
         allow_torchscript=s.allow_torchscript, teacher_cache_dir=teacher_cache_dir(s), about=inputs.get("about"),
         teacher_cache_budget_bytes=s.teacher_cache_budget_bytes)
     hooks = core_jobs.JobHooks(on_step=reporter.on_step, should_cancel=reporter.should_cancel,
-                               on_checkpoint=on_checkpoint, time_left=lambda: deadline - time.monotonic())
-    return core_jobs.run_job(job.kind, dict(job.spec or {}), workdir, job_inputs, hooks, resume=resume)
+                               on_checkpoint=on_checkpoint, time_left=lambda: deadline - time.monotonic(),
+                               after_training=after_training)
+    try:
+        return core_jobs.run_job(job.kind, dict(job.spec or {}), workdir, job_inputs, hooks, resume=resume)
+    except SoftTimeLimitExceeded:
+        if uploads.flush() is None and not resume:
+            raise
+        raise StoppedError(f"The job reached the service's time limit of {s.job_soft_time_limit_s} seconds; "
+                           "resuming it continues from its last checkpoint.") from None
+    except (CancelledError, StoppedError):
+        raise
+    except Exception as exc:
+        if trained:
+            raise FailedAfterTraining(failure_sentence(exc)) from exc
+        raise
+    finally:
+        uploads.close()  # the job waits for its last upload before it finishes
 
 
 def _succeed(job: Job, result: dict[str, Any], s: Settings, store: ArtifactStore, me: str) -> Outcome:
@@ -201,11 +251,19 @@ def _succeed(job: Job, result: dict[str, Any], s: Settings, store: ArtifactStore
     return Outcome("succeeded", result=summary)
 
 
-def _fail(job: Job, s: Settings, me: str, error: str) -> Outcome:
+def _fail(job: Job, s: Settings, me: str, error: str, *, resumable: bool = False) -> Outcome:
     with session_for(s) as session:
-        crud.fail_job(session, job.id, error=error, worker_id=me)
-    log.error("job failed", extra={"job_id": job.id, "error": error})
+        crud.fail_job(session, job.id, error=error, worker_id=me, resumable=resumable)
+    log.error("job failed", extra={"job_id": job.id, "error": error, "resumable": resumable})
     return Outcome("failed", error)
+
+
+def _stop(job: Job, s: Settings, me: str, reason: str) -> Outcome:
+    """The run reached its time budget at a safe point: `stopped`, its checkpoint kept for `resume`."""
+    with session_for(s) as session:
+        crud.stop_job(session, job.id, reason=reason, worker_id=me)
+    log.info("job stopped", extra={"job_id": job.id, "reason": reason})
+    return Outcome("stopped", reason)
 
 
 def fail_after_hard_time_limit(job_id: str, *, settings: Settings | None = None) -> None:

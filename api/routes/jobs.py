@@ -1,4 +1,4 @@
-"""Jobs: create (idempotent, bounded, rate-limited), list, read, events (SSE), cancel, report."""
+"""Jobs: create (idempotent, bounded, rate-limited), list, read, events (SSE), cancel, resume, report."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from api.deps import CurrentOwner, PageDep, SessionDep, SettingsDep, StorageDep,
 from api.errors import error_responses
 from api.job_watch import JobWatcher
 from api.labels import LabelFilterDep
+from api.publish import QueueUnavailable
 from api.redact import redact_server_paths
 from api.routes._common import (
     IDEMPOTENCY_KEY_DOC,
@@ -28,6 +29,7 @@ from api.routes._common import (
     insert_once,
     log,
     owned_or_404,
+    publish,
     publish_or_undo,
     replay,
     request_digest,
@@ -41,9 +43,11 @@ from api.schemas import (
     JobKind,
     JobPublic,
     JobStatus,
+    LimitsSchema,
     ObjectiveConfigSchema,
     Page,
     ResourcesSchema,
+    ResumeRequest,
     SweepConfigSchema,
     ThreatModelSchema,
     TrainConfigSchema,
@@ -55,8 +59,10 @@ from kdiga_service import crud
 from kdiga_service.catalog import check_name, methods_by_kind
 from kdiga_service.models import (
     ACTIVE_STATES,
+    FAILED,
     FINISHED_STATES,
     READY,
+    STOPPED,
     SUCCEEDED,
     ApiKey,
     Dataset,
@@ -295,6 +301,7 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         "teacher": body.teacher_id, "student's initial weights": body.student.weights_id if body.student else None,
         "model": body.model.teacher_id if body.model else None}, planned)
     spec["resources"] = _resources(body, spec, settings)
+    spec["limits"] = _limits(body.limits or LimitsSchema(), settings)
     if problem := check_parameters(spec, JobLimits.from_settings(settings)):
         raise unprocessable(problem)
     work = estimate_work(spec, train_size=dataset.train_size or 0, test_size=dataset.test_size or 0)
@@ -312,7 +319,22 @@ def normalised_request(body: JobCreate, spec: dict[str, Any]) -> dict[str, Any]:
     for part in SIZED_PARTS:
         data[part] = spec.get(part)
     data["resources"] = (body.resources or ResourcesSchema()).model_dump(mode="json")
-    return json.loads(json.dumps(data))
+    data["limits"] = (body.limits or LimitsSchema()).model_dump(mode="json")
+    normalised: dict[str, Any] = json.loads(json.dumps(data))
+    return normalised
+
+
+def _check_budget(budget: float | None, settings: Settings) -> None:
+    if budget is not None and budget > settings.max_time_budget_s:
+        raise unprocessable(f"limits.time_budget_s is {budget:g} seconds but this service allows at most "
+                            f"{settings.max_time_budget_s} (KDIGA_MAX_TIME_BUDGET_S).")
+
+
+def _limits(limits: LimitsSchema, settings: Settings) -> dict[str, Any]:
+    """The job's time budget (within the operator's maximum) and checkpoint interval (default filled in)."""
+    _check_budget(limits.time_budget_s, settings)
+    every = limits.checkpoint_every_s if limits.checkpoint_every_s is not None else settings.checkpoint_every_s
+    return {"time_budget_s": limits.time_budget_s, "checkpoint_every_s": every}
 
 
 def _resources(body: JobCreate, parts: dict[str, Any], settings: Settings) -> dict[str, int]:
@@ -462,12 +484,47 @@ async def read_job(job_id: str, request: Request, owner: CurrentOwner) -> Respon
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic,
              responses=error_responses(409, 503))
 def cancel_job(job_id: str, owner: CurrentOwner, session: SessionDep) -> Job:
-    """Cancel a job: a queued job never starts; a running one stops at its next step."""
+    """Cancel a job: a queued or stopped job never runs again; a running one stops at its next step."""
     job = _owned_job(session, owner.id, job_id)
-    if job.status in FINISHED_STATES:
+    if job.status in FINISHED_STATES and job.status != STOPPED:  # a stopped job may be cancelled for good
         raise conflict(f"Job '{job_id}' already finished (status {job.status}), so it cannot be cancelled.")
     crud.request_cancel(session, job=job)
     session.commit()
+    return job
+
+
+def resumable(job: Job) -> bool:
+    """A stopped job, or one that failed after its trained weights were stored (evaluation is retried)."""
+    return job.status == STOPPED or (job.status == FAILED and bool((job.result or {}).get("resumable")))
+
+
+@router.post("/{job_id}/resume", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic,
+             responses=error_responses(409, 429, 503))
+def resume_job(job_id: str, owner: CurrentOwner, session: SessionDep, settings: SettingsDep,
+               body: Annotated[ResumeRequest | None, Body()] = None) -> Job:
+    """Queue a `stopped` job again: it continues from its last checkpoint with a fresh time budget
+    (or `time_budget_s` from the body). A job that failed after training (`result.resumable`) is
+    resumed the same way and runs only its evaluation again, without retraining."""
+    job = _owned_job(session, owner.id, job_id)
+    if not resumable(job):
+        raise conflict(f"Job '{job_id}' is {job.status}; only a stopped job, or one that failed after its "
+                       "training was stored, can be resumed.")
+    spec = None
+    if body is not None and body.time_budget_s is not None:
+        _check_budget(body.time_budget_s, settings)
+        spec = {**job.spec, "limits": {**(job.spec.get("limits") or {}), "time_budget_s": body.time_budget_s}}
+    session.execute(select(ApiKey.id).where(ApiKey.id == owner.id).with_for_update())
+    limit = owner.max_concurrent_jobs or settings.max_concurrent_jobs_per_key
+    if _active(session, owner.id)[0] >= limit:
+        raise _too_many(settings, f"This API key already has {limit} active jobs, its limit; "
+                                  "wait for one to finish or cancel one.")
+    crud.resume_job(session, job=job, spec=spec)
+    session.commit()
+    try:
+        publish(settings, RUN_JOB, job.id, queue=job.queue)
+    except QueueUnavailable as exc:  # the row is queued: the sweeper sends its task once the broker is back
+        log.warning("broker unavailable (%s); resumed job %s waits for the sweeper", exc, job.id)
+    log.info("job %s resumed on %s", job.id, job.queue)
     return job
 
 

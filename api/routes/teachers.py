@@ -176,7 +176,8 @@ def _insert_teacher(
 async def _teacher_row(session: Session, owner_id: str, meta: TeacherMetadata, fmt: str, upload: Upload,
                        key: str | None, digest: str) -> Teacher:
     """The row for this upload: an earlier one made with the same Idempotency-Key, else a new one."""
-    if earlier := await to_thread.run_sync(find_replay, session, Teacher, owner_id, key):
+    earlier: Teacher | None = await to_thread.run_sync(find_replay, session, Teacher, owner_id, key)
+    if earlier is not None:
         return earlier
     assert upload.stored is not None
     inserted = await to_thread.run_sync(_insert_teacher, session, owner_id, meta, fmt, upload.stored,
@@ -228,7 +229,8 @@ async def create_teacher(
         raise
     if teacher.storage_key != key:  # an earlier upload with this key: keep its file, drop this one
         await to_thread.run_sync(store.delete, key)
-        return replay(teacher, digest, idempotency_key or "", response)
+        replayed: Teacher = replay(teacher, digest, idempotency_key or "", response)
+        return replayed
     await publish_or_undo_async(session, settings, teacher, task=VALIDATE_TEACHER,
                                 queue=validation_queue(settings), store=store, what="teacher")
     return teacher

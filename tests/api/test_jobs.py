@@ -288,6 +288,46 @@ def test_cancel_queued_running_and_finished(client, owner, ready):
     }
 
 
+def test_resume_only_a_stopped_job_and_enqueue_it_again(client, owner, other, ready, redis_client, settings):
+    body = {**distill_body(*ready), "limits": {"time_budget_s": 60}}
+    job = client.post("/v1/jobs", headers=owner, json=body).json()
+    assert job["spec"]["limits"] == {"time_budget_s": 60, "checkpoint_every_s": settings.checkpoint_every_s}
+    r = client.post(f"/v1/jobs/{job['id']}/resume", headers=owner)
+    assert r.status_code == 409 and r.json() == {"detail": f"Job '{job['id']}' is queued; only a stopped job, or "
+                                                           "one that failed after its training was stored, can be resumed."}
+    with client.app.state.sessionmaker() as session:
+        assert crud.claim_job(session, job["id"], "w") is not None
+        assert crud.stop_job(session, job["id"], reason="The job reached its time budget.", worker_id="w")
+    stopped = client.get(f"/v1/jobs/{job['id']}", headers=owner).json()
+    assert (stopped["status"], stopped["error"]) == ("stopped", "The job reached its time budget.")
+    assert client.get("/v1/jobs?status=stopped", headers=owner).json()["count"] == 1
+    assert client.post(f"/v1/jobs/{job['id']}/resume", headers=other).status_code == 404
+    too_long = client.post(f"/v1/jobs/{job['id']}/resume", headers=owner,
+                           json={"time_budget_s": settings.max_time_budget_s + 1})
+    assert too_long.status_code == 422 and "KDIGA_MAX_TIME_BUDGET_S" in too_long.json()["detail"]
+    redis_client.delete(settings.queue_train)
+    r = client.post(f"/v1/jobs/{job['id']}/resume", headers=owner, json={"time_budget_s": 120})
+    assert r.status_code == 202, r.text
+    resumed = r.json()
+    assert (resumed["status"], resumed["error"], resumed["attempts"]) == ("queued", None, 0)
+    assert resumed["spec"]["limits"]["time_budget_s"] == 120
+    assert _queued_job_ids(redis_client, settings.queue_train) == [job["id"]]
+    with client.app.state.sessionmaker() as session:  # the worker's claim takes it like a new job
+        assert crud.claim_job(session, job["id"], "w2") is not None
+        assert crud.stop_job(session, job["id"], reason="Stopped again.", worker_id="w2")
+    r = client.post(f"/v1/jobs/{job['id']}/cancel", headers=owner)  # a stopped job can be ended for good
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    assert client.post(f"/v1/jobs/{job['id']}/resume", headers=owner).status_code == 409
+
+
+def test_job_budget_above_the_operator_maximum_is_422(client, owner, ready, settings):
+    body = {**distill_body(*ready), "limits": {"time_budget_s": settings.max_time_budget_s + 1}}
+    r = client.post("/v1/jobs", headers=owner, json=body)
+    assert r.status_code == 422
+    assert r.json()["detail"] == (f"limits.time_budget_s is {settings.max_time_budget_s + 1} seconds but this service "
+                                  f"allows at most {settings.max_time_budget_s} (KDIGA_MAX_TIME_BUDGET_S).")
+
+
 def _events(client, headers, job_id):
     events, current = [], {}
     with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:

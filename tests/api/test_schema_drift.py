@@ -19,6 +19,7 @@ PAIRS = [
     (config.EvalConfig, schemas.EvalConfigSchema, {}),
     (config.ModelSpec, schemas.ModelSpecSchema, {"arch": "cnn_tiny", "num_classes": 10}),
     (config.ThreatModel, schemas.ThreatModelSchema, {}),
+    (config.LimitsConfig, schemas.LimitsSchema, {}),
 ]
 
 

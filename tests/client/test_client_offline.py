@@ -79,3 +79,8 @@ def test_progress_lines_say_how_old_the_progress_is():
     assert text.endswith("last progress 5:00 ago") or text.endswith("last progress 5:01 ago")
     fresh = Job.from_dict({**job.to_dict(), "progress": {**progress, "updated_at": dt.datetime.now(dt.UTC).isoformat()}})
     assert "last progress" not in describe(fresh)[1] and "\r" not in text
+
+
+def test_build_job_spec_time_budget():
+    assert cli.build_job_spec(dataset="d", limits={"time_budget_s": 90.0})["limits"] == {"time_budget_s": 90.0}
+    assert "limits" not in cli.build_job_spec(dataset="d", limits={"time_budget_s": None})

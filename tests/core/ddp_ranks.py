@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdiga_core import distributed
 from kdiga_core.config import ObjectiveConfig, TrainConfig
-from kdiga_core.errors import CancelledError
+from kdiga_core.errors import CancelledError, StoppedError
 from kdiga_core.models import create_model
 from kdiga_core.objectives import build_objective
 
@@ -150,7 +150,7 @@ def train_loop(ctx: distributed.RankContext, out: str) -> None:
         "lr": steps[0]["lr"] if steps else None, "checkpoint": (checkpoints / "last.json").exists(),
         "weights_agree": all(torch.equal(g, gathered[0]) for g in gathered), "order": order.tolist(),
         "plan": distributed.batch_plan(cfg, ctx), "cache": _cache_matches(ctx, teacher),
-        "cancelled_at": _cancel_step(ctx),
+        "cancelled_at": _cancel_step(ctx), "stopped": _budget_stop(ctx, Path(out, f"stop-rank{rank}")),
     })
 
 
@@ -185,6 +185,26 @@ def _cancel_step(ctx) -> int | None:
     except CancelledError:
         dist.barrier()  # the group still pairs up after every rank stopped
         return len(forwards)
+    return None
+
+
+def _budget_stop(ctx, checkpoints: Path) -> dict | None:
+    """Only rank 0 has a spent budget: every rank stops at the end of the first epoch (6 steps), no
+    checkpoint is written inside the epoch (other ranks' RNG states are not saved), rank 0 writes one."""
+    from kdiga_core.train import train
+
+    steps: list[dict] = []
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, device="cpu")
+    student = create_model("cnn_tiny", num_classes=2, in_chans=1, img_size=8)
+    saved: list[int] = []
+    try:
+        train(student, toy_data(), ObjectiveConfig(method="ce"), cfg, on_step=steps.append,
+              checkpoint_dir=checkpoints, checkpoint_every_s=1e-9,
+              on_checkpoint=lambda d: saved.append(json.loads((d / "last.json").read_text())["global_step"]),
+              should_stop=(lambda: "Spent.") if ctx.is_main else None)
+    except StoppedError as exc:
+        dist.barrier()
+        return {"message": str(exc), "saved": saved}
     return None
 
 

@@ -34,7 +34,7 @@ def test_image_folder_validation_reports_the_layout(folder):
     layout = summary["layout"]
     assert summary["class_names"] == list(CLASSES) and summary["num_classes"] == 3
     assert layout["splits"]["train"] == {"circle": 25, "square": 24, "stripes": 24}  # the bad file is counted
-    assert layout["splits"]["test"] == {c: 8 for c in CLASSES}  # val/ is the test split
+    assert layout["splits"]["test"] == dict.fromkeys(CLASSES, 8)  # val/ is the test split
     assert set(layout["image_sizes"]) == {"40x40", "48x36", "33x50", "64x64"}
     assert layout["corrupt"]["count"] == 1 and layout["corrupt"]["files"] == ["train/circle/bad0.png"]
     assert summary["input_shape"] is None  # mixed sizes: the job's img_size decides
@@ -147,3 +147,48 @@ def test_teacher_cache_on_a_streamed_folder_only_when_asked(folder, teacher_path
         expected = teacher(x.float() / 255)
     cached, _ = objective.cache.lookup(rows)
     assert torch.allclose(cached, expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind,preset,full_workers,workers", [("image_folder", "imagenet", 0, 2),
+                                                               ("webdataset", "cifar", 0, 0)])
+def test_streamed_run_stopped_inside_an_epoch_resumes_exactly(folder, tmp_path, kind, preset, full_workers, workers):
+    """A streamed run stopped after step 3 and again after step 7 (5 steps an epoch) ends with the
+    weights and history of an uninterrupted run: an image folder's sampler skips the batches already
+    trained on, shards read them again and drop them, and every image's augmentation is seeded by
+    (seed, epoch, row), so an image folder's loader workers (none uninterrupted, two resumed) change nothing."""
+    import json
+
+    from kdiga_core.config import ObjectiveConfig, TrainConfig
+    from kdiga_core.errors import StoppedError
+    from kdiga_core.models import create_model
+    from kdiga_core.train import train
+
+    root = folder
+    if kind == "webdataset":
+        root = tmp_path / "wds"
+        for rel, blob in webdataset_shards().items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(blob)
+    info = validate_reference(_ref(root.as_uri(), kind))
+    data = open_reference({**_ref(root.as_uri(), kind), **info, "name": "ref"}, img_size=32, preset=preset)
+    obj = ObjectiveConfig(method="ce")
+
+    def run(loader_workers: int, **kw):
+        cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, device="cpu", img_size=32, augmentation=preset,
+                          loader_workers=loader_workers)
+        torch.manual_seed(0)
+        return train(create_model("cnn_tiny", num_classes=3, in_chans=3, img_size=32), data, obj, cfg, **kw)
+
+    full = run(full_workers)
+    steps: list[dict] = []
+    for k in (3, 7):
+        with pytest.raises(StoppedError, match=f"training stopped after step {k} of 10"):
+            run(workers, checkpoint_dir=tmp_path / "ckpt", resume=True, on_step=steps.append,
+                should_stop=lambda k=k: "Spent." if steps[-1]["global_step"] >= k else None)
+        assert json.loads((tmp_path / "ckpt" / "last.json").read_text())["partial"]["step"] == k % 5
+    resumed = run(workers, checkpoint_dir=tmp_path / "ckpt", resume=True, on_step=steps.append)
+    assert [s["global_step"] for s in steps] == list(range(1, 11))
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)

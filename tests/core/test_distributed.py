@@ -101,6 +101,13 @@ def test_rank_zero_cancel_stops_every_rank_at_the_same_step(runs):
     assert found(runs, "train", 0)["cancelled_at"] == found(runs, "train", 1)["cancelled_at"] == 2
 
 
+def test_rank_zero_budget_stops_every_rank_at_the_epoch_end(runs):
+    zero, one = found(runs, "train", 0)["stopped"], found(runs, "train", 1)["stopped"]
+    assert zero["message"].startswith("Spent; training stopped after step 6 of 18")
+    assert one["message"].startswith("The job reached its time budget; training stopped after step 6 of 18")
+    assert zero["saved"] == [6] and one["saved"] == []  # rank 0's epoch-end checkpoint, none inside it
+
+
 def test_evaluation_points_are_shared_out_and_gathered(runs):
     from safetensors.torch import load_file
 

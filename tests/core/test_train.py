@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdiga_core.config import ObjectiveConfig, TrainConfig
-from kdiga_core.errors import CancelledError, KdigaError
+from kdiga_core.errors import CancelledError, KdigaError, StoppedError
 from kdiga_core.train import lr_at, resolve_device, train
 
 CONTRACT_KEYS = {"phase", "epoch", "epochs", "step", "steps_per_epoch", "global_step", "total_steps", "percent",
@@ -98,6 +98,55 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, optimizer, augment
     assert resumed.steps == 9 and len(resumed.history) == 3
     for (name, a), b in zip(full.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("optimizer,augment,stops", [("sgd", False, [4]), ("adamw", True, [2, 7, 8])])
+def test_stopped_inside_an_epoch_resumes_bit_identically(tmp_path, optimizer, augment, stops):
+    """A stop after step k (inside an epoch: 4 steps an epoch here) writes a checkpoint with the
+    epoch's RNG start state and the step within it; resumed runs see the same batches and noise and
+    end with the weights, history and step count of an uninterrupted run."""
+    data = toy_data(n=128)
+    teacher = train(tiny(1), data, ObjectiveConfig(method="ce"), cfg(epochs=1)).model
+    obj = ObjectiveConfig(method="kdiga", gamma=0.5, gamma_warmup=0.3, iga_mode="finite_difference")
+    tcfg = cfg(epochs=3, optimizer=optimizer, augment=augment, hflip=augment, lr=0.01 if optimizer == "adamw" else 0.05)
+    full = train(tiny(), data, obj, tcfg, teacher=teacher)
+
+    steps: list[dict] = []
+    for i, k in enumerate(stops):  # each run stops after global step k, the next one resumes from there
+        with pytest.raises(StoppedError, match=f"The budget is spent; training stopped after step {k} of 12"):
+            train(tiny(seed=0 if i == 0 else 50 + i), data, obj, tcfg, teacher=teacher, checkpoint_dir=tmp_path,
+                  resume=True,
+                  on_step=steps.append,
+                  should_stop=lambda k=k: "The budget is spent." if steps[-1]["global_step"] >= k else None)
+        meta = json.loads((tmp_path / "last.json").read_text())
+        assert meta["global_step"] == k
+        assert (meta.get("partial") or {}).get("step") == (k % 4 or None)
+    resumed = train(tiny(seed=99), data, obj, tcfg, teacher=teacher, checkpoint_dir=tmp_path, resume=True,
+                    on_step=steps.append)
+    assert [s["global_step"] for s in steps] == list(range(1, 13))  # every step ran exactly once
+    assert resumed.steps == 12 and resumed.resumed_from_step == stops[-1]
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+
+
+def test_checkpoints_every_n_seconds_inside_an_epoch(tmp_path):
+    """checkpoint_every_s=0: a checkpoint after every step (inside an epoch: with `partial`)."""
+    saved = []
+    train(tiny(), toy_data(n=128), ObjectiveConfig(method="ce"), cfg(epochs=2), checkpoint_dir=tmp_path,
+          checkpoint_every_s=1e-9, on_checkpoint=lambda d: saved.append(json.loads((d / "last.json").read_text())))
+    assert [m["global_step"] for m in saved] == list(range(1, 9))
+    assert [(m.get("partial") or {}).get("step") for m in saved] == [1, 2, 3, None, 1, 2, 3, None]
+    assert [m["epoch"] for m in saved] == [0, 0, 0, 1, 1, 1, 1, 2]
+
+
+def test_stop_after_the_last_step_is_no_stop(tmp_path):
+    """A budget spent at the very end of training does not stop it: the trained model is returned."""
+    steps: list[dict] = []
+    result = train(tiny(), toy_data(), ObjectiveConfig(method="ce"), cfg(epochs=1), checkpoint_dir=tmp_path,
+                   on_step=steps.append, should_stop=lambda: "spent" if steps[-1]["global_step"] == 3 else None)
+    assert result.steps == 3
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):

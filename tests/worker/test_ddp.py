@@ -132,6 +132,26 @@ def test_a_cancel_stops_every_rank(settings, seeded):
     assert rank_pid(job_id, 0) is None and rank_pid(job_id, 1) is None  # every rank has ended
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_spent_budget_stops_every_rank_at_an_epoch_end_and_resume_finishes(settings, seeded):
+    request = {**ddp_request(seeded, epochs=2), "limits": {"time_budget_s": 1e-3}}
+    job_id = h.create_job_row(settings, seeded["owner_id"], request)
+    assert runner.run_job(job_id, settings=settings).status == "stopped"
+    row = h.job_row(settings, job_id)
+    # 1347 digits on 2 ranks, batches of 64: 11 steps an epoch; on several devices the stop waits for its end
+    assert "training stopped after step 11 of 22" in row.error, row.error
+    assert rank_pid(job_id, 0) is None and rank_pid(job_id, 1) is None
+    with get_sessionmaker(settings)() as session:
+        job = session.get(Job, job_id)
+        crud.resume_job(session, job=job, spec={**job.spec, "limits": {}})
+        session.commit()
+    assert runner.run_job(job_id, settings=settings).status == "succeeded", h.job_row(settings, job_id).error
+    card = next(a for a in h.artifacts_of(settings, job_id) if a.name == "model_card.json")
+    training = json.loads(get_storage(settings).read_bytes(card.storage_key))["training"]
+    assert (training["resumed_from_step"], training["steps"]) == (11, 22)
+
+
 @pytest.mark.redis
 @pytest.mark.skipif(not h.redis_available(), reason="needs the Redis server")
 def test_an_incomplete_gang_is_given_up_and_releases_its_worker(tmp_path, seeded_redis):
