@@ -109,7 +109,8 @@ class Retention:
     """Deletes the store's checkpoints of jobs that ended more than `checkpoint_retention_days` ago.
 
     A succeeded job deletes its own at the end; a failed or cancelled one keeps them for the
-    retention period (a failed evaluation can be retried from them), and a killed worker may leave
+    retention period (a failed evaluation can be retried from them: after it, `resume` answers 409
+    instead of silently training again), and a killed worker may leave
     some behind. Each sweep takes the next `RETENTION_BATCH` ended jobs past a watermark (the
     `finished_at` reached so far, kept per API process): after a start the whole history is walked
     once, a batch per sweep, then only the jobs whose period just ran out. Deleting is idempotent,
@@ -130,6 +131,8 @@ class Retention:
         purged = []
         for job_id, finished_at in rows:
             store.delete_prefix(checkpoint_prefix(job_id))
+            with session_factory() as session:  # without its checkpoint a failed job can no longer resume
+                crud.forget_resumable(session, job_id)
             purged.append(job_id)
             self.watermark = finished_at
         if purged:

@@ -489,6 +489,14 @@ def fail_job(session: Session, job_id: str, *, error: str, worker_id: str | None
     return _finish(session, job_id, worker_id, status=FAILED, error=redact_server_paths(error), **extra)
 
 
+def forget_resumable(session: Session, job_id: str) -> None:
+    """A failed job whose checkpoints were deleted cannot resume after training any more; commits."""
+    job = session.get(Job, job_id)
+    if job is not None and (job.result or {}).get("resumable"):
+        job.result = {k: v for k, v in job.result.items() if k != "resumable"}
+        session.commit()
+
+
 def stop_job(session: Session, job_id: str, *, reason: str, worker_id: str | None = None) -> bool:
     """Worker: the run reached its time budget at a safe point; `reason` says so (in `error`); commits."""
     return _finish(session, job_id, worker_id, status=STOPPED, error=redact_server_paths(reason))

@@ -14,10 +14,11 @@ from kdiga_service.models import Job, utcnow
 from kdiga_service.storage import ArtifactStore, checkpoint_prefix
 
 
-def _job(client, owner_id, status, ended_days_ago):
+def _job(client, owner_id, status, ended_days_ago, result=None):
     finished = utcnow() - timedelta(days=ended_days_ago) if ended_days_ago is not None else None
     with client.app.state.sessionmaker() as session:
-        job = Job(owner_id=owner_id, kind="distill", queue="q", spec={}, status=status, finished_at=finished)
+        job = Job(owner_id=owner_id, kind="distill", queue="q", spec={}, status=status, finished_at=finished,
+                  result=result)
         session.add(job)
         session.commit()
         return job.id
@@ -33,7 +34,7 @@ def _checkpoint(store, job_id):
 def _exercise(client, settings, store):
     _, owner = new_key(client, "retention")
     jobs = {
-        "failed_old": _job(client, owner, "failed", 8),
+        "failed_old": _job(client, owner, "failed", 8, result={"resumable": "evaluation"}),
         "cancelled_old": _job(client, owner, "cancelled", 30),
         "succeeded_old": _job(client, owner, "succeeded", 9),  # its worker died before deleting them
         "failed_recent": _job(client, owner, "failed", 1),
@@ -51,6 +52,8 @@ def _exercise(client, settings, store):
     for name in ("failed_old", "cancelled_old", "succeeded_old"):
         assert not store.exists(keys[name]) and not store.exists(f"{checkpoint_prefix(jobs[name])}/latest.json")
     assert store.exists(keys["failed_recent"]) and store.exists(keys["running"]) and store.exists(artifact)
+    with client.app.state.sessionmaker() as session:  # its checkpoint is gone: resume must not retrain silently
+        assert "resumable" not in (session.get(Job, jobs["failed_old"]).result or {})
 
     keep_none = settings.model_copy(update={"checkpoint_retention_days": 0})  # keep-none: at the next sweep
     assert jobs["failed_recent"] in retention.sweep(client.app.state.sessionmaker, keep_none, store)
