@@ -262,8 +262,14 @@ def fail_after_hard_time_limit(job_id: str, *, settings: Settings | None = None)
     """Called in the worker's main process when the pool process was killed at the hard time limit."""
     s = settings or get_settings()
     limit = s.effective_hard_time_limit_s
+    # a stored checkpoint makes it resumable (the run went past the soft limit's graceful stop)
+    resumable = get_storage(s).exists(f"{checkpoint_prefix(job_id)}/latest.json")
     with session_for(s) as session:
-        crud.fail_job(session, job_id, error=f"The job exceeded its time limit of {limit} seconds and was stopped.")
+        if resumable:
+            crud.stop_job(session, job_id, reason=f"The job reached its time limit of {limit} seconds and was "
+                                                  "stopped; resuming it continues from its last checkpoint.")
+        else:
+            crud.fail_job(session, job_id, error=f"The job exceeded its time limit of {limit} seconds and was stopped.")
     free_accelerator_memory()
     log.error("job stopped at the hard time limit", extra={"job_id": job_id, "limit_s": limit})
 

@@ -168,3 +168,20 @@ def test_resumed_evaluation_reuses_the_teacher_measured_before_the_failure(setti
     artifact = next(a for a in h.artifacts_of(settings, job_id) if a.name == "report.json")
     report = json.loads(get_storage(settings).read_bytes(artifact.storage_key))
     assert report["teacher_evaluation"]["cached"] is True and "alignment" in report
+
+
+def test_hard_time_limit_with_a_stored_checkpoint_is_a_stop(settings, seeded, tmp_path):
+    from sqlalchemy import update
+
+    from kdiga_service.models import utcnow
+
+    job_id = h.create_job_row(settings, seeded["owner_id"], _request(seeded))
+    with get_sessionmaker(settings)() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=1,
+                                                                   heartbeat_at=utcnow(), worker_id="h:1:1"))
+        session.commit()
+    _write(tmp_path / "checkpoint", 7)
+    checkpoints.upload_checkpoint(get_storage(settings), job_id, tmp_path / "checkpoint")
+    runner.fail_after_hard_time_limit(job_id, settings=settings)
+    row = h.job_row(settings, job_id)
+    assert row.status == "stopped" and "resuming it continues from its last checkpoint" in row.error
