@@ -183,8 +183,9 @@ def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Report
         reporter.beat()
 
     def after_training() -> None:
-        if (folder := uploads.flush()) is not None:
-            trained.append(folder)
+        # stored now, or (a resumed run that trained nothing more) the checkpoint it was resumed from
+        if (folder := uploads.flush()) is not None or resume:
+            trained.append(folder or "resumed")
 
     teacher = initial = None
     if inputs.get("teacher_path") is not None:
