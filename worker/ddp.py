@@ -90,8 +90,6 @@ def run_on_devices(job: Job, s: Settings, me: str) -> Outcome:
         return _settle(job, s, me, code, launch)
     except SoftTimeLimitExceeded:
         if get_storage(s).exists(f"{checkpoint_prefix(job.id)}/latest.json"):  # resumable from its checkpoint
-            from worker.runner import _stop
-
             return _stop(job, s, me, f"The job reached the service's time limit of {s.job_soft_time_limit_s} "
                                      "seconds; resuming it continues from its last checkpoint.")
         return _fail(job, s, me, f"The job exceeded its time limit of {s.job_soft_time_limit_s} seconds.")
@@ -202,6 +200,13 @@ def _fail(job: Job, s: Settings, me: str, error: str) -> Outcome:
         crud.fail_job(session, job.id, error=error, worker_id=me)
     log.error("job failed", extra={"job_id": job.id, "error": error})
     return Outcome("failed", error)
+
+
+def _stop(job: Job, s: Settings, me: str, reason: str) -> Outcome:
+    with session_for(s) as session:
+        crud.stop_job(session, job.id, reason=reason, worker_id=me)
+    log.info("job stopped", extra={"job_id": job.id, "reason": reason})
+    return Outcome("stopped", reason)
 
 
 def _finish_cancelled(job: Job, s: Settings, me: str) -> Outcome:
