@@ -112,7 +112,9 @@ def test_near_the_soft_time_limit_a_job_stops_resumably(settings, seeded):
     """A run nearing KDIGA_JOB_SOFT_TIME_LIMIT_S (1 s here; the job takes several) stops as `stopped`,
     not failed; resumed under a longer limit, it finishes."""
     short = settings.model_copy(update={"job_soft_time_limit_s": 1, "job_hard_time_limit_s": 60})
-    job_id = h.create_job_row(settings, seeded["owner_id"], _request(seeded))
+    # enough epochs that training outlasts the 1 s limit on a fast machine too (2 epochs took < 1 s)
+    request = {**_request(seeded), "train": {**_request(seeded)["train"], "epochs": 40}}
+    job_id = h.create_job_row(settings, seeded["owner_id"], request)
     assert runner.run_job(job_id, settings=short).status == "stopped"
     row = h.job_row(settings, job_id)
     assert row.error.startswith("The job reached the service's time limit for one run"), row.error
