@@ -389,6 +389,8 @@ def train(
                 if why:
                     raise StoppedError(_stopped(why, global_step, total_steps))
 
+        if watch.pending:  # the epoch's last steps are checked even if no progress read fell after them
+            watch.read()
         # DDP: checked once per epoch, on every rank alike (a NaN on one rank makes every sum NaN)
         totals = distributed.all_reduce_sums({**sums, "_correct": correct, "_seen": seen, "_micro": micro}, ctx)
         if ctx.distributed:
@@ -474,6 +476,7 @@ class _LossWatch:
         self.plain: dict[str, float] = {}  # parts that are Python numbers (e.g. γ) need no device
         self.values: dict[str, float] = {}
         self.last_read = time.perf_counter()
+        self.pending = False  # steps added since the last read
 
     def add(self, parts: dict[str, Any], step: int) -> None:
         tensors = {k: v for k, v in parts.items() if isinstance(v, Tensor)}
@@ -485,6 +488,7 @@ class _LossWatch:
             self.keys = keys
             self.first_bad = torch.full((len(keys),), -1, dtype=torch.int64, device=self.device)
             self.bad_value = torch.zeros(len(keys), device=self.device)
+        self.pending = True
         if not keys:
             return
         latest = torch.stack([t.reshape(()).to(self.device, torch.float32) for t in tensors.values()])
@@ -498,7 +502,7 @@ class _LossWatch:
 
     def read(self) -> None:
         """Fetch the latest values (one device sync); raise if a part was ever not finite."""
-        self.last_read = time.perf_counter()
+        self.last_read, self.pending = time.perf_counter(), False
         if self.latest is not None and self.first_bad is not None:
             self.values = dict(zip(self.keys, self.latest.tolist(), strict=True))
             if self.check:

@@ -372,3 +372,26 @@ def test_unsupported_operators_are_listed():
 def test_garbage_is_not_onnx():
     with pytest.raises(ModelFormatError, match="^The file is not a readable ONNX model"):
         onnx_to_torch(b"\xff\xfe definitely not protobuf")
+
+
+def test_a_batch_baked_into_reshape_and_expand_runs_whole_not_in_chunks():
+    """A static export (batch 2) with the batch in a Reshape target (allowzero=1, as dynamo writes it)
+    and an Expand target (a cls token): the importer runs any batch at once, exactly."""
+    w = np.random.default_rng(0).normal(size=(3, 17)).astype(np.float32)
+    cls = np.random.default_rng(1).normal(size=(1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Reshape", ["x", "flat"], ["f"], allowzero=1),  # (2, 16)
+        helper.make_node("Expand", ["cls", "cls_shape"], ["c"]),  # (2, 1)
+        helper.make_node("Concat", ["c", "f"], ["fc"], axis=1),  # (2, 17)
+        helper.make_node("Gemm", ["fc", "w"], ["y"], transB=1),
+    ]
+    inits = [_const("flat", [2, 16]), _const("cls_shape", [2, 1]), _const("cls", cls, np.float32),
+             _const("w", w, np.float32)]
+    proto = _model(nodes, [_value("x", [2, 1, 4, 4])], [_value("y", [2, 3])], inits)
+    converted = onnx_to_torch(proto)
+    assert converted.fixed_batch is None and converted.free_batch == 2
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = torch.cat([torch.ones(5, 1) * float(cls[0, 0]), x.reshape(5, 16)], 1) @ torch.from_numpy(w).T
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(converted(x[:2]), expected[:2], atol=1e-5, rtol=1e-5)
