@@ -39,6 +39,8 @@ def test_training_defaults_reach_the_recipes_steps():
     assert defaults.train_defaults("distill", {"batch_size": 8}, DIGITS)[0]["epochs"] == 10  # at least 10
     sgd, filled = defaults.train_defaults("distill", {"optimizer": "sgd", "epochs": 3}, DIGITS)
     assert "lr" not in sgd and sgd["epochs"] == 3 and "train.epochs" not in filled  # given values untouched
+    alone, filled = defaults.train_defaults("distill", {"lr": 0.05}, DIGITS)
+    assert "optimizer" not in alone and "weight_decay" not in alone  # an lr given alone keeps its optimizer
 
 
 def test_resolving_keeps_what_was_given_and_twice_changes_nothing():
