@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -96,6 +97,9 @@ def test_an_l2_pgd_at_teacher_trains_and_is_evaluated_at_l2(tmp_path):
         assert result["report"]["threat_model"]["eps"] == pytest.approx(eps)
         assert result["report"]["threat_model_spec"] == {"norm": "L2", "eps": 1.0, "step": pytest.approx(2.5 / 7)}
         assert "threat_model.step" in result["report"]["defaulted"]
+    card = json.loads(next(a["path"] for a in robust["artifacts"] if a["kind"] == "model_card").read_text())
+    assert card["training"]["threat_model"]["norm"] == "L2" and card["training"]["objective"]["attack_norm"] == "L2"
+    assert "train.lr" in card["training"]["defaulted"]  # the model card says which values were defaulted
     pgd = next(k for k in robust["metrics"] if k.startswith("student_pgd") and k.endswith("_accuracy"))
     # PGD-AT in the L2 ball makes the model more robust in that ball than plain training does
     assert robust["metrics"][pgd] > plain["metrics"][pgd] + 0.05, (robust["metrics"], plain["metrics"])
