@@ -194,6 +194,7 @@ class TrainConfigSchema(_Strict):
     In a job, an omitted optimizer, lr, weight_decay, batch_size or epochs is sized to the data
     (`kdiga_core.defaults`: AdamW 3e-3, weight decay 0.05, batch 64 below 20,000 training images,
     epochs to reach the optimizer steps the digits recipes took); the job's `spec.defaulted` lists them.
+    An lr given without an optimizer keeps the static SGD it was written for.
     """
 
     epochs: int = Field(default=10, ge=1, le=10_000)

@@ -102,9 +102,12 @@ class _Filler:
 def train_defaults(kind: str, given: dict[str, Any] | None, facts: DataFacts) -> tuple[dict[str, Any], list[str]]:
     """Optimizer, learning rate, weight decay, batch size and epochs for a training job."""
     f = _Filler("train", given)
-    if f.fill("optimizer", OPTIMIZER) == OPTIMIZER:  # the rate and decay measured are AdamW's
-        f.fill("lr", LR)
-        f.fill("weight_decay", WEIGHT_DECAY)
+    # a learning rate belongs to its optimizer: one given alone keeps the optimizer it was meant for
+    # (TrainConfig's static SGD), and the measured AdamW rate and decay come only with AdamW
+    if f.values.get("lr") is None or f.values.get("optimizer") is not None:
+        if f.fill("optimizer", OPTIMIZER) == OPTIMIZER:
+            f.fill("lr", LR)
+            f.fill("weight_decay", WEIGHT_DECAY)
     batch = f.fill("batch_size", 64 if facts.train_size < SMALL_DATA else 128)
     per_device = max(int(batch) * int(f.values.get("grad_accum_steps") or 1), 1)
     steps_per_epoch = max(math.ceil(facts.train_size / per_device), 1)

@@ -181,8 +181,6 @@ def _sized(body: JobCreate, dataset: Dataset, parts: dict[str, Any]) -> dict[str
         objective = objective_schema(body)
         given["objective"] = objective.model_dump(include=set(objective.model_fields_set))
         given["train"] = _given(body.train)
-    if problem := sized.check_threat_model({"norm": "Linf", **given["threat_model"]}, facts):
-        raise unprocessable(problem)
     out = sized.resolve(body.kind, given, facts)
     try:
         resolved = {"threat_model": ThreatModelSchema.model_validate(out["threat_model"]).model_dump(),

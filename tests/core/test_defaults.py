@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -39,6 +40,8 @@ def test_training_defaults_reach_the_recipes_steps():
     assert defaults.train_defaults("distill", {"batch_size": 8}, DIGITS)[0]["epochs"] == 10  # at least 10
     sgd, filled = defaults.train_defaults("distill", {"optimizer": "sgd", "epochs": 3}, DIGITS)
     assert "lr" not in sgd and sgd["epochs"] == 3 and "train.epochs" not in filled  # given values untouched
+    alone, filled = defaults.train_defaults("distill", {"lr": 0.05}, DIGITS)
+    assert "optimizer" not in alone and "weight_decay" not in alone  # an lr given alone keeps its optimizer
 
 
 def test_resolving_keeps_what_was_given_and_twice_changes_nothing():
@@ -94,6 +97,9 @@ def test_an_l2_pgd_at_teacher_trains_and_is_evaluated_at_l2(tmp_path):
         assert result["report"]["threat_model"]["eps"] == pytest.approx(eps)
         assert result["report"]["threat_model_spec"] == {"norm": "L2", "eps": 1.0, "step": pytest.approx(2.5 / 7)}
         assert "threat_model.step" in result["report"]["defaulted"]
+    card = json.loads(next(a["path"] for a in robust["artifacts"] if a["kind"] == "model_card").read_text())
+    assert card["training"]["threat_model"]["norm"] == "L2" and card["training"]["objective"]["attack_norm"] == "L2"
+    assert "train.lr" in card["training"]["defaulted"]  # the model card says which values were defaulted
     pgd = next(k for k in robust["metrics"] if k.startswith("student_pgd") and k.endswith("_accuracy"))
     # PGD-AT in the L2 ball makes the model more robust in that ball than plain training does
     assert robust["metrics"][pgd] > plain["metrics"][pgd] + 0.05, (robust["metrics"], plain["metrics"])

@@ -143,6 +143,8 @@ def _cli(service, tmp_path) -> Flow:
             else:
                 f.ids["job id"] = job["id"]
     assert (f.workdir / "report.html").stat().st_size > 1000 and (f.workdir / "student").is_dir()
+    card = json.loads((f.workdir / "student" / "model_card.json").read_text())
+    assert "train.epochs" in card["training"]["defaulted"] and card["training"]["threat_model"]["eps"] == 0.1
     assert_keeps(f.api.ok(f.api.http.get(f"/v1/jobs/{f.ids['job id']}")), "student")
     return f
 
