@@ -115,7 +115,7 @@ WEIGHTS = np.arange(32, dtype=np.float32).tobytes()
 def test_a_hand_built_pair_loads_and_its_weights_are_the_files(tmp_path):
     path = _zip(tmp_path / "m.zip", {"m.onnx": _external_model("w.bin"), "w.bin": WEIGHTS})
     net = load_model(path).net
-    (weight,) = [p for p in net.parameters()]
+    (weight,) = list(net.parameters())
     assert weight.detach().reshape(-1).tolist() == list(range(32))
 
 

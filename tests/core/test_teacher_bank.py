@@ -27,7 +27,7 @@ def images(n=20, seed=0):
 
 
 def build(x, y, **kw):
-    args = dict(k=3, pad=1, hflip=True, need_grad=True, device=torch.device("cpu"), seed=4, batch_size=7)
+    args = {"k": 3, "pad": 1, "hflip": True, "need_grad": True, "device": torch.device("cpu"), "seed": 4, "batch_size": 7}
     return TeacherBank.build(tiny_cnn(seed=1), x, y, **{**args, **kw})
 
 
