@@ -5,8 +5,8 @@ are ones a user would keep (accuracy floors from REPRODUCTION.md, "Defaults size
 Only the placeholders change: `<dataset id>` and the like become the ids the earlier commands
 printed, the URL and key the fresh service's. The CLI commands get `--json` so the ids can be read;
 `kdiga serve` is the service this test starts. The blocks run one after the other on one worker
-(the embedded default): a teacher upload waits behind a running job until validation has its own
-queue, so the flows are not run beside a long job here.
+(the embedded default), beside another user's long job that is already running: uploads validate on
+their own worker (they never wait behind training), and the README's jobs queue behind that one.
 """
 
 from __future__ import annotations
@@ -125,7 +125,19 @@ def service(tmp_path_factory):
     svc.stop()
 
 
-def _cli(service, tmp_path) -> Flow:
+def _background_job(service) -> str:
+    """Another job already running when the README's commands start (a longer adversarial training)."""
+    api = flow.Api(service[0].url, service[0].admin_key)
+    dataset = api.ok(api.http.post("/v1/datasets/builtin", json={"name": "busy", "builtin": "digits"}), 202)
+    api.wait(f"/v1/datasets/{dataset['id']}", {"ready"}, JOB_TIMEOUT_S)
+    job = api.submit({"kind": "adversarial_train", "dataset_id": dataset["id"], "student": {"arch": "cnn_small"},
+                      "train": {"epochs": 100}})
+    started = api.wait(f"/v1/jobs/{job['id']}", {"running", "succeeded", "failed", "cancelled"}, JOB_TIMEOUT_S)
+    assert started["status"] == "running", started
+    return str(job["id"])
+
+
+def _cli(service, tmp_path, busy: str) -> Flow:
     svc, home = service
     f = Flow(svc, home, tmp_path / "cli")
     for command in readme_block("### CLI").strip().splitlines():
@@ -135,6 +147,8 @@ def _cli(service, tmp_path) -> Flow:
         out = f.run(f.fill(command) + " --json")
         if command.startswith("kdiga datasets upload"):
             f.ids["dataset id"] = last_json(out)["id"]
+            f.ready(f"/v1/datasets/{f.ids['dataset id']}")  # validated while the other job trains
+            assert f.api.ok(f.api.http.get(f"/v1/jobs/{busy}"))["status"] == "running"
         elif command.startswith("kdiga jobs submit"):
             job = last_json(out)
             if job["kind"] == "adversarial_train":
@@ -189,8 +203,10 @@ def _sdk(service, tmp_path, teacher_file: Path) -> None:
 
 
 def test_the_readme_examples_make_models_worth_keeping(service, tmp_path):
-    cli = _cli(service, tmp_path)
+    busy = _background_job(service)
+    cli = _cli(service, tmp_path, busy)
     teacher_file = cli.workdir / "teacher" / "model.safetensors"  # what the adversarial_train job made
     assert teacher_file.is_file()
     _curl(service, tmp_path, teacher_file)
     _sdk(service, tmp_path, teacher_file)
+    assert flow.Api(service[0].url, service[0].admin_key).follow(busy, JOB_TIMEOUT_S)["status"] == "succeeded"
