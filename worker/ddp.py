@@ -37,7 +37,7 @@ from kdiga_service.models import FINISHED_STATES, Job
 from kdiga_service.settings import Settings
 from kdiga_service.storage import get_storage
 from worker import gang
-from worker.checkpoints import download_checkpoint
+from worker.checkpoints import checkpoint_prefix, download_checkpoint
 from worker.common import Outcome, scratch_dir, session_for
 from worker.inputs import prepare_inputs
 from worker.torchrun import Launch, Rendezvous, advertised_host, free_port, rank_env
@@ -89,6 +89,9 @@ def run_on_devices(job: Job, s: Settings, me: str) -> Outcome:
             code, launch = launch_here(job, s, rdzv, workdir, owner=me, keep_going=lambda: not heartbeat.lost)
         return _settle(job, s, me, code, launch)
     except SoftTimeLimitExceeded:
+        if get_storage(s).exists(f"{checkpoint_prefix(job.id)}/latest.json"):  # resumable from its checkpoint
+            return _stop(job, s, me, f"The job reached the service's time limit of {s.job_soft_time_limit_s} "
+                                     "seconds; resuming it continues from its last checkpoint.")
         return _fail(job, s, me, f"The job exceeded its time limit of {s.job_soft_time_limit_s} seconds.")
     except KdigaError as exc:  # staging the inputs
         return _fail(job, s, me, str(exc))
@@ -197,6 +200,13 @@ def _fail(job: Job, s: Settings, me: str, error: str) -> Outcome:
         crud.fail_job(session, job.id, error=error, worker_id=me)
     log.error("job failed", extra={"job_id": job.id, "error": error})
     return Outcome("failed", error)
+
+
+def _stop(job: Job, s: Settings, me: str, reason: str) -> Outcome:
+    with session_for(s) as session:
+        crud.stop_job(session, job.id, reason=reason, worker_id=me)
+    log.info("job stopped", extra={"job_id": job.id, "reason": reason})
+    return Outcome("stopped", reason)
 
 
 def _finish_cancelled(job: Job, s: Settings, me: str) -> Outcome:

@@ -184,8 +184,9 @@ def _call_core(job: Job, workdir: Path, inputs: dict[str, Any], reporter: Report
         reporter.beat()
 
     def after_training() -> None:
-        if (folder := uploads.flush()) is not None:
-            trained.append(folder)
+        # stored now, or (a resumed run that trained nothing more) the checkpoint it was resumed from
+        if (folder := uploads.flush()) is not None or resume:
+            trained.append(folder or "resumed")
 
     teacher = initial = None
     if inputs.get("teacher_path") is not None:
@@ -264,8 +265,14 @@ def fail_after_hard_time_limit(job_id: str, *, settings: Settings | None = None)
     """Called in the worker's main process when the pool process was killed at the hard time limit."""
     s = settings or get_settings()
     limit = s.effective_hard_time_limit_s
+    # a stored checkpoint makes it resumable (the run went past the soft limit's graceful stop)
+    resumable = get_storage(s).exists(f"{checkpoint_prefix(job_id)}/latest.json")
     with session_for(s) as session:
-        crud.fail_job(session, job_id, error=f"The job exceeded its time limit of {limit} seconds and was stopped.")
+        if resumable:
+            crud.stop_job(session, job_id, reason=f"The job reached its time limit of {limit} seconds and was "
+                                                  "stopped; resuming it continues from its last checkpoint.")
+        else:
+            crud.fail_job(session, job_id, error=f"The job exceeded its time limit of {limit} seconds and was stopped.")
     free_accelerator_memory()
     log.error("job stopped at the hard time limit", extra={"job_id": job_id, "limit_s": limit})
 

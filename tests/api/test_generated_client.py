@@ -110,6 +110,13 @@ def _call_every_operation(ops: dict, tc: TestClient, url: str) -> None:
     assert call("list_jobs", 200).count == 2 and call("read_job", 200, job_id=job.id).status == "succeeded"
     call("stream_job_events", 200, job_id=job.id)
     call("read_job_report", 200, job_id=job.id)
+    stopped = call("create_job", 201, body=models.JobCreate.from_dict(example))
+    with tc.app.state.sessionmaker() as session:  # a worker's run that spent its time budget
+        crud.claim_job(session, stopped.id, "w")
+        crud.stop_job(session, stopped.id, reason="The job reached its time budget.", worker_id="w")
+    resumed = call("resume_job", 202, job_id=stopped.id, body=models.ResumeRequest(time_budget_s=60.0))
+    assert resumed.status == "queued"
+    assert tc.post(f"/v1/jobs/{stopped.id}/cancel", headers=headers).json()["status"] == "cancelled"
     artifacts = call("list_artifacts", 200, job_id=job.id)
     weights = next(a for a in artifacts.data if a.kind == "student_weights")
     call("download_artifact", 200, artifact_id=weights.id)

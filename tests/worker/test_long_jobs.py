@@ -80,27 +80,25 @@ def test_failure_in_evaluation_keeps_the_trained_weights_and_resume_only_evaluat
 
     def flaky(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) <= 2:
             raise RuntimeError("injected evaluation fault")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluate_mod, "evaluate", flaky)
     job_id = h.create_job_row(settings, seeded["owner_id"], _request(seeded))
-    assert runner.run_job(job_id, settings=settings).status == "failed"
-    row = h.job_row(settings, job_id)
-    assert row.result == {"resumable": "evaluation"}
-    assert "injected evaluation fault" in row.error and "retries the evaluation without retraining" in row.error
     store = get_storage(settings)
-    pointer = json.loads(store.read_bytes(f"{checkpoints.checkpoint_prefix(job_id)}/latest.json"))
-    assert pointer["epoch"] == 2  # the finished training
-
-    with get_sessionmaker(settings)() as session:
-        crud.resume_job(session, job=session.get(Job, job_id))
-        session.commit()
+    for attempt in (1, 2):  # the retry fails again (it trained nothing): still resumable
+        assert runner.run_job(job_id, settings=settings).status == "failed"
+        row = h.job_row(settings, job_id)
+        assert row.result == {"resumable": "evaluation"}, attempt
+        assert "injected evaluation fault" in row.error and "retries the evaluation without retraining" in row.error
+        pointer = json.loads(store.read_bytes(f"{checkpoints.checkpoint_prefix(job_id)}/latest.json"))
+        assert pointer["epoch"] == 2  # the finished training
+        _resume(settings, job_id)
     assert runner.run_job(job_id, settings=settings).status == "succeeded", h.job_row(settings, job_id).error
     training = _card(settings, job_id)["training"]
     assert training["resumed_from_step"] == training["steps"] > 0  # nothing was trained again
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def _resume(settings, job_id):
@@ -168,3 +166,20 @@ def test_resumed_evaluation_reuses_the_teacher_measured_before_the_failure(setti
     artifact = next(a for a in h.artifacts_of(settings, job_id) if a.name == "report.json")
     report = json.loads(get_storage(settings).read_bytes(artifact.storage_key))
     assert report["teacher_evaluation"]["cached"] is True and "alignment" in report
+
+
+def test_hard_time_limit_with_a_stored_checkpoint_is_a_stop(settings, seeded, tmp_path):
+    from sqlalchemy import update
+
+    from kdiga_service.models import utcnow
+
+    job_id = h.create_job_row(settings, seeded["owner_id"], _request(seeded))
+    with get_sessionmaker(settings)() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=1,
+                                                                   heartbeat_at=utcnow(), worker_id="h:1:1"))
+        session.commit()
+    _write(tmp_path / "checkpoint", 7)
+    checkpoints.upload_checkpoint(get_storage(settings), job_id, tmp_path / "checkpoint")
+    runner.fail_after_hard_time_limit(job_id, settings=settings)
+    row = h.job_row(settings, job_id)
+    assert row.status == "stopped" and "resuming it continues from its last checkpoint" in row.error
