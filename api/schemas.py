@@ -474,6 +474,12 @@ class DatasetPublic(_Public):
         "corrupt files (what validation found).",
     )
 
+    @field_validator("layout")
+    @classmethod
+    def _public_layout(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # a webdataset's per-sample test labels are the worker's index, not something to list
+        return {k: v for k, v in value.items() if k != "test_labels"} if value else value
+
 
 class ArtifactPublic(_Public):
     id: str

@@ -364,12 +364,21 @@ def _open(kind: str, spec: dict[str, Any], workdir: Path, inputs: JobInputs, hoo
     if inputs.teacher is not None:
         teacher = inputs.teacher.load(allow_torchscript=inputs.allow_torchscript).eval()
     train_cfg = TrainConfig.from_dict(spec.get("train"))
-    # a dataset read in place takes its size from the job (else the teacher's input size)
-    img_size = train_cfg.img_size or (teacher.spec.img_size if teacher is not None else None)
+    # a dataset read in place takes its size from the job (else the teacher's, else the evaluated model's)
+    img_size = train_cfg.img_size or (teacher.spec.img_size if teacher is not None else _bundle_img_size(inputs))
     data = load_data(inputs.dataset, img_size=img_size, preset=train_cfg.preset)
     if teacher is not None:
         _check_compatible(teacher.spec, data, "teacher")
     return _Job(kind, spec, workdir, inputs, hooks, data, teacher, stopper)
+
+
+def _bundle_img_size(inputs: JobInputs) -> int | None:
+    """The input size on an evaluated bundle's model card (evaluate jobs without a teacher)."""
+    card = inputs.model_dir / "model_card.json" if inputs.model_dir is not None else None
+    if card is None or not card.is_file():
+        return None
+    size = (json.loads(card.read_text(encoding="utf-8")).get("spec") or {}).get("img_size")
+    return int(size) if size else None
 
 
 def _check_compatible(spec: ModelSpec, data: data_mod.DataBundle, role: str) -> None:

@@ -102,6 +102,13 @@ def test_distill_job_streams_an_image_folder(folder, teacher_path, tmp_path):
     result = _distill(tmp_path, {**_ref(folder.as_uri()), **info, "name": "shapes"}, teacher_path)
     assert result["report"]["points"]["per_class"] == {"circle": 4, "square": 4, "stripes": 4}
     assert (result["model_spec"]["in_chans"], result["model_spec"]["img_size"]) == (3, 32)
+    # an evaluate job of that student alone takes img_size from its model card, and measures the same points
+    card = next(a["path"] for a in result["artifacts"] if a["kind"] == "model_card")
+    spec = {"evaluation": {"max_points": 12, "attacks": [], "alignment": False, "latency": False}}
+    again = jobs.run_job("evaluate", spec, tmp_path / "eval",
+                         jobs.JobInputs({**_ref(folder.as_uri()), **info, "name": "shapes"}, model_dir=card.parent))
+    assert again["report"]["points"] == result["report"]["points"]
+    assert again["metrics"]["student_clean_accuracy"] == result["metrics"]["student_clean_accuracy"]
 
 
 def test_distill_job_streams_webdataset_shards(tmp_path, teacher_path):
