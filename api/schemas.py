@@ -415,6 +415,8 @@ class LimitsSchema(_Strict):
 class ResumeRequest(_Strict):
     """Optional changes for the resumed run."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"time_budget_s": 3600}]})
+
     time_budget_s: float | None = Field(
         default=None, gt=0, description="A new `limits.time_budget_s` for the resumed run (None: keep the job's).")
 

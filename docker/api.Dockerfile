@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The API image: python:3.11-slim with api/ and migrations/ only; no torch, no kdiga_core.
+# The API image: python:3.11-slim with api/, kdiga_service/, migrations/ and kdiga_core/defaults.py (standard
+# library only); no torch.
 # Build: docker build -f docker/api.Dockerfile -t kdiga-api .
 FROM python:3.11-slim
 

@@ -72,7 +72,7 @@ def test_unknown_query_parameters_and_status_values_are_refused(client, owner):
     r = client.get("/v1/jobs", headers=owner, params={"status": "finished"})
     assert r.status_code == 422
     assert r.json() == {"detail": "Unknown status 'finished'; valid names are: cancelled, cancelling, failed, "
-                                  "queued, running, succeeded."}
+                                  "queued, running, stopped, succeeded."}
     assert client.get("/healthz", params={"x": "1"}).status_code == 422
 
 

@@ -20,10 +20,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ job .+: (queued|running|succeeded|failed|cancelled)( · .+)?$")
 # Enough work that training and evaluation each last a few progress writes on a busy machine.
+# Each phase and evaluation stage must outlast the worker's 1 s progress throttle on a fast machine too
+# (3 epochs and PGD-50 finished between two writes on an idle one, so no evaluate line was printed).
 SPEC = {"student": {"arch": "cnn_tiny"}, "objective": {"method": "ce"},
-        "train": {"epochs": 3, "batch_size": 64, "lr": 0.01, "optimizer": "adamw", "device": "cpu"},
-        "evaluation": {"attacks": [{"name": "pgd", "eps": 0.1, "steps": 50}], "max_points": 360,
-                       "eps_curve": [0.0, 0.05, 0.1, 0.3], "curve_attack_steps": 20, "smoothing_sigma": 0.0,
+        "train": {"epochs": 20, "batch_size": 64, "lr": 0.01, "optimizer": "adamw", "device": "cpu"},
+        "evaluation": {"attacks": [{"name": "pgd", "eps": 0.1, "steps": 1000}], "max_points": 360,
+                       "eps_curve": [0.0, 0.05, 0.1, 0.3], "curve_attack_steps": 500, "smoothing_sigma": 0.0,
                        "latency": False}}
 
 

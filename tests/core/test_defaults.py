@@ -100,9 +100,9 @@ def test_an_l2_pgd_at_teacher_trains_and_is_evaluated_at_l2(tmp_path):
     card = json.loads(next(a["path"] for a in robust["artifacts"] if a["kind"] == "model_card").read_text())
     assert card["training"]["threat_model"]["norm"] == "L2" and card["training"]["objective"]["attack_norm"] == "L2"
     assert "train.lr" in card["training"]["defaulted"]  # the model card says which values were defaulted
-    pgd = next(k for k in robust["metrics"] if k.startswith("student_pgd") and k.endswith("_accuracy"))
+    pgd = next(k for k in robust["metrics"] if k.startswith("model_pgd") and k.endswith("_accuracy"))
     # PGD-AT in the L2 ball makes the model more robust in that ball than plain training does
     assert robust["metrics"][pgd] > plain["metrics"][pgd] + 0.05, (robust["metrics"], plain["metrics"])
     # it learned (4 short epochs in a wide L2 ball: 39% clean measured, chance is 10%)
-    assert robust["metrics"]["student_clean_accuracy"] > 0.25
+    assert robust["metrics"]["model_clean_accuracy"] > 0.25
     assert math.isclose(robust["report"]["threat_model"]["eps"], eps, rel_tol=1e-6)
