@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import AsyncIterator
@@ -468,11 +467,10 @@ async def read_job(job_id: str, request: Request, owner: CurrentOwner) -> Respon
     304 until the job changes.
     """
     # The hottest route (clients poll it): one Core query, serialised once, no thread hop on SQLite.
-    fields = await run_query(request, request.app.state.status_reader.read, owner.id, job_id)
-    if fields is None:
+    answer = await run_query(request, request.app.state.status_reader.answer, owner.id, job_id)
+    if answer is None:
         raise not_found("Job", job_id)
-    body = JobPublic.model_validate(fields).model_dump_json().encode()
-    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    body, etag = answer
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)

@@ -162,3 +162,22 @@ def test_auth_cache_refreshes_ahead_and_drops_a_revoked_key():
             raise AssertionError("a revoked key was accepted after its refresh failed")
 
     asyncio.run(main())
+
+
+def test_kept_answer_follows_the_rows(client):
+    """The reader keeps each job's last answer keyed by its rows: reused while nothing changed, made
+    again when only an artifact row changed (the job row itself unchanged)."""
+    headers, owner_id = new_key(client, "kept")
+    job_id = _make_job(client, owner_id, artifacts=1)
+    reader = client.app.state.status_reader
+    first = reader.answer(owner_id, job_id)
+    assert first is not None and reader.answer(owner_id, job_id) == first
+    with client.app.state.sessionmaker() as session:
+        session.add(Artifact(owner_id=owner_id, job_id=job_id, name="late.bin", kind="other", storage_key="k/late",
+                             size_bytes=1, sha256="f" * 64, created_at=utcnow() + timedelta(seconds=9)))
+        session.commit()
+    resp = client.get(f"/v1/jobs/{job_id}", headers=headers)
+    assert [a["name"] for a in resp.json()["artifacts"]] == ["file0.bin", "late.bin"]
+    assert resp.json() == _orm_json(client, job_id)
+    assert resp.headers["etag"] != first[1]
+    assert reader.answer("someone-else", job_id) is None  # the kept answer is never served to another owner

@@ -39,7 +39,9 @@ def test_embedded_kdiga_job_end_to_end(tmp_path, teacher_file):
         done = api.follow(job["id"])
         assert done["status"] == "succeeded", done["error"]
         assert done["attempts"] == 1 and done["progress"]["percent"] == 100.0
-        assert any(p.get("phase") in ("train", "evaluate") for p in done["_seen_progress"]), done["_seen_progress"]
+        assert done["progress"]["phase"] == "done", done["progress"]
+        # (train/evaluate progress is asserted where its timing is ours: tests/core/test_core_jobs.py and
+        # tests/worker; CI's fast machine ran this tiny job between two 0.5 s polls, seeing only `queued`)
         flow.check_student(api, done, tmp_path / "download")
 
         # A student initialised from uploaded weights (student.weights_id: a ready model of its arch).
