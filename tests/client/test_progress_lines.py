@@ -65,7 +65,8 @@ def test_submit_wait_prints_ci_lines_for_every_phase(live_service, digits_id, tm
     assert evaluation, states
     assert any("ETA " in s for s in evaluation), evaluation  # the evaluation has its ETA too
     assert len({s.split(" · ")[2] for s in evaluation}) >= 2, evaluation  # its stages move
-    assert any(s.startswith("running · export · ") for s in states), states  # writing the files too
+    # (the export phase lasts well under the worker's 1 s progress throttle, so a poller may never see it:
+    # tests/core/test_core_jobs.py asserts it in the job's own progress events)
     assert states[-1].startswith("succeeded · 100%")
     assert all("ci-lines (" in line for line in lines)
 
