@@ -10,7 +10,8 @@
   it with the same order: in memory the order is drawn again from the generator's state at the
   epoch's start (the generator itself stays where the checkpoint left it); streaming, an image
   folder's sampler (seeded by (seed, epoch)) skips the indices of the batches already consumed,
-  never read, and WebDataset shards (no index) read those batches again and drop them;
+  never read, and WebDataset shards (no index) read those batches again and drop them (several
+  ranks: the same number on each; every rank also ends its epoch after the same loader batches);
 - ``batches_done``: the loader batches the steps yielded so far this epoch consumed (unreadable ones
   included), what a checkpoint inside the epoch records as ``ResumePoint.batches``;
 - ``augment(x, generator, cfg)``: the augmentation still to apply on the device (in memory: the
