@@ -89,6 +89,8 @@ def test_webdataset_shards_need_one_per_device_and_recorded_sizes(client, owner,
     sizes = {f"train/train-{k}.tar": 100 for k in range(3)}
     dataset_id = _shards_dataset(client, owner, settings, monkeypatch, tmp_path,
                                  {"shards": {"train": 3, "test": 1}, "train_shard_sizes": sizes})
+    layout = client.get(f"/v1/datasets/{dataset_id}", headers=owner).json()["layout"]
+    assert layout == {"shards": {"train": 3, "test": 1}}  # the sizes per shard are the worker's, not listed
     body = distill_body(dataset_id, teacher_id, objective={"gamma": 5.0}, train={"epochs": 1, "img_size": 32})
     r = client.post("/v1/jobs", headers=owner, json={**body, "resources": {"devices_per_node": 3}})
     assert r.status_code == 201, r.text  # one shard per device is enough
