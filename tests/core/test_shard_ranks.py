@@ -62,3 +62,38 @@ def test_fewer_shards_than_devices_is_one_sentence(tmp_path):
     data.layout.pop("train_shard_sizes")  # validated before the sizes were recorded
     with pytest.raises(DataError, match="register it again to train on several devices"):
         data.rank_batches(epoch=0, seed=0, batch_size=4, workers=0, ctx=two)
+
+
+def test_every_rank_takes_its_steps_even_past_unreadable_batches(tmp_path):
+    """One device skips a batch none of whose images decoded; several ranks stand in the previous one
+    (or, first in the epoch, the next one), so no rank takes fewer steps; a loader that ends before
+    the agreed batches (shards changed since validation) is one sentence, not a hang."""
+    import torch
+    from data_ref_helpers import write_image_folder
+
+    from kdiga_core.batches import StreamingBatches
+    from kdiga_core.config import TrainConfig
+
+    root = write_image_folder(tmp_path / "folder", per_class=(2, 1))
+    ref = {"kind": "image_folder", "uri": root.as_uri(), "storage_options": {}, "max_corrupt_fraction": 0.05,
+           "validate_max_images": 100}
+    data = open_reference({**ref, **validate_reference(ref), "name": "f"}, img_size=16, preset="none")
+    cfg = TrainConfig(batch_size=2, device="cpu", loader_workers=0)
+    y, rows = torch.tensor([0, 1]), torch.tensor([0, 1])
+    batches = [None, (torch.full((2, 3, 16, 16), 1, dtype=torch.uint8), y, rows), None,
+               (torch.full((2, 3, 16, 16), 2, dtype=torch.uint8), y, rows)]
+
+    def seen(ctx) -> list[int]:
+        source = StreamingBatches(data, cfg, torch.device("cpu"), ctx)
+        return [int(x[0, 0, 0, 0]) for group in source._steps(batches, drop=0) for x, _, _ in group]
+
+    assert seen(RankContext()) == [1, 2]
+    assert seen(RankContext(rank=0, world_size=2)) == [1, 1, 1, 2]
+    def agreed(batches_every_rank_takes: int) -> StreamingBatches:
+        source = StreamingBatches(data, cfg, torch.device("cpu"), RankContext(rank=0, world_size=2))
+        source.rank_batches = batches_every_rank_takes  # what shards agree at set-up
+        return source
+
+    with pytest.raises(DataError, match="^The training shards changed since the dataset was validated"):
+        list(agreed(5)._steps(batches, drop=0))
+    assert len(list(agreed(3)._steps(batches, drop=0))) == 3  # every rank stops there, the rest left out
