@@ -57,9 +57,9 @@ from kdiga_core.errors import KdigaError
 
 __all__ = [
     "RankContext", "accumulation_groups", "agree", "all_reduce_min", "all_reduce_sums", "batch_plan",
-    "broadcast_model", "check_supported", "combine_model_report", "context", "epoch_order", "evaluation_share", "init_from_env",
-    "is_main", "lr_scale", "precompute_teacher", "sampler", "seed_epoch", "steps_per_epoch", "sync_on",
-    "teardown", "wrap",
+    "broadcast_model", "check_supported", "combine_model_report", "context", "epoch_order", "evaluation_share",
+    "init_from_env", "is_main", "lr_scale", "precompute_teacher", "sampler", "seed_epoch", "steps_per_epoch",
+    "sync_on", "teardown", "wrap",
 ]
 
 log = logging.getLogger(__name__)
