@@ -499,6 +499,9 @@ class TeacherPublic(_Public):
                                    std=std or [DEFAULT_SAFETENSORS_NORM] * channels, source="default")
 
 
+WORKER_INDEX = frozenset({"test_labels", "train_shard_sizes"})  # layout keys kept on the row, out of the API
+
+
 class DatasetPublic(_Public):
     id: str
     name: str
@@ -524,8 +527,9 @@ class DatasetPublic(_Public):
     @field_validator("layout")
     @classmethod
     def _public_layout(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        # a webdataset's per-sample test labels are the worker's index, not something to list
-        return {k: v for k, v in value.items() if k != "test_labels"} if value else value
+        # a webdataset's per-sample test labels and per-shard sizes are the worker's index (one entry per
+        # sample or shard: thousands), not something to list
+        return {k: v for k, v in value.items() if k not in WORKER_INDEX} if value else value
 
 
 class ArtifactPublic(_Public):

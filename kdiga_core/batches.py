@@ -10,7 +10,8 @@
   it with the same order: in memory the order is drawn again from the generator's state at the
   epoch's start (the generator itself stays where the checkpoint left it); streaming, an image
   folder's sampler (seeded by (seed, epoch)) skips the indices of the batches already consumed,
-  never read, and WebDataset shards (no index) read those batches again and drop them;
+  never read, and WebDataset shards (no index) read those batches again and drop them (several
+  ranks: the same number on each; every rank also ends its epoch after the same loader batches);
 - ``batches_done``: the loader batches the steps yielded so far this epoch consumed (unreadable ones
   included), what a checkpoint inside the epoch records as ``ResumePoint.batches``;
 - ``augment(x, generator, cfg)``: the augmentation still to apply on the device (in memory: the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +41,7 @@ from torch import Tensor
 from kdiga_core import distributed
 from kdiga_core.config import TrainConfig
 from kdiga_core.data import augment_batch, pixels
-from kdiga_core.errors import KdigaError
+from kdiga_core.errors import DataError, KdigaError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,11 @@ class StreamingBatches:
 
     ``cacheable`` (a teacher cache, when the job asks for one) only for an image folder (whose loader
     gives each image's row back) without augmentation, on one device.
+
+    Several ranks must take the same number of steps, or one waits in a collective for a peer that
+    has finished its epoch: on shards every rank stops after ``rank_batches`` loader batches (the
+    fewest any rank reads in any epoch of the run, agreed by one all-reduce), and a batch none of
+    whose images could be decoded is stood in for by the rank's previous one (one device: skipped).
     """
 
     streaming = True
@@ -150,7 +157,27 @@ class StreamingBatches:
         self.row_numel, self.num_classes = data.in_chans * data.img_size ** 2, data.num_classes
         self.workers = loader_workers(cfg.loader_workers)
         self.cacheable = data.kind == "image_folder" and cfg.preset == "none" and not ctx.distributed
+        self.rank_batches: int | None = None  # several ranks on shards: the loader batches every rank takes
+        if data.kind == "webdataset" and ctx.distributed and self.n:
+            self.rank_batches = self._agreed_batches()
+            self.steps_per_epoch = math.ceil(self.rank_batches / cfg.grad_accum_steps)
         self.batches_done = 0
+        self._last: Batch | None = None  # several ranks: the batch that stands in for an unreadable one
+        self._owed = 0  # unreadable batches to stand in for once a readable one comes
+
+    def _agreed_batches(self) -> int:
+        """The fewest loader batches any rank reads in any epoch of the run: a constant, so the steps per
+        epoch (the progress and the learning rate schedule) are the same every epoch and on every rank."""
+        mine = min(self.data.rank_batches(epoch=e, seed=self.cfg.seed, batch_size=self.cfg.batch_size,
+                                          workers=self.workers, ctx=self.ctx) for e in range(max(1, self.cfg.epochs)))
+        agreed = distributed.all_reduce_min(mine, self.ctx)
+        if agreed == 0:
+            raise DataError("A device's training shards hold no samples in some epoch; use fewer devices or "
+                             "shards of similar sizes.")
+        if self.ctx.is_main:
+            log.info("shards on %d ranks: every rank takes %d loader batches an epoch (of %d read on its "
+                     "own at most, %d samples in all)", self.ctx.world_size, agreed, mine, self.n)
+        return agreed
 
     def epoch(self, epoch: int, generator: torch.Generator,  # noqa: ARG002 (one signature for both sources)
               resume: ResumePoint | None = None) -> Iterator[list[Batch]]:
@@ -159,30 +186,50 @@ class StreamingBatches:
         if resume is not None:
             skip = resume.batches if resume.batches is not None else resume.step * self.cfg.grad_accum_steps
         # an image folder skips them in its sampler; shards have no index: their batches are read again
-        # (the same, each item's transform seeded) and dropped
+        # (the same, each item's transform seeded) and dropped (several ranks: the same number on each)
         skippable = self.data.kind == "image_folder"
         loader = self.data.train_loader(epoch=epoch, seed=self.cfg.seed, batch_size=self.cfg.batch_size,
                                         workers=self.workers, pin=self.device.type == "cuda", hflip=self.cfg.hflip,
                                         ctx=self.ctx, skip_batches=skip if skippable else 0)
         self.batches_done = skip if skippable else 0
+        self._last, self._owed = None, 0
         return self._steps(loader, drop=0 if skippable else skip)
 
     def _steps(self, loader: Any, drop: int) -> Iterator[list[Batch]]:
         group: list[Batch] = []
+        limit = self.rank_batches
         for batch in self.start(loader):
             self.batches_done += 1
-            if self.batches_done <= drop:  # shards resumed inside the epoch: trained on before the checkpoint
-                continue
-            if batch is None:  # every image of this batch was unreadable
-                continue
-            x, y, rows = batch
-            group.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
-                          rows if self.cacheable else None))
-            if len(group) == self.cfg.grad_accum_steps:
-                yield group
-                group = []
+            if self.batches_done > drop:  # shards resumed inside the epoch: the first `drop` were trained on
+                for micro in self._micro(batch):
+                    group.append(micro)
+                    if len(group) == self.cfg.grad_accum_steps:
+                        yield group
+                        group = []
+            if limit is not None and self.batches_done >= limit:  # every rank stops here (the rest: left out)
+                break
+        if limit is not None and self.batches_done < limit:
+            raise DataError("The training shards changed since the dataset was validated; register it again.")
+        if self._owed:
+            raise DataError("No image this device read in this epoch could be decoded.")
         if group:
             yield group
+
+    def _micro(self, batch: tuple[Tensor, Tensor, Tensor] | None) -> list[Batch]:
+        """The micro-batches one loader batch gives: itself on the device; none for a batch of unreadable
+        images on one device, the previous batch again on several (every rank takes the same steps)."""
+        if batch is None:
+            if not self.ctx.distributed:
+                return []
+            if self._last is None:
+                self._owed += 1
+                return []
+            return [self._last]
+        x, y, rows = batch
+        self._last = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+                      rows if self.cacheable else None)
+        owed, self._owed = self._owed, 0
+        return [self._last] * (1 + owed)
 
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:  # noqa: ARG002 (the workers augment)
         return x  # the loader's workers applied the preset

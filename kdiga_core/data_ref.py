@@ -12,6 +12,8 @@ Nothing is copied. A reference is a URL that fsspec opens (``file://``, ``s3://`
 Validation (`validate_reference`) lists every file (or streams every shard) to count samples per
 split and class, and decodes up to ``max_images`` of them spread evenly over the set: the image
 sizes seen and the corrupt files are reported; above ``max_corrupt_fraction`` the set is invalid.
+For shards it also records the samples each training shard yields to a reader
+(``train_shard_sizes``): a job on several devices sizes every rank's epoch from them.
 """
 
 from __future__ import annotations
@@ -242,6 +244,7 @@ def _validate_shards(fs: Any, root: str, tally: _Tally, budget: int) -> tuple[li
     sizes = {p: int(fs.size(p) or 0) for s in shards.values() for p in s}
     step = max(1.0, sum(sizes.values()) / budget)  # decode about one image per `step` bytes of shards
     test_labels: dict[str, list[int]] = {}
+    train_sizes: dict[str, int] = {}  # samples a training reader yields per shard (image + label present)
     seen_bytes, next_check = 0.0, 0.0
     for split, paths in shards.items():
         for path in paths:
@@ -256,6 +259,8 @@ def _validate_shards(fs: Any, root: str, tally: _Tally, budget: int) -> tuple[li
                 elif not ok:
                     tally.decoded += 1
                     tally.corrupt.append(f"{rel}:{sample.key}")
+                if split == "train" and sample.image is not None and sample.label is not None:
+                    train_sizes[rel] = train_sizes.get(rel, 0) + 1
                 if labels is not None:
                     labels.append(sample.label if ok and sample.label is not None else -1)  # -1: skipped
                 if ok and sample.label is not None:
@@ -267,7 +272,9 @@ def _validate_shards(fs: Any, root: str, tally: _Tally, budget: int) -> tuple[li
                         f"{len(names)} classes (classes.txt).")
     if len(names) < 2:
         raise DataError("The dataset needs at least 2 classes.")
-    return names, {"shards": {s: len(p) for s, p in shards.items()}, "test_labels": test_labels}
+    sizes_of = {"/".join(_relative(p, root)): 0 for p in shards["train"]} | train_sizes  # empty shards too
+    return names, {"shards": {s: len(p) for s, p in shards.items()}, "train_shard_sizes": sizes_of,
+                   "test_labels": test_labels}
 
 
 def _summary(dataset: dict[str, Any], names: list[str], tally: _Tally, extra: dict[str, Any]) -> dict[str, Any]:

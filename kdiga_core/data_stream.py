@@ -13,6 +13,16 @@ Augmentation presets (``TrainConfig.augmentation``), all ending at ``img_size`` 
 - ``imagenet``: RandomResizedCrop(img_size) + horizontal flip for training; resize to
   img_size/0.875 and center crop for evaluation.
 
+On several devices (DDP ranks) an image folder is shared out by a `DistributedSampler`; WebDataset
+shards are shared out whole, as webdataset's ``split_by_node``/``split_by_worker`` do: each epoch
+the shards are shuffled by (seed, epoch), the same on every rank, rank r reads every world-th of
+them from r and its loader workers share those out again, so every sample is read by one rank per
+epoch. Shards may hold different numbers of samples, and a rank that ran out early would leave the
+others waiting in a collective: every rank stops after the batches the poorest rank has in its
+poorest epoch (`ReferenceData.rank_batches`, from the per-shard sizes validation recorded; the
+rest of that epoch is left out, none when the shards are equal and their number divides by the
+ranks). A set with fewer training shards than ranks is refused.
+
 `ReferenceData` stands where a `DataBundle` stands for the rest of the library: ``y_test`` holds
 the test split's labels (from the listing, or from the validated layout for shards), and
 ``x_test[index]`` decodes only the rows asked for, so the stratified evaluation points are drawn
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -157,28 +168,52 @@ class FolderImages(_ProcessFs, Dataset):
             return None
 
 
+def epoch_shards(shards: list[str], *, seed: int, epoch: int, shuffle: bool = True) -> list[str]:
+    """The epoch's shard order, a pure function of (seed, epoch): the same on every rank and in every worker."""
+    order = list(shards)
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def split_shards(order: list[str], *, rank: int, world: int, worker: int, workers: int) -> list[str]:
+    """One reader's shards: every world-th from its rank, then every workers-th of those from its
+    worker (webdataset's ``split_by_node`` then ``split_by_worker``, with the rank given, not read
+    from the environment), so the readers of an epoch share the shards out without overlap."""
+    return order[rank::world][worker::max(1, workers)]
+
+
+def shard_batches(sizes: list[int], *, batch_size: int, workers: int) -> int:
+    """Batches a DataLoader makes of one rank's shards (``sizes``: their samples, in the epoch's order)
+    split over ``workers`` (0: read in the loader's process): each worker batches its own samples,
+    so each worker's last batch may be short."""
+    k = max(1, workers)
+    return sum(math.ceil(sum(sizes[w::k]) / batch_size) for w in range(k))
+
+
 class ShardStream(_ProcessFs, IterableDataset):
-    """Iterable over tar shards: each loader worker reads its own shards, shuffling in a bounded buffer."""
+    """Iterable over tar shards: each loader worker (of each rank) reads its own shards, shuffling in
+    a bounded buffer."""
 
     def __init__(self, source: tuple[str, dict[str, Any]], shards: list[str], transform: Any, *, seed: int,
-                 epoch: int, shuffle: bool = True):
+                 epoch: int, shuffle: bool = True, rank: int = 0, world: int = 1):
         super().__init__(*source)
         self.shards, self.transform = shards, transform
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.rank, self.world = rank, world
         self._count = 0  # items this worker has yielded, from a base of (seed, epoch, worker): their transform seeds
 
     def __iter__(self) -> Iterator[tuple[Tensor, int, int] | None]:
         info = get_worker_info()
         wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 64 + wid)
-        order = list(self.shards)
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)  # the same in every worker
+        stream = (self.seed * 1_000_003 + self.epoch) * 64 + wid + (self.rank << 48)  # rank 0: as on one device
+        rng = random.Random(stream)
+        order = epoch_shards(self.shards, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
         buffer: list[Any] = []
-        self._count = ((self.seed * 1_000_003 + self.epoch) * 64 + wid) * 1_000_003  # each item's transform seed
-        for path in order[wid::workers]:
+        self._count = stream * 1_000_003  # each item's transform seed
+        for path in split_shards(order, rank=self.rank, world=self.world, worker=wid, workers=workers):
             for sample in shard_samples(self.fs, path):
-                if sample.image is None or sample.label is None:
+                if sample.image is None or sample.label is None:  # what `train_shard_sizes` leaves out
                     continue
                 buffer.append(sample)
                 if len(buffer) >= (SHUFFLE_BUFFER if self.shuffle else 1):
@@ -325,12 +360,18 @@ class ReferenceData:
                      ctx: distributed.RankContext | None = None, skip_batches: int = 0) -> DataLoader:
         """This epoch's training batches of (uint8 images, labels, rows) in a fresh order of (seed, epoch).
 
+        Several ranks: an image folder's `DistributedSampler` gives each rank its part of the files;
+        shards are shared out whole (`split_shards`), each rank reading its own, and the caller stops
+        every rank after `rank_batches` (the fewest any rank has).
+
         ``skip_batches``: the epoch's first batches left out (an image folder: their indices are skipped
         in the sampler, never read; shards have no index to skip: refused, the caller reads past them).
         """
         transform = train_transform(self.preset, self.img_size, hflip=hflip)
         ctx = ctx or distributed.context()
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # the order; workers' seeds too
+        if self.kind == "webdataset" and ctx.distributed:
+            workers = self.rank_workers(workers, ctx)
         kw: dict[str, Any] = {"batch_size": batch_size, "num_workers": workers, "pin_memory": pin,
                               "collate_fn": collate, "generator": gen}
         if workers:
@@ -345,9 +386,36 @@ class ReferenceData:
                               **kw)
         if skip_batches:
             raise DataError("WebDataset shards cannot skip batches; read past them.")
-        if ctx.distributed:
-            raise DataError("WebDataset shards stream on one device per job; use an image folder for several.")
-        return DataLoader(ShardStream(self._source, self.shards["train"], transform, seed=seed, epoch=epoch), **kw)
+        return DataLoader(ShardStream(self._source, self.shards["train"], transform, seed=seed, epoch=epoch,
+                                      rank=ctx.rank, world=ctx.world_size), **kw)
+
+    def rank_workers(self, workers: int, ctx: distributed.RankContext) -> int:
+        """Shards, several ranks: loader workers for this rank, at most one per shard it reads (the
+        same shards every epoch: only their order changes), so none starts with nothing to read."""
+        total = len(self.shards["train"])
+        if total < ctx.world_size:
+            raise DataError(f"The dataset has {total} training shard{'s' if total != 1 else ''}, fewer than the "
+                            f"job's {ctx.world_size} devices; each device reads whole shards, so use at most "
+                            f"{total} or split the set into more shards.")
+        return min(workers, len(range(ctx.rank, total, ctx.world_size)))
+
+    def rank_batches(self, *, epoch: int, seed: int, batch_size: int, workers: int,
+                     ctx: distributed.RankContext) -> int:
+        """Shards: the loader batches this rank's `train_loader` gives in ``epoch``, from the samples per
+        shard that validation recorded (``layout.train_shard_sizes``); no shard is read."""
+        workers = self.rank_workers(workers, ctx)
+        sizes = self.layout.get("train_shard_sizes")
+        if sizes is None:
+            raise DataError("This WebDataset reference was validated before its shard sizes were recorded; "
+                            "register it again to train on several devices.")
+        order = epoch_shards(self.shards["train"], seed=seed, epoch=epoch)
+        mine = split_shards(order, rank=ctx.rank, world=ctx.world_size, worker=0, workers=1)
+        try:
+            counts = [int(sizes[self._rel(path)]) for path in mine]
+        except KeyError as exc:
+            raise DataError("The training shards changed since the dataset was validated; "
+                            "register it again.") from exc
+        return shard_batches(counts, batch_size=batch_size, workers=workers)
 
 
 def open_reference(dataset: dict[str, Any], *, img_size: int, preset: str) -> ReferenceData:

@@ -56,10 +56,10 @@ from kdiga_core.config import ObjectiveConfig, TrainConfig
 from kdiga_core.errors import KdigaError
 
 __all__ = [
-    "RankContext", "accumulation_groups", "agree", "all_reduce_sums", "batch_plan", "broadcast_model",
-    "check_supported", "combine_model_report", "context", "epoch_order", "evaluation_share", "init_from_env",
-    "is_main", "lr_scale", "precompute_teacher", "sampler", "seed_epoch", "steps_per_epoch", "sync_on",
-    "teardown", "wrap",
+    "RankContext", "accumulation_groups", "agree", "all_reduce_min", "all_reduce_sums", "batch_plan",
+    "broadcast_model", "check_supported", "combine_model_report", "context", "epoch_order", "evaluation_share",
+    "init_from_env", "is_main", "lr_scale", "precompute_teacher", "sampler", "seed_epoch", "steps_per_epoch",
+    "sync_on", "teardown", "wrap",
 ]
 
 log = logging.getLogger(__name__)
@@ -406,6 +406,16 @@ def all_reduce_sums(values: dict[str, Tensor | float], ctx: RankContext) -> dict
         stacked = stacked.to(_comm_device(ctx))
         dist.all_reduce(stacked)
     return {k: float(v) for k, v in zip(keys, stacked.tolist(), strict=True)}
+
+
+def all_reduce_min(value: int, ctx: RankContext) -> int:
+    """The least of an integer over the ranks (one all-reduce), e.g. the batches every rank can
+    read; the value itself on one rank."""
+    if not ctx.distributed:
+        return value
+    least = torch.tensor([value], dtype=torch.int64, device=_comm_device(ctx))
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    return int(least.item())
 
 
 def _comm_device(ctx: RankContext) -> torch.device:

@@ -298,6 +298,7 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         "teacher": body.teacher_id, "student's initial weights": body.student.weights_id if body.student else None,
         "model": body.model.teacher_id if body.model else None}, planned)
     spec["resources"] = _resources(body, spec, settings)
+    _check_shards(dataset, spec["resources"]["nodes"] * spec["resources"]["devices_per_node"])
     spec["limits"] = _limits(body.limits or LimitsSchema(), settings)
     if problem := check_parameters(spec, JobLimits.from_settings(settings)):
         raise unprocessable(problem)
@@ -332,6 +333,23 @@ def _limits(limits: LimitsSchema, settings: Settings) -> dict[str, Any]:
     _check_budget(limits.time_budget_s, settings)
     every = limits.checkpoint_every_s if limits.checkpoint_every_s is not None else settings.checkpoint_every_s
     return {"time_budget_s": limits.time_budget_s, "checkpoint_every_s": every}
+
+
+def _check_shards(dataset: Dataset, world_size: int) -> None:
+    """WebDataset shards on several devices: each device reads whole shards (kdiga_core.data_stream), so
+    there must be one per device at least, and the worker sizes every device's epoch from the shard
+    sizes validation records (a reference validated before they were recorded has none)."""
+    if world_size <= 1 or dataset.kind != "webdataset":
+        return
+    layout = dataset.layout or {}
+    shards = int((layout.get("shards") or {}).get("train") or 0)
+    if shards < world_size:
+        raise unprocessable(f"Dataset '{dataset.id}' has {shards} training shard{'s' if shards != 1 else ''}, "
+                            f"fewer than the job's {world_size} devices; each device reads whole shards, so use "
+                            f"at most {shards} or split the set into more shards.")
+    if "train_shard_sizes" not in layout:
+        raise unprocessable(f"Dataset '{dataset.id}' was validated before its shard sizes were recorded; "
+                            "register it again to train on several devices.")
 
 
 def _resources(body: JobCreate, parts: dict[str, Any], settings: Settings) -> dict[str, int]:

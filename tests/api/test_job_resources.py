@@ -67,3 +67,42 @@ def test_an_evaluate_job_runs_on_one_device(client, owner, ready):
     r = client.post("/v1/jobs", headers=owner, json=body)
     assert r.status_code == 422
     assert r.json() == {"detail": "An evaluate job runs on one device; 'resources' applies to training jobs."}
+
+
+def _shards_dataset(client, owner, settings, monkeypatch, tmp_path, layout: dict) -> str:
+    """A WebDataset reference, marked validated with ``layout`` (what the worker's validation records)."""
+    from kdiga_service import crud
+
+    monkeypatch.setattr(settings, "dataset_roots", [tmp_path.as_uri()])
+    r = client.post("/v1/datasets/reference", headers=owner, json={"uri": (tmp_path / "wds").as_uri(),
+                                                                  "format": "webdataset"})
+    assert r.status_code == 202, r.text
+    info = {"num_classes": 10, "class_names": [str(i) for i in range(10)], "input_shape": [3, 32, 32],
+            "train_size": 300, "test_size": 50, "layout": layout}
+    with client.app.state.sessionmaker() as session:
+        assert crud.set_dataset_validated(session, r.json()["id"], info=info)
+    return str(r.json()["id"])
+
+
+def test_webdataset_shards_need_one_per_device_and_recorded_sizes(client, owner, settings, monkeypatch, tmp_path):
+    teacher_id = ready_teacher(client, owner)
+    sizes = {f"train/train-{k}.tar": 100 for k in range(3)}
+    dataset_id = _shards_dataset(client, owner, settings, monkeypatch, tmp_path,
+                                 {"shards": {"train": 3, "test": 1}, "train_shard_sizes": sizes})
+    layout = client.get(f"/v1/datasets/{dataset_id}", headers=owner).json()["layout"]
+    assert layout == {"shards": {"train": 3, "test": 1}}  # the sizes per shard are the worker's, not listed
+    body = distill_body(dataset_id, teacher_id, objective={"gamma": 5.0}, train={"epochs": 1, "img_size": 32})
+    r = client.post("/v1/jobs", headers=owner, json={**body, "resources": {"devices_per_node": 3}})
+    assert r.status_code == 201, r.text  # one shard per device is enough
+    r = client.post("/v1/jobs", headers=owner, json={**body, "resources": {"devices_per_node": 4}})
+    assert r.status_code == 422
+    assert r.json() == {"detail": f"Dataset '{dataset_id}' has 3 training shards, fewer than the job's 4 devices; "
+                                  "each device reads whole shards, so use at most 3 or split the set into more "
+                                  "shards."}
+    old = _shards_dataset(client, owner, settings, monkeypatch, tmp_path, {"shards": {"train": 3, "test": 1}})
+    r = client.post("/v1/jobs", headers=owner, json={**body, "dataset_id": old, "resources": {"nodes": 2}})
+    assert r.status_code == 422
+    assert r.json()["detail"].endswith("was validated before its shard sizes were recorded; register it again "
+                                       "to train on several devices.")
+    r = client.post("/v1/jobs", headers=owner, json={**body, "dataset_id": old})
+    assert r.status_code == 201, r.text  # one device reads every shard, sizes or not

@@ -74,3 +74,18 @@ def webdataset_shards(*, per_class: tuple[int, int] = (24, 8), shards: int = 2, 
         for k in range(shards):
             files[f"{split}/{split}-{k:06d}.tar"] = shard_bytes(samples[k::shards])
     return files
+
+
+def write_shards(root: Path, sizes: list[int], *, test: int = 6, seed: int = 0, size: tuple[int, int] = (16, 16)) -> Path:
+    """``train/train-<k>.tar`` holding ``sizes[k]`` samples each (any sizes: uneven shards), one
+    ``val/`` shard of ``test`` samples, and classes.txt; every image distinct (its noise is drawn)."""
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    (root / "val").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(CLASSES))
+    for k, n in enumerate(sizes):
+        samples = [(f"s{k}_{i:04d}", png_bytes(i % 3, size, rng), i % 3) for i in range(n)]
+        (root / "train" / f"train-{k:06d}.tar").write_bytes(shard_bytes(samples))
+    samples = [(f"v{i:04d}", png_bytes(i % 3, size, rng), i % 3) for i in range(test)]
+    (root / "val" / "val-000000.tar").write_bytes(shard_bytes(samples))
+    return root

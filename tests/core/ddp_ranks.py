@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from shard_ranks import shard_streams
 from torch.nn.parallel import DistributedDataParallel
 
 from kdiga_core import distributed
@@ -84,6 +85,7 @@ def every_scenario(rank: int, world: int, port: int, out: str) -> None:
     gradient_match(ctx, out)
     lazy_gradient_match(ctx, out)
     train_loop(ctx, out)
+    shard_streams(ctx, out)
     sharded_evaluation(ctx, out)
     hung_peer(ctx, out)
 

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 
 import ddp_ranks  # noqa: E402
+import shard_ranks  # noqa: E402
 
 from kdiga_core import distributed  # noqa: E402
 from kdiga_core.config import ObjectiveConfig, TrainConfig  # noqa: E402
@@ -45,6 +46,7 @@ def found(out: Path, name: str, rank: int = 0):
 def runs(tmp_path_factory):
     """Every scenario of ddp_ranks, in one group of 2 gloo ranks."""
     out = tmp_path_factory.mktemp("ranks")
+    shard_ranks.prepare(out)
     run_ranks(ddp_ranks.every_scenario, out)
     return out
 
@@ -91,6 +93,20 @@ def test_train_under_ddp_shards_agrees_and_writes_from_rank_zero(runs):
     assert zero["plan"] == {"world_size": 2, "nodes": 1, "devices_per_node": 2, "backend": "gloo",
                             "per_device_batch_size": 8, "grad_accum_steps": 2, "effective_batch_size": 32,
                             "lr": 0.05, "lr_scaling": "linear", "effective_lr": 0.2}
+
+
+def test_uneven_webdataset_shards_take_the_same_steps_on_every_rank_and_a_distill_job_succeeds(runs):
+    zero, one = found(runs, "shards", 0), found(runs, "shards", 1)
+    assert zero["own"] != one["own"]  # read on their own, the ranks' epochs would differ in length: a hang
+    agreed = min(zero["own"] + one["own"])  # the fewest batches of any rank in any epoch
+    assert zero["agreed"] == one["agreed"] == agreed > 0
+    assert zero["steps_per_epoch"] == one["steps_per_epoch"] == agreed  # grad_accum_steps 1
+    assert zero["steps"] == one["steps"] == [agreed] * shard_ranks.EPOCHS
+    assert all(0 < n <= shard_ranks.BATCH * agreed for n in zero["samples"] + one["samples"])
+    job = zero["job"]  # rank 0 wrote the model card; neither rank hung
+    assert job["world_size"] == 2 and len(job["steps_per_epoch"]) == 1
+    assert job["steps"] == 2 * job["steps_per_epoch"][0] and 0.0 <= job["accuracy"] <= 1.0
+    assert sum(job["points"].values()) == 6 and one["job"]["steps"] is None  # the other rank writes nothing
 
 
 def test_teacher_cache_is_shared_out_and_gathered(runs):

@@ -125,7 +125,7 @@ def test_webdataset_shards_on_s3_to_a_succeeded_job(service):
     row = _register(api, f"s3://{BUCKET}/shapes-wds", "webdataset")
     assert row["class_names"] == list(CLASSES) and (row["train_size"], row["test_size"]) == (72, 24)
     assert row["layout"]["shards"] == {"train": 2, "test": 2} and row["layout"]["corrupt"]["count"] == 0
-    assert "test_labels" not in row["layout"]  # the worker's index stays on the row, out of the API
+    assert "test_labels" not in row["layout"] and "train_shard_sizes" not in row["layout"]  # the worker's index
     done = _distill(api, row["id"], service["teacher_id"])
     report = api.ok(api.http.get(f"/v1/jobs/{done['id']}/report"))
     assert report["points"]["per_class"] == dict.fromkeys(CLASSES, 4)
