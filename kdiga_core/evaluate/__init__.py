@@ -28,7 +28,7 @@ from kdiga_core.evaluate.alignment import (
     per_sample_loss,
 )
 from kdiga_core.evaluate.cache import DirectoryReportCache, ReportCache, teacher_fingerprint
-from kdiga_core.evaluate.common import SCHEMA, model_device
+from kdiga_core.evaluate.common import SCHEMA, batch_seed, model_device
 from kdiga_core.evaluate.curves import LARGE_EPS, curve_grid, default_eps_grid, eps_curve, with_large_eps
 from kdiga_core.evaluate.partials import PartialStore
 from kdiga_core.evaluate.plan import MEASURED_LOSS_STEPS
@@ -60,6 +60,7 @@ __all__ = [
     "alignment_of",
     "alignment_report",
     "attack_key",
+    "batch_seed",
     "certify_smoothing",
     "clean_accuracy",
     "cpu_latency_ms",
