@@ -61,13 +61,14 @@ class DirectoryReportCache:
             raise
 
 
-def tensor_bytes(t: Tensor) -> bytes:
-    """The raw bytes of a tensor of any shape and dtype.
+def tensor_bytes(t: Tensor) -> Any:
+    """The raw bytes of a tensor of any shape and dtype, as a uint8 array that hashlib reads in place
+    (no copy beyond the move to the CPU: the points of a large evaluation are gigabytes).
 
     Flattened first: ``view(torch.uint8)`` refuses 0-dim tensors (BatchNorm's
     ``num_batches_tracked``), and bf16 has no numpy dtype to go through.
     """
-    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def teacher_fingerprint(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig) -> str:
