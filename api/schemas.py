@@ -409,7 +409,8 @@ class LimitsSchema(_Strict):
     checkpoint_every_s: float | None = Field(
         default=None, gt=0,
         description="Training also writes a checkpoint inside an epoch this often (one device; on several, at "
-                    "epoch ends only). None: KDIGA_CHECKPOINT_EVERY_S.")
+                    "epoch ends only); an evaluation stores its finished attack batches at most this often. "
+                    "None: KDIGA_CHECKPOINT_EVERY_S.")
 
 
 class ResumeRequest(_Strict):

@@ -12,9 +12,11 @@ in AutoAttack's standard order, running later attacks only on points that surviv
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -476,6 +478,25 @@ def _autoattack_members(
     ]
 
 
+@dataclass(frozen=True)
+class AutoAttackPoint:
+    """Where a run of `run_autoattack` is after a batch: enough to go on from there.
+
+    Attributes:
+        member: Index of the member attack running (in `AUTOATTACK_ORDER`). batches: Its batches done.
+        clean: Points classified correctly at the clean input. entering: Points still robust when
+            ``member`` started (the survivors it attacks). robust: Points robust now.
+        breakdown: The breakdown entries of the members before ``member``.
+    """
+
+    member: int
+    batches: int
+    clean: Tensor
+    entering: Tensor
+    robust: Tensor
+    breakdown: list[dict[str, Any]]
+
+
 def run_autoattack(
     model: nn.Module,
     x: Tensor,
@@ -489,6 +510,8 @@ def run_autoattack(
     n_queries: int = SQUARE_QUERIES,
     batch_size: int | None = None,
     progress: AttackProgress | None = None,
+    start: AutoAttackPoint | None = None,
+    on_batch: Callable[[AutoAttackPoint], None] | None = None,
 ) -> dict[str, Any]:
     """AutoAttack, standard version: APGD-CE, APGD-T, FAB-T, Square (Croce & Hein 2020).
 
@@ -500,39 +523,62 @@ def run_autoattack(
         model: Classifier taking [0, 1] pixels.
         x: Inputs in [0, 1]. y: True labels.
         eps: Radius. norm: ``"Linf"`` or ``"L2"``.
-        seed: Seed for every member attack.
+        seed: Seed for every member attack (torchattacks seeds its RNG with it at every call, so
+            each batch's randomness does not depend on the batches run before it).
         n_classes: Classes of the model (inferred from one forward pass when None).
         steps: Iterations of APGD and FAB (the standard version uses 100).
         n_queries: Square's query budget (the standard version uses 5000).
         batch_size: Attack at most this many points at once (None: all).
         progress: Called with (attack name, points done, points total) as each attack starts
             and after each of its batches; the total is the number of survivors it runs on.
+            A member finished before ``start`` is told (name, 0, 0).
+        start: Go on from this point of an earlier run (as its ``on_batch`` was told it) instead
+            of the beginning; the result is the uninterrupted run's.
+        on_batch: Told the point reached after each batch (its tensors are the run's own: copy
+            or serialise them during the call).
 
     Returns:
         ``{"robust": bool mask, "x_adv": adversarial inputs (x where no attack
-        succeeded), "clean_accuracy": float, "robust_accuracy": float,
-        "breakdown": [{"attack", "robust_accuracy"}] after each attack}``.
+        succeeded; a run from ``start`` has only those it found itself), "clean_accuracy": float,
+        "robust_accuracy": float, "breakdown": [{"attack", "robust_accuracy"}] after each attack}``.
     """
     _check_norm(norm)
     # Eval mode throughout: the survivors' predictions must not use batch statistics.
     with model_mode(model):
-        robust = predict(model, x) == y
-        clean = _fraction(robust)
+        clean = start.clean if start is not None else predict(model, x) == y
+        robust = (start.robust if start is not None else clean).clone()
         x_adv = x.detach().clone()
         n_classes = n_classes or predict_logits_shape(model, x)
-        breakdown = []
-        for attack in _autoattack_members(
-            eps, norm, steps=steps, seed=seed, n_classes=n_classes, n_queries=n_queries
-        ):
-            _attack_survivors(attack, model, x, y, robust, x_adv, batch_size, progress)
+        breakdown = list(start.breakdown) if start is not None else []
+        members = _autoattack_members(eps, norm, steps=steps, seed=seed, n_classes=n_classes, n_queries=n_queries)
+        first = start.member if start is not None else 0
+        for m, attack in enumerate(members):
+            if m < first:  # finished before the run was resumed: its entry is in the breakdown
+                if progress is not None:
+                    progress(attack.name, 0, 0)
+                continue
+            resumed = start is not None and m == first
+            entering = start.entering if start is not None and resumed else robust.clone()
+            kept = _keeper(on_batch, AutoAttackPoint(m, 0, clean, entering, robust, breakdown))
+            _attack_survivors(attack, model, x, y, robust, x_adv, batch_size, progress,
+                              survivors=entering.nonzero().squeeze(1),
+                              skip=start.batches if start is not None and resumed else 0, on_batch=kept)
             breakdown.append(_stage(attack, robust, n_classes))
     return {
         "robust": robust,
         "x_adv": x_adv,
-        "clean_accuracy": clean,
+        "clean_accuracy": _fraction(clean),
         "robust_accuracy": breakdown[-1]["robust_accuracy"],
         "breakdown": breakdown,
     }
+
+
+def _keeper(on_batch: Callable[[AutoAttackPoint], None] | None,
+            point: AutoAttackPoint) -> Callable[[int], None] | None:
+    """``on_batch`` told ``point`` with its batches done (None without ``on_batch``)."""
+    if on_batch is None:
+        return None
+    return lambda batches: on_batch(dataclasses.replace(point, batches=batches))
 
 
 def _fraction(mask: Tensor) -> float:
@@ -557,20 +603,28 @@ def _attack_survivors(
     x_adv: Tensor,
     batch_size: int | None,
     progress: AttackProgress | None,
+    *,
+    survivors: Tensor,
+    skip: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Attack the still-robust points; update ``robust`` and ``x_adv`` in place."""
-    idx = robust.nonzero().squeeze(1)
-    done = 0
+    """Attack the ``survivors`` (rows), batch by batch from batch ``skip``; update ``robust`` and
+    ``x_adv`` in place and tell ``on_batch`` the batches done after each."""
+    chunks = survivors.split(batch_size or max(len(survivors), 1))
+    done = sum(len(chunk) for chunk in chunks[:skip])
     if progress is not None:
-        progress(attack.name, 0, len(idx))
-    for chunk in idx.split(batch_size or max(len(idx), 1)):
+        progress(attack.name, done, len(survivors))
+    for i in range(skip, len(chunks)):
+        chunk = chunks[i]
         adv = attack(model, x[chunk], y[chunk])
         fooled = predict(model, adv) != y[chunk]
         robust[chunk[fooled]] = False
         x_adv[chunk[fooled]] = adv[fooled]
         done += len(chunk)
+        if on_batch is not None:
+            on_batch(i + 1)
         if progress is not None:
-            progress(attack.name, done, len(idx))
+            progress(attack.name, done, len(survivors))
 
 
 class AutoAttack(Attack):

@@ -115,7 +115,9 @@ class JobHooks:
         on_step: Receives progress dicts (docs/contracts.md, on_step): often; callers throttle.
         should_cancel: True stops the job with `CancelledError` (checked every training step,
             every evaluation batch, and before the files are written).
-        on_checkpoint: Called with the checkpoint folder after each epoch's checkpoint.
+        on_checkpoint: Called with the checkpoint folder after each epoch's checkpoint, and during
+            evaluation (its finished batches, ``checkpoint/eval/``) at most once per
+            ``limits.checkpoint_every_s`` and when it stops or fails.
         time_left: Seconds the job may still run (None: no limit); the γ sweep stops early to
             leave the final run its time, and training stops (resumable) shortly before it.
         after_training: Called once training has ended, its last checkpoint handed to
@@ -266,9 +268,10 @@ class JobProgress:
         if not why:
             return
         if self.trains:
-            raise StoppedError(f"{why} during evaluation; the trained weights are kept, and resuming the job "
-                               "runs only its evaluation again.")
-        raise StoppedError(f"{why} during evaluation; resuming the job runs its evaluation again.")
+            raise StoppedError(f"{why} during evaluation; the trained weights and the evaluation's finished "
+                               "batches are kept, and resuming the job continues its evaluation.")
+        raise StoppedError(f"{why} during evaluation; its finished batches are kept, and resuming the job "
+                           "continues it.")
 
     def _update(self, phase: str, fraction: float, eta: float | None) -> None:
         self.fraction[phase] = min(max(fraction, 0.0), 1.0)
@@ -332,6 +335,14 @@ class _Job:
     @property
     def out(self) -> Path:
         return self.workdir / "out"
+
+    def partials(self) -> evaluate_mod.PartialStore:
+        """Where the evaluation keeps each batch's per-point results: the job's ``checkpoint/eval/partial/``,
+        handed to ``on_checkpoint`` at most once per ``limits.checkpoint_every_s`` (and when it stops)."""
+        checkpoint, on_checkpoint = self.workdir / "checkpoint", self.hooks.on_checkpoint
+        every = LimitsConfig.from_dict(self.spec.get("limits")).checkpoint_every_s
+        on_keep = (lambda: on_checkpoint(checkpoint)) if on_checkpoint is not None else None
+        return evaluate_mod.PartialStore(checkpoint / "eval" / "partial", on_keep=on_keep, every_s=every)
 
     @property
     def cache(self) -> evaluate_mod.ReportCache:
@@ -552,8 +563,15 @@ def _models_to_evaluate(job: _Job) -> tuple[NormalizedModel, NormalizedModel | N
 def _report(model: torch.nn.Module, teacher: torch.nn.Module | None, job: _Job,
             progress: JobProgress) -> dict[str, Any]:
     log.info("evaluating on %s", evaluate_mod.model_device(model))
-    report = evaluate_mod.evaluate(model, job.data, job.eval_cfg, teacher=teacher, on_progress=progress,
-                                   teacher_cache=job.cache, role=job.role)
+    partials = job.partials()
+    try:
+        report = evaluate_mod.evaluate(model, job.data, job.eval_cfg, teacher=teacher, on_progress=progress,
+                                       teacher_cache=job.cache, role=job.role, partials=partials)
+    except CancelledError:
+        raise
+    except Exception:  # a stop, a time limit or a failure: the batches measured go with the checkpoint
+        partials.flush()
+        raise
     report["threat_model_spec"] = job.spec.get("threat_model")
     report["defaulted"] = list(job.spec.get("defaulted") or [])  # the settings sized to the data
     report["skipped_attacks"] = list(job.skipped)

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     )
     checkpoint_every_s: float = Field(
         default=600.0, gt=0,
-        description="Default `limits.checkpoint_every_s`: training also checkpoints inside an epoch this often.",
+        description="Default `limits.checkpoint_every_s`: training also checkpoints inside an epoch this often, "
+                    "and evaluation stores its finished batches at most this often.",
     )
     task_max_retries: int = Field(default=3, ge=0, description="Redeliveries allowed before a job fails.")
     progress_interval_s: float = Field(default=1.0, gt=0, description="Worker progress write throttle.")

@@ -518,7 +518,8 @@ def resume_job(job_id: str, owner: CurrentOwner, session: SessionDep, settings: 
                body: Annotated[ResumeRequest | None, Body()] = None) -> Job:
     """Queue a `stopped` job again: it continues from its last checkpoint with a fresh time budget
     (or `time_budget_s` from the body). A job that failed after training (`result.resumable`) is
-    resumed the same way and runs only its evaluation again, without retraining."""
+    resumed the same way and runs only its evaluation again, without retraining; an evaluation continues
+    after the attack batches it had finished."""
     job = _owned_job(session, owner.id, job_id)
     if not resumable(job):
         raise conflict(f"Job '{job_id}' is {job.status}; only a stopped job, or one that failed after its "

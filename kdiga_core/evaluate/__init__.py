@@ -8,6 +8,7 @@
 - `smoothing`: randomized-smoothing certification.
 - `stats`: parameters, MACs and latency.
 - `cache`: teacher evaluations kept between jobs, and their fingerprint.
+- `partials`: each attack's per-point results kept after every batch, so a stopped job resumes there.
 - `progress` / `plan`: one percent and ETA over stages weighted by their expected cost.
 - `report`: `evaluate` (the whole ``kdiga.report/1`` dict) and `evaluate_model`.
 
@@ -27,8 +28,9 @@ from kdiga_core.evaluate.alignment import (
     per_sample_loss,
 )
 from kdiga_core.evaluate.cache import DirectoryReportCache, ReportCache, teacher_fingerprint
-from kdiga_core.evaluate.common import SCHEMA, model_device
+from kdiga_core.evaluate.common import SCHEMA, batch_seed, model_device
 from kdiga_core.evaluate.curves import LARGE_EPS, curve_grid, default_eps_grid, eps_curve, with_large_eps
+from kdiga_core.evaluate.partials import PartialStore
 from kdiga_core.evaluate.plan import MEASURED_LOSS_STEPS
 from kdiga_core.evaluate.points import EvalPoints, evaluation_points, stratified_order
 from kdiga_core.evaluate.progress import Progress, Tracker
@@ -49,6 +51,7 @@ __all__ = [
     "SCHEMA",
     "DirectoryReportCache",
     "EvalPoints",
+    "PartialStore",
     "Progress",
     "ReportCache",
     "Speed",
@@ -57,6 +60,7 @@ __all__ = [
     "alignment_of",
     "alignment_report",
     "attack_key",
+    "batch_seed",
     "certify_smoothing",
     "clean_accuracy",
     "cpu_latency_ms",

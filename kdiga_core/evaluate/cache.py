@@ -61,13 +61,14 @@ class DirectoryReportCache:
             raise
 
 
-def tensor_bytes(t: Tensor) -> bytes:
-    """The raw bytes of a tensor of any shape and dtype.
+def tensor_bytes(t: Tensor) -> Any:
+    """The raw bytes of a tensor of any shape and dtype, as a uint8 array that hashlib reads in place
+    (no copy beyond the move to the CPU: the points of a large evaluation are gigabytes).
 
     Flattened first: ``view(torch.uint8)`` refuses 0-dim tensors (BatchNorm's
     ``num_batches_tracked``), and bf16 has no numpy dtype to go through.
     """
-    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def teacher_fingerprint(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig) -> str:
@@ -78,13 +79,18 @@ def teacher_fingerprint(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig)
     and the device type.
     """
     digest = hashlib.sha256()
+    hash_model_and_points(digest, model, x, y)
+    settings = {"cfg": dataclasses.asdict(cfg), "schema": SCHEMA, "entry": ENTRY_FORMAT,
+                "torch": torch.__version__, "device": next(model.parameters(), x).device.type}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def hash_model_and_points(digest: Any, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Feed ``digest`` the model's parameters and buffers (by name), then the points and labels."""
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor_bytes(tensor))
     for t in (x, y):
         digest.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(tensor_bytes(t))
-    settings = {"cfg": dataclasses.asdict(cfg), "schema": SCHEMA, "entry": ENTRY_FORMAT,
-                "torch": torch.__version__, "device": next(model.parameters(), x).device.type}
-    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    return digest.hexdigest()

@@ -26,6 +26,15 @@ def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch ``batch`` of a measurement seeded with ``seed``.
+
+    A function of the two alone: a batch draws the same random start whichever batches ran before it
+    in this process, so a run resumed after its kept batches gives the numbers of an uninterrupted one.
+    """
+    return (int(seed) * 1_000_003 + int(batch)) % (1 << 63)
+
+
 def mean(values: Tensor) -> float:
     """The mean as a Python float (0.0 for no values)."""
     return float(values.float().mean().item()) if values.numel() else 0.0

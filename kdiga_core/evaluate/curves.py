@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from kdiga_core.config import AttackSpec, EvalConfig, Norm
 from kdiga_core.evaluate.accuracy import robust_accuracy
+from kdiga_core.evaluate.partials import ModelPartials
 from kdiga_core.evaluate.progress import Ticker
 
 LARGE_EPS = {"Linf": 0.5, "L2": 8.0}  # a radius at which any classifier should be broken
@@ -47,13 +48,20 @@ def eps_curve(
     batch_size: int = 500,
     seed: int = 0,
     progress: Ticker | None = None,
+    partials: ModelPartials | None = None,
 ) -> list[dict[str, float]]:
-    """Robust accuracy under PGD-``steps`` at each radius of ``eps_grid`` (one progress part per radius)."""
+    """Robust accuracy under PGD-``steps`` at each radius of ``eps_grid`` (one progress part per radius).
+
+    ``partials``: where each radius keeps its per-point results after each batch (`partials`).
+    """
     curve = []
     for eps in eps_grid:
         spec = AttackSpec("pgd", norm=norm, eps=float(eps), steps=steps)
         tick = _part(progress, curve_part(eps))
-        acc = robust_accuracy(model, x, y, spec, batch_size=batch_size, seed=seed, progress=tick)["accuracy"]
+        slot = partials.slot(f"eps curve: {curve_part(eps)}", spec, batch_size=batch_size, seed=seed) \
+            if partials is not None else None
+        acc = robust_accuracy(model, x, y, spec, batch_size=batch_size, seed=seed, progress=tick,
+                              partial=slot)["accuracy"]
         curve.append({"eps": float(eps), "accuracy": acc})
     return curve
 

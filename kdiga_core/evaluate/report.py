@@ -21,6 +21,7 @@ from kdiga_core.evaluate.alignment import alignment_report
 from kdiga_core.evaluate.cache import ReportCache, teacher_fingerprint
 from kdiga_core.evaluate.common import SCHEMA
 from kdiga_core.evaluate.curves import curve_grid, eps_curve
+from kdiga_core.evaluate.partials import PartialStore
 from kdiga_core.evaluate.plan import Plan, alignment_plan, model_plan
 from kdiga_core.evaluate.points import EvalPoints, evaluation_points
 from kdiga_core.evaluate.progress import Progress, Tracker
@@ -37,25 +38,35 @@ def threat_model(cfg: EvalConfig) -> AttackSpec:
 
 
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig, *, n_classes: int,
-                   tracker: Tracker | None = None, label: str = "model") -> dict[str, Any]:
+                   tracker: Tracker | None = None, label: str = "model",
+                   partials: PartialStore | None = None) -> dict[str, Any]:
     """The per-model part of the report: clean and robust accuracy with their sampling errors, the
-    ε-curve, smoothing on a stratified sub-sample, and size and latency."""
+    ε-curve, smoothing on a stratified sub-sample, and size and latency.
+
+    ``partials``: where each attack (and each radius of the ε-curve) keeps its per-point results
+    after each batch; what it holds for this model and these points is not measured again.
+    """
     tracker = tracker or Tracker(None, {})
     ctx, n_all, x_all, y_all = distributed.context(), len(y), x, y  # DDP: each rank measures its share
     mine = distributed.evaluation_share(torch.arange(n_all, device=y.device), n_all, ctx)
     x, y = x[mine], y[mine]
+    # DDP: nothing is kept (rank 0 alone has the job's checkpoint folder)
+    kept = partials.model(model, x, y) if partials is not None and not ctx.distributed else None
     common: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed}
     rep: dict[str, Any] = {"clean_accuracy": clean_accuracy(model, x, y, batch_size=cfg.batch_size,
                                                             progress=tracker.stage(f"{label}: clean accuracy")),
                            "attacks": {}, "autoattack_breakdown": []}
     for spec in cfg.attacks:
         key = attack_key(spec, threat_model(cfg))
+        slot = kept.slot(key, spec, square_queries=cfg.square_queries, n_classes=n_classes, **common) \
+            if kept is not None else None
         res = robust_accuracy(model, x, y, spec, n_classes=n_classes, square_queries=cfg.square_queries,
-                              progress=tracker.stage(f"{label}: {key}"), **common)
+                              progress=tracker.stage(f"{label}: {key}"), partial=slot, **common)
         rep["attacks"][key] = res["accuracy"]
         rep["autoattack_breakdown"] = res["breakdown"] or rep["autoattack_breakdown"]
     rep["eps_curve"] = eps_curve(model, x, y, norm=threat_model(cfg).norm, eps_grid=curve_grid(cfg),
-                                 steps=cfg.curve_attack_steps, progress=tracker.stage(f"{label}: eps curve"), **common)
+                                 steps=cfg.curve_attack_steps, progress=tracker.stage(f"{label}: eps curve"),
+                                 partials=kept, **common)
     rep["smoothing"] = _smoothing(model, x_all, y_all, cfg, n_classes, tracker, label, ctx)
     rep = distributed.combine_model_report(rep, len(y), (rep["smoothing"] or {}).get("n_points", 0), ctx, n_all)
     rep["sampling_error"] = _sampling_errors(rep, n_all)
@@ -111,6 +122,7 @@ def evaluate(
     on_progress: Progress | None = None,
     teacher_cache: ReportCache | None = None,
     role: str = "student",
+    partials: PartialStore | None = None,
 ) -> dict[str, Any]:
     """Build the robustness report (docs/contracts.md, schema ``kdiga.report/1``).
 
@@ -129,6 +141,9 @@ def evaluate(
             `teacher_fingerprint`; the report's ``teacher_evaluation`` says whether it was reused.
         role: The model's key in ``models`` and in its progress stages: ``student`` for a distilled
             student, ``model`` for a model trained from scratch or evaluated on its own.
+        partials: Where every attack keeps its per-point results after each batch (`PartialStore`,
+            a job's ``checkpoint/eval/partial/``): a run given the store of a stopped one measures
+            only the batches it had not kept, and ends with the same report.
 
     An ``autoattack`` entry runs APGD and FAB for ``spec.steps`` iterations: the
     standard version uses 100, so pass ``AttackSpec("autoattack", steps=100)`` for the
@@ -146,7 +161,7 @@ def evaluate(
     report: dict[str, Any] = {"schema": SCHEMA, "n_points": len(points),
                               "points": points.summary(data.num_classes, data.class_names),
                               "threat_model": {"norm": threat.norm, "eps": float(threat.eps)}}
-    report["models"], cache_note = _measure(roles, points, cfg, data.num_classes, tracker, teacher_cache)
+    report["models"], cache_note = _measure(roles, points, cfg, data.num_classes, tracker, teacher_cache, partials)
     if cache_note is not None:
         report["teacher_evaluation"] = cache_note
     if not distributed.is_main():  # DDP: the rest is rank 0's alone, whose report is the job's
@@ -162,7 +177,8 @@ def evaluate(
 
 
 def _measure(roles: dict[str, nn.Module], points: EvalPoints, cfg: EvalConfig, n_classes: int, tracker: Tracker,
-             cache: ReportCache | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+             cache: ReportCache | None, partials: PartialStore | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Each model's part of the report; the teacher's from ``cache`` when it holds it."""
     models: dict[str, Any] = {}
     note = None
@@ -178,7 +194,8 @@ def _measure(roles: dict[str, nn.Module], points: EvalPoints, cfg: EvalConfig, n
                          f"{role}: reused from an earlier job's evaluation")
             models[role] = cached
             continue
-        models[role] = evaluate_model(m, points.x, points.y, cfg, n_classes=n_classes, tracker=tracker, label=role)
+        models[role] = evaluate_model(m, points.x, points.y, cfg, n_classes=n_classes, tracker=tracker, label=role,
+                                      partials=partials)
         if cache is not None and key is not None and distributed.is_main():
             cache.put(key, models[role])
     return models, note

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from kdiga_core import evaluate as E
 from kdiga_core import formats, jobs, models
 from kdiga_core.artifacts import ARTIFACT_KINDS
 from kdiga_core.config import ModelSpec
-from kdiga_core.errors import CancelledError, KdigaError
+from kdiga_core.errors import CancelledError, KdigaError, StoppedError
 from kdiga_core.train import resolve_device
 
 torch.set_num_threads(1)
@@ -116,6 +117,46 @@ def test_cancel_is_honoured_during_evaluation(tmp_path):
     with pytest.raises(CancelledError):
         jobs.run_job("adversarial_train", _spec("ce"), tmp_path / "work", jobs.JobInputs(DIGITS), hooks)
     assert len(evaluating) == 1 and not (tmp_path / "work" / "out" / "report.json").exists()
+
+
+def _attack_batch(event: dict) -> bool:
+    """An evaluation tick after a measured batch of an attack (a fresh run's start ticks say 0 points)."""
+    return event["phase"] == "evaluate" and ("pgd-" in event["stage"] or "eps curve (" in event["stage"]) \
+        and event["points_done"] > 0
+
+
+def test_a_stopped_evaluation_is_handed_over_once_and_the_resumed_job_measures_only_the_rest(tmp_path):
+    """Issue 11: the job stops (as its time budget would) after k attack batches; with an hour between
+    checkpoints the kept batches reach ``on_checkpoint`` once, at the stop; a job resumed from that folder
+    alone (another worker) measures only the other batches and reports the same numbers."""
+    inputs = jobs.JobInputs(DIGITS, teacher=_saved(tmp_path, "cnn_tiny", "model"))
+    spec = {"evaluation": {**TINY_EVAL, "batch_size": 1}, "limits": {"checkpoint_every_s": 3600}}
+    full_events: list[dict] = []
+    full = jobs.run_job("evaluate", spec, tmp_path / "full", inputs, jobs.JobHooks(on_step=full_events.append))
+    k = 3
+    assert sum(map(_attack_batch, full_events)) > k  # the stop falls inside the attacks
+
+    handed, seen = [], []
+
+    def on_checkpoint(folder):  # what the worker uploads: the folder as it is now
+        handed.append(shutil.copytree(folder, tmp_path / f"upload{len(handed)}"))
+
+    def on_step(event):
+        seen.append(event)
+        if _attack_batch(event) and sum(map(_attack_batch, seen)) == k:
+            raise StoppedError("stopped by the test")
+
+    with pytest.raises(StoppedError):
+        jobs.run_job("evaluate", spec, tmp_path / "first", inputs,
+                     jobs.JobHooks(on_step=on_step, on_checkpoint=on_checkpoint))
+    assert len(handed) == 1 and list((handed[0] / "eval" / "partial").glob("*.json"))
+    shutil.copytree(handed[0], tmp_path / "second" / "checkpoint")
+    events: list[dict] = []
+    resumed = jobs.run_job("evaluate", spec, tmp_path / "second", inputs, jobs.JobHooks(on_step=events.append),
+                           resume=True)
+    assert resumed["report"]["models"] == full["report"]["models"]
+    evaluating = [e for e in full_events if e["phase"] == "evaluate"]
+    assert len(evaluating) - len([e for e in events if e["phase"] == "evaluate"]) == k
 
 
 def test_evaluate_job_with_a_batchnorm_teacher_keeps_its_evaluation(tmp_path):

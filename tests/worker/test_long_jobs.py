@@ -130,8 +130,8 @@ def test_evaluate_job_stops_between_evaluation_batches_and_resumes(settings, see
     job_id = h.create_job_row(settings, seeded["owner_id"], request)
     assert runner.run_job(job_id, settings=settings).status == "stopped"
     assert h.job_row(settings, job_id).error == ("The job reached its time budget of 0.001 seconds "
-                                                 "(limits.time_budget_s) during evaluation; resuming the job "
-                                                 "runs its evaluation again.")
+                                                 "(limits.time_budget_s) during evaluation; its finished batches "
+                                                 "are kept, and resuming the job continues it.")
     with get_sessionmaker(settings)() as session:
         job = session.get(Job, job_id)
         crud.resume_job(session, job=job, spec={**job.spec, "limits": {}})
@@ -142,9 +142,11 @@ def test_evaluate_job_stops_between_evaluation_batches_and_resumes(settings, see
 @pytest.mark.slow
 def test_resumed_evaluation_reuses_the_teacher_measured_before_the_failure(settings, seeded, monkeypatch):
     """The teacher's evaluation is kept in the job's checkpoint: after a failure in the alignment stage
-    (injected), the retry reuses it even with the worker's own teacher cache wiped."""
+    (injected), the retry reuses it even with the worker's own teacher cache wiped. The student's attack
+    batches (issue 11) were handed over with the checkpoint at the failure: the retry measures none again."""
     import shutil
 
+    from kdiga_core.evaluate import accuracy as accuracy_mod
     from kdiga_core.evaluate import report as report_mod
     from worker.inputs import teacher_cache_dir
 
@@ -156,15 +158,22 @@ def test_resumed_evaluation_reuses_the_teacher_measured_before_the_failure(setti
             raise RuntimeError("injected alignment fault")
         return real(*args, **kwargs)
 
+    real_build, batches = accuracy_mod.build_attack, []  # one attack is built per measured batch
+    monkeypatch.setattr(accuracy_mod, "build_attack", lambda *a, **kw: batches.append(1) or real_build(*a, **kw))
     monkeypatch.setattr(report_mod, "alignment_report", flaky)
     request = _request(seeded, evaluation={**h.TINY_EVAL, "alignment": True, "linearity_steps": 2})
     job_id = h.create_job_row(settings, seeded["owner_id"], request)
     assert runner.run_job(job_id, settings=settings).status == "failed"
     assert h.job_row(settings, job_id).result == {"resumable": "evaluation"}
+    pointer = json.loads(get_storage(settings).read_bytes(f"{checkpoints.checkpoint_prefix(job_id)}/latest.json"))
+    assert any(name.startswith("eval/partial/") for name in pointer["files"])
+    measured = len(batches)
+    assert measured > 0
     shutil.rmtree(teacher_cache_dir(settings), ignore_errors=True)
 
     _resume(settings, job_id)
     assert runner.run_job(job_id, settings=settings).status == "succeeded", h.job_row(settings, job_id).error
+    assert len(batches) == measured
     artifact = next(a for a in h.artifacts_of(settings, job_id) if a.name == "report.json")
     report = json.loads(get_storage(settings).read_bytes(artifact.storage_key))
     assert report["teacher_evaluation"]["cached"] is True and "alignment" in report
