@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 from anyio import to_thread
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.orm import Session
 
 from api.auth import MISSING_KEY, AuthCache, AuthError, Owner, authenticate
@@ -68,11 +69,27 @@ async def get_current_owner(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Owner:
     """The API key making the request, or 401 with one sentence."""
+    return await _owner(request, credentials.credentials if credentials is not None else None)
+
+
+# What `Depends(bearer)` declares in the OpenAPI document, for a route that authenticates with
+# `owner_from_request` instead of the dependency.
+BEARER_SECURITY: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
+
+
+async def owner_from_request(request: Request) -> Owner:
+    """`get_current_owner` without FastAPI's dependency machinery, for the job-status read alone: solving
+    its two nested dependencies was ~30% of that route's CPU under load (BENCHMARKS.md, "API status reads,
+    profiled"). The route declares `BEARER_SECURITY` so its OpenAPI entry is the same."""
+    scheme, key = get_authorization_scheme_param(request.headers.get("authorization"))  # as HTTPBearer reads it
+    return await _owner(request, key if scheme.lower() == "bearer" and key else None)
+
+
+async def _owner(request: Request, key: str | None) -> Owner:
     cache: AuthCache = request.app.state.auth_cache
     try:
-        if credentials is None:
+        if key is None:
             raise AuthError(MISSING_KEY)
-        key = credentials.credentials
         # Its own short session: a cached key (the common case) then needs no session at all.
         return await cache.fetch(key, lambda: run_query(request, _lookup_owner, request.app.state.sessionmaker, key))
     except AuthError as exc:

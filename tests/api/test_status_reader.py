@@ -181,3 +181,18 @@ def test_kept_answer_follows_the_rows(client):
     assert resp.json() == _orm_json(client, job_id)
     assert resp.headers["etag"] != first[1]
     assert reader.answer("someone-else", job_id) is None  # the kept answer is never served to another owner
+
+
+def test_status_read_checks_the_key_as_every_route_does(client):
+    """The status route reads the Authorization header itself (deps.owner_from_request): the same
+    answers as the routes that take the key through FastAPI's HTTPBearer dependency."""
+    headers, owner_id = new_key(client, "hdr")
+    job_id = _make_job(client, owner_id)
+    key = headers["Authorization"].split(" ", 1)[1]
+    for path in (f"/v1/jobs/{job_id}", "/v1/jobs"):  # the status read, and a route with the dependency
+        assert client.get(path, headers={"Authorization": f"bearer   {key}"}).status_code == 200
+        for sent in ({}, {"Authorization": f"Basic {key}"}, {"Authorization": "Bearer"},
+                     {"Authorization": "Bearer kdg_not_a_key"}):
+            resp = client.get(path, headers=sent)
+            assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer", (path, sent)
+            assert resp.json()["detail"].endswith("."), resp.json()
