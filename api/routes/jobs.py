@@ -139,16 +139,68 @@ def _ready_dataset(session: Session, owner_id: str, dataset_id: str) -> Dataset:
     return dataset
 
 
-def _check_classes(session: Session, owner_id: str, dataset: Dataset, refs: dict[str, str | None],
-                   planned: frozenset[str]) -> None:
-    """Each uploaded model the job reads predicts the dataset's classes (422 naming the mismatch), when both
-    are known: a mismatch found here is not one found by the worker after queueing."""
-    for role, model_id in refs.items():
-        model = _ready_teacher(session, owner_id, model_id, planned) if model_id else None
-        theirs = (model.spec or {}).get("num_classes") if model is not None else None
-        if dataset.num_classes and theirs and theirs != dataset.num_classes:
-            raise unprocessable(f"The {role} '{model_id}' predicts {theirs} classes but dataset "
-                                f"'{dataset.id}' has {dataset.num_classes}; choose a model made for this dataset.")
+def _check_models(session: Session, owner_id: str, dataset: Dataset, body: JobCreate, slot: str | None,
+                  planned: frozenset[str]) -> None:
+    """Each uploaded model the job reads predicts the dataset's classes and takes its inputs (422 naming the
+    mismatch), when both are known: a mismatch found here is not one the worker finds after queueing
+    (`kdiga_core.jobs._check_compatible`). ``slot``: the model the worker loads as its teacher, whose input
+    size a dataset read in place takes when ``train.img_size`` is not given."""
+    refs = {"teacher": body.teacher_id, "student's initial weights": body.student.weights_id if body.student else None,
+            "model": body.model.teacher_id if body.model else None}
+    specs = {role: (model.id, model.spec or {}) for role, model_id in refs.items() if model_id
+             and (model := _ready_teacher(session, owner_id, model_id, planned)) is not None}
+    img_size = body.train.img_size if body.train is not None else None
+    slot_spec = next((spec for model_id, spec in specs.values() if model_id == slot), None)
+    for role, (model_id, spec) in specs.items():
+        _check_classes(role, model_id, spec, dataset)
+        is_slot = model_id == slot
+        _check_shape(role, model_id, spec, dataset, img_size, None if is_slot else slot_spec, is_slot=is_slot)
+    if dataset.uri and img_size is None and slot is None and body.kind == "adversarial_train":
+        raise unprocessable(f"Dataset '{dataset.id}' is read in place, resized to train.img_size; give "
+                            "train.img_size, the input size of the model to train.")
+
+
+def _check_classes(role: str, model_id: str, spec: dict[str, Any], dataset: Dataset) -> None:
+    theirs = spec.get("num_classes")
+    if dataset.num_classes and theirs and theirs != dataset.num_classes:
+        raise unprocessable(f"The {role} '{model_id}' predicts {theirs} classes but dataset "
+                            f"'{dataset.id}' has {dataset.num_classes}; choose a model made for this dataset.")
+
+
+def _shape(chans: Any, side: Any) -> str:
+    return f"({chans}, {side}, {side})"
+
+
+def _check_shape(role: str, model_id: str, spec: dict[str, Any], dataset: Dataset, img_size: int | None,
+                 slot_spec: dict[str, Any] | None, *, is_slot: bool) -> None:
+    """The model's (in_chans, img_size, img_size) against what the worker will feed it: an uploaded or builtin
+    dataset's recorded shape; a dataset read in place decodes to RGB, resized to train.img_size, else to the
+    teacher's input size (``slot_spec``; None when ``spec`` is that teacher's, ``is_slot``)."""
+    chans, side = spec.get("in_chans"), spec.get("img_size")
+    if not chans or not side:  # a row from before the spec was recorded: the worker checks it
+        return
+    takes = "take" if role.endswith("weights") else "takes"
+    ours = f"The {role} '{model_id}' {takes} inputs of shape {_shape(chans, side)}"
+    if not dataset.uri:
+        data = list(dataset.input_shape or [])
+        if len(data) == 3 and [chans, side, side] != data:
+            raise unprocessable(f"{ours} but dataset '{dataset.id}' has {_shape(data[0], data[2])}; "
+                                "choose a model made for this dataset's inputs.")
+        return
+    data_chans = (dataset.input_shape or [3])[0]
+    if chans != data_chans:
+        raise unprocessable(f"{ours} but dataset '{dataset.id}' is read in place as {data_chans}-channel images; "
+                            f"choose a model that takes {data_chans} channels.")
+    teacher_side = (slot_spec or {}).get("img_size")
+    data_side = img_size or teacher_side
+    if not data_side or side == data_side:
+        return
+    if teacher_side and img_size in (None, teacher_side):  # the teacher sets the size: this model must match it
+        fix, source = "choose one that takes the teacher's inputs", "the teacher's input size"
+    else:  # train.img_size sets it (the teacher, checked first, only when it is this model)
+        fix, source = f"set train.img_size to {side}" + (" or leave it out" if is_slot else ""), "train.img_size"
+    raise unprocessable(f"{ours} but dataset '{dataset.id}' is read in place at "
+                        f"{_shape(data_chans, data_side)} ({source}); {fix}.")
 
 
 def _check_names(kind: str, names: list[str]) -> None:
@@ -304,9 +356,7 @@ def plan_job(session: Session, owner_id: str, body: JobCreate, settings: Setting
         "labels": body.labels or {},
         "notify": check_notify(session, owner_id, body.notify, settings),
     }
-    _check_classes(session, owner_id, dataset, {
-        "teacher": body.teacher_id, "student's initial weights": body.student.weights_id if body.student else None,
-        "model": body.model.teacher_id if body.model else None}, planned)
+    _check_models(session, owner_id, dataset, body, teacher_id, planned)
     spec["resources"] = _resources(body, spec, settings)
     _check_shards(dataset, spec["resources"]["nodes"] * spec["resources"]["devices_per_node"])
     spec["limits"] = _limits(body.limits or LimitsSchema(), settings)

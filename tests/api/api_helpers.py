@@ -69,9 +69,13 @@ def upload_teacher(
     )
 
 
-def ready_teacher(client: TestClient, headers: dict[str, str]) -> str:
-    """Upload a teacher and mark it validated, as the worker would."""
-    r = upload_teacher(client, headers)
+# a teacher for `ready_dataset`'s digits: 10 classes of 1×8×8 images (the API checks the shape at submit)
+DIGITS_TEACHER = {"arch": "cnn_tiny", "num_classes": 10, "in_chans": 1, "img_size": 8, "name": "t"}
+
+
+def ready_teacher(client: TestClient, headers: dict[str, str], meta: dict[str, Any] | None = None) -> str:
+    """Upload a teacher (`DIGITS_TEACHER` unless ``meta``) and mark it validated, as the worker would."""
+    r = upload_teacher(client, headers, meta=meta or DIGITS_TEACHER)
     assert r.status_code == 202, r.text
     with client.app.state.sessionmaker() as session:  # type: ignore[attr-defined]
         assert crud.set_teacher_validated(session, r.json()["id"], spec=r.json()["spec"])

@@ -287,6 +287,80 @@ def test_a_model_for_other_classes_is_refused_at_submit(client, owner):
     assert client.get("/v1/jobs", headers=owner).json()["count"] == 0
 
 
+def _validated_teacher(client, owner, **spec) -> str:
+    r = upload_teacher(client, owner, meta={"arch": "cnn_tiny", "num_classes": 10, "name": "t", **spec})
+    with client.app.state.sessionmaker() as session:
+        assert crud.set_teacher_validated(session, r.json()["id"], spec=r.json()["spec"])
+    return str(r.json()["id"])
+
+
+def test_a_model_for_other_inputs_is_refused_at_submit(client, owner):
+    """A teacher, initial weights or evaluated model whose input shape is not the dataset's: 422 at submit,
+    naming both shapes, and no job row; not a failure in the worker after queueing."""
+    dataset_id = ready_dataset(client, owner)  # digits: 1×8×8
+    rgb = _validated_teacher(client, owner)  # 3×32×32, the upload's defaults
+    small = _validated_teacher(client, owner, in_chans=1, img_size=16)  # the channels match, not the size
+    for model_id, shape in [(rgb, "(3, 32, 32)"), (small, "(1, 16, 16)")]:
+        detail = (f"inputs of shape {shape} but dataset '{dataset_id}' has (1, 8, 8); "
+                  "choose a model made for this dataset's inputs.")
+        for body, role in [(distill_body(dataset_id, model_id), "teacher"),
+                           ({**distill_body(dataset_id, ready_teacher(client, owner)),
+                             "student": {"arch": "cnn_tiny", "weights_id": model_id}}, "student's initial weights"),
+                           ({"kind": "evaluate", "dataset_id": dataset_id, "model": {"teacher_id": model_id}},
+                            "model")]:
+            r = client.post("/v1/jobs", headers=owner, json=body)
+            takes = "take" if role.endswith("weights") else "takes"
+            assert r.status_code == 422 and r.json() == {"detail": f"The {role} '{model_id}' {takes} {detail}"}
+    assert client.get("/v1/jobs", headers=owner).json()["count"] == 0  # nothing half-written
+    r = client.post("/v1/jobs", headers=owner, json=distill_body(dataset_id, ready_teacher(client, owner)))
+    assert r.status_code == 201, r.text  # a 1×8×8 teacher
+    assert client.get("/v1/jobs", headers=owner).json()["count"] == 1
+
+
+def test_a_dataset_read_in_place_takes_the_job_s_size_but_not_other_channels(client, owner, settings, monkeypatch,
+                                                                              tmp_path):
+    """A reference is resized to train.img_size, else the teacher's: only the channels (RGB) are fixed,
+    and a given train.img_size must be the teacher's (the worker feeds the teacher what it reads)."""
+    monkeypatch.setattr(settings, "dataset_roots", [tmp_path.as_uri()])
+    monkeypatch.setattr(settings, "max_concurrent_jobs_per_key", 10)
+    r = client.post("/v1/datasets/reference", headers=owner, json={"uri": (tmp_path / "imgs").as_uri(),
+                                                                  "format": "image_folder"})
+    assert r.status_code == 202, r.text
+    dataset_id = r.json()["id"]
+    info = {"num_classes": 10, "class_names": [str(i) for i in range(10)], "input_shape": [3, 64, 64],
+            "train_size": 300, "test_size": 50}
+    with client.app.state.sessionmaker() as session:
+        assert crud.set_dataset_validated(session, dataset_id, info=info)
+    rgb, rgb16 = _validated_teacher(client, owner), _validated_teacher(client, owner, img_size=16)
+    gray = ready_teacher(client, owner)  # 1×8×8
+    accepted = [distill_body(dataset_id, rgb), distill_body(dataset_id, rgb, train={"epochs": 1, "img_size": 32}),
+                {"kind": "evaluate", "dataset_id": dataset_id, "model": {"teacher_id": rgb16}},
+                {"kind": "adversarial_train", "dataset_id": dataset_id, "train": {"epochs": 1, "img_size": 16},
+                 "student": {"arch": "cnn_tiny", "weights_id": rgb16}}]
+    for body in accepted:  # images of 64 pixels, resized to the model's 32 or 16
+        r = client.post("/v1/jobs", headers=owner, json=body)
+        assert r.status_code == 201, r.text
+    refused = {
+        "teacher": (distill_body(dataset_id, gray), f"The teacher '{gray}' takes inputs of shape (1, 8, 8) but "
+                    f"dataset '{dataset_id}' is read in place as 3-channel images; choose a model that takes 3 "
+                    "channels."),
+        "size": (distill_body(dataset_id, rgb, train={"epochs": 1, "img_size": 64}), f"The teacher '{rgb}' takes "
+                 f"inputs of shape (3, 32, 32) but dataset '{dataset_id}' is read in place at (3, 64, 64) "
+                 "(train.img_size); set train.img_size to 32 or leave it out."),
+        "weights": ({**distill_body(dataset_id, rgb), "student": {"arch": "cnn_tiny", "weights_id": rgb16}},
+                    f"The student's initial weights '{rgb16}' take inputs of shape (3, 16, 16) but dataset "
+                    f"'{dataset_id}' is read in place at (3, 32, 32) (the teacher's input size); choose one that "
+                    "takes the teacher's inputs."),
+        "no size": ({"kind": "adversarial_train", "dataset_id": dataset_id, "student": {"arch": "cnn_tiny"}},
+                    f"Dataset '{dataset_id}' is read in place, resized to train.img_size; give train.img_size, "
+                    "the input size of the model to train."),
+    }
+    for what, (body, detail) in refused.items():
+        r = client.post("/v1/jobs", headers=owner, json=body)
+        assert r.status_code == 422 and r.json() == {"detail": detail}, (what, r.json())
+    assert client.get("/v1/jobs", headers=owner).json()["count"] == len(accepted)
+
+
 # -- normalisation stated ---------------------------------------------------------------------------
 def test_teacher_answers_state_the_normalisation_the_model_will_use(client, owner):
     r = upload_teacher(client, owner, meta={"arch": "cnn_tiny", "num_classes": 10, "in_chans": 1})

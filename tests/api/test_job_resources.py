@@ -85,7 +85,7 @@ def _shards_dataset(client, owner, settings, monkeypatch, tmp_path, layout: dict
 
 
 def test_webdataset_shards_need_one_per_device_and_recorded_sizes(client, owner, settings, monkeypatch, tmp_path):
-    teacher_id = ready_teacher(client, owner)
+    teacher_id = ready_teacher(client, owner, {"arch": "cnn_tiny", "num_classes": 10, "name": "rgb"})  # 3×32×32
     sizes = {f"train/train-{k}.tar": 100 for k in range(3)}
     dataset_id = _shards_dataset(client, owner, settings, monkeypatch, tmp_path,
                                  {"shards": {"train": 3, "test": 1}, "train_shard_sizes": sizes})
