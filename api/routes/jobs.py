@@ -184,7 +184,7 @@ def _check_shape(role: str, model_id: str, spec: dict[str, Any], dataset: Datase
     if not dataset.uri:
         data = list(dataset.input_shape or [])
         if len(data) == 3 and [chans, side, side] != data:
-            raise unprocessable(f"{ours} but dataset '{dataset.id}' has {_shape(data[0], data[2])}; "
+            raise unprocessable(f"{ours} but dataset '{dataset.id}' has ({data[0]}, {data[1]}, {data[2]}); "
                                 "choose a model made for this dataset's inputs.")
         return
     data_chans = (dataset.input_shape or [3])[0]
