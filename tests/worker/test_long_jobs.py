@@ -16,9 +16,12 @@ from worker import checkpoints, runner
 
 
 def _write(folder, step, partial=None):
+    """Replace the files by rename, as save_checkpoint does (the uploader's snapshots are hard links)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "last.safetensors").write_bytes(b"w" * 10 + str(step).encode())
-    (folder / "last.json").write_text(json.dumps({"epoch": 1, "global_step": step, "partial": partial}))
+    (folder / "last.safetensors.tmp").write_bytes(b"w" * 10 + str(step).encode())
+    (folder / "last.safetensors.tmp").replace(folder / "last.safetensors")
+    (folder / "last.json.tmp").write_text(json.dumps({"epoch": 1, "global_step": step, "partial": partial}))
+    (folder / "last.json.tmp").replace(folder / "last.json")
 
 
 def test_uploader_stores_the_latest_snapshot_and_flushes(settings, tmp_path):
