@@ -6,22 +6,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
-from kdiga_service.storage import ArtifactStore
+import kdiga_svc_helpers as h
+
 from worker import checkpoints
-
-
-class CountingStore(ArtifactStore):
-    """The real file:// store, recording every object written through it (key, bytes)."""
-
-    def __init__(self, url: str):
-        super().__init__(url)
-        self.written: list[tuple[str, int]] = []
-
-    def write_stream(self, key, chunks, *, max_bytes=None):
-        stored = super().write_stream(key, chunks, max_bytes=max_bytes)
-        self.written.append((key, stored.size_bytes))
-        return stored
 
 
 def _replace(path, data: bytes):
@@ -51,7 +40,7 @@ def _upload(store, folder, scratch):
 
 
 def test_evaluation_checkpoints_send_only_their_new_files(tmp_path):
-    store = CountingStore(f"file://{tmp_path / 'store'}")
+    store = h.counting_store(h.make_settings(tmp_path / "home"))
     folder = tmp_path / "checkpoint"
     _training_checkpoint(folder)
     first = _upload(store, folder, tmp_path / "up")
@@ -74,14 +63,14 @@ def test_evaluation_checkpoints_send_only_their_new_files(tmp_path):
     dest = tmp_path / "down"
     assert checkpoints.download_checkpoint(store, "job-e", dest)
     assert _files(dest) == _files(folder)  # the whole folder: weights, sweep journal, every partial
-    stored = {p.name for p in _keys(tmp_path / "store")}
+    stored = {p.name for p in _keys(Path(store.root))}
     manifest = json.loads(store.read_bytes("jobs/job-e/checkpoint/latest.json"))
     assert stored == {"latest.json"} | {o["sha256"] for o in manifest["objects"].values()}  # nothing left over
 
 
 def test_a_changed_weights_file_of_the_same_size_is_sent(tmp_path):
     """The hash cache never mistakes a rewritten file for the stored one (same name and size, new content)."""
-    store = CountingStore(f"file://{tmp_path / 'store'}")
+    store = h.counting_store(h.make_settings(tmp_path / "home"))
     folder = tmp_path / "checkpoint"
     _training_checkpoint(folder, epoch=1)
     with checkpoints.CheckpointUploader(store, "job-e", tmp_path / "up") as uploads:
@@ -114,7 +103,7 @@ def test_hash_cache_rereads_only_changed_files(tmp_path):
 def test_a_checkpoint_stored_as_a_folder_is_read_and_then_replaced(tmp_path):
     """Checkpoints stored before manifests (one folder per checkpoint) still resume; the next upload
     stores the whole checkpoint as blobs and removes the old folder."""
-    store = CountingStore(f"file://{tmp_path / 'store'}")
+    store = h.counting_store(h.make_settings(tmp_path / "home"))
     prefix = checkpoints.checkpoint_prefix("job-e")
     store.write_bytes(f"{prefix}/e00001/last.json", b'{"epoch": 1}')
     store.write_bytes(f"{prefix}/e00001/last.safetensors", b"old-weights")
