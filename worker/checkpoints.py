@@ -100,7 +100,8 @@ def _stored_key(job_id: str, pointer: dict[str, Any], objects: dict[str, Any] | 
     prefix = checkpoint_prefix(job_id)
     if objects is None:  # a checkpoint stored before manifests: one folder of files
         return f"{prefix}/{pointer['folder']}/{name}"
-    digest = str(objects[name]["sha256"])
+    entry = objects.get(name) if isinstance(objects, dict) else None
+    digest = str(entry.get("sha256")) if isinstance(entry, dict) else ""
     if not _SHA256.fullmatch(digest):
         raise ValueError(f"The checkpoint manifest names an invalid digest for {name!r}.")
     return f"{prefix}/{BLOBS}/{digest}"
@@ -165,7 +166,7 @@ def _read_pointer(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
     if not store.exists(key):
         return None
     try:
-        latest: dict[str, Any] = json.loads(store.read_bytes(key, max_bytes=1 << 20))
+        latest: dict[str, Any] = json.loads(store.read_bytes(key, max_bytes=16 << 20))  # a manifest: ~150 bytes a file
         return latest
     except ValueError:
         return None

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import kdiga_svc_helpers as h
+import pytest
 
 from worker import checkpoints
 
@@ -130,3 +131,11 @@ def _sha(data: bytes) -> str:
 
 def _keys(root):
     return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_a_manifest_without_a_digest_for_a_file_is_refused(tmp_path):
+    store = h.counting_store(h.make_settings(tmp_path / "home"))
+    store.write_bytes("jobs/job-m/checkpoint/latest.json", json.dumps(
+        {"version": 2, "folder": "e00001", "files": ["last.json"], "objects": {}}).encode())
+    with pytest.raises(ValueError, match="invalid digest for 'last.json'"):
+        checkpoints.download_checkpoint(store, "job-m", tmp_path / "down")
