@@ -267,3 +267,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float, *, interval: float = 
 
 def wait_worker_ready(log_path: Path, timeout: float = 60.0) -> None:
     wait_for(lambda: log_path.exists() and b" ready." in log_path.read_bytes(), timeout, what=f"worker ready ({log_path})")
+
+
+def counting_store(settings: Any) -> Any:
+    """The settings' real artifact store, recording every object written through it in `.written`
+    as (key, bytes): what an upload sent, on file:// or S3 alike."""
+    from kdiga_service.storage import ArtifactStore
+
+    class CountingStore(ArtifactStore):
+        written: list[tuple[str, int]]
+
+        def write_stream(self, key: str, chunks: Any, *, max_bytes: int | None = None) -> Any:
+            stored = super().write_stream(key, chunks, max_bytes=max_bytes)
+            self.written.append((key, stored.size_bytes))
+            return stored
+
+    store = CountingStore.from_settings(settings)
+    store.written = []
+    return store

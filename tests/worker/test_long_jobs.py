@@ -16,9 +16,12 @@ from worker import checkpoints, runner
 
 
 def _write(folder, step, partial=None):
+    """Replace the files by rename, as save_checkpoint does (the uploader's snapshots are hard links)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "last.safetensors").write_bytes(b"w" * 10 + str(step).encode())
-    (folder / "last.json").write_text(json.dumps({"epoch": 1, "global_step": step, "partial": partial}))
+    (folder / "last.safetensors.tmp").write_bytes(b"w" * 10 + str(step).encode())
+    (folder / "last.safetensors.tmp").replace(folder / "last.safetensors")
+    (folder / "last.json.tmp").write_text(json.dumps({"epoch": 1, "global_step": step, "partial": partial}))
+    (folder / "last.json.tmp").replace(folder / "last.json")
 
 
 def test_uploader_stores_the_latest_snapshot_and_flushes(settings, tmp_path):
@@ -140,10 +143,12 @@ def test_evaluate_job_stops_between_evaluation_batches_and_resumes(settings, see
 
 
 @pytest.mark.slow
-def test_resumed_evaluation_reuses_the_teacher_measured_before_the_failure(settings, seeded, monkeypatch):
+def test_resumed_evaluation_reuses_the_teacher_measured_before_the_failure(settings, seeded, monkeypatch, caplog):
     """The teacher's evaluation is kept in the job's checkpoint: after a failure in the alignment stage
     (injected), the retry reuses it even with the worker's own teacher cache wiped. The student's attack
-    batches (issue 11) were handed over with the checkpoint at the failure: the retry measures none again."""
+    batches (issue 11) were handed over with the checkpoint at the failure: the retry measures none again.
+    That evaluation checkpoint sent only its evaluation files, not the trained weights again."""
+    import logging
     import shutil
 
     from kdiga_core.evaluate import accuracy as accuracy_mod
@@ -163,10 +168,19 @@ def test_resumed_evaluation_reuses_the_teacher_measured_before_the_failure(setti
     monkeypatch.setattr(report_mod, "alignment_report", flaky)
     request = _request(seeded, evaluation={**h.TINY_EVAL, "alignment": True, "linearity_steps": 2})
     job_id = h.create_job_row(settings, seeded["owner_id"], request)
-    assert runner.run_job(job_id, settings=settings).status == "failed"
+    with caplog.at_level(logging.INFO, logger="worker.checkpoints"):
+        assert runner.run_job(job_id, settings=settings).status == "failed"
     assert h.job_row(settings, job_id).result == {"resumable": "evaluation"}
     pointer = json.loads(get_storage(settings).read_bytes(f"{checkpoints.checkpoint_prefix(job_id)}/latest.json"))
     assert any(name.startswith("eval/partial/") for name in pointer["files"])
+    uploads = [r for r in caplog.records if r.getMessage() == "checkpoint uploaded"]
+    evaluation = sum(o["size"] for name, o in pointer["objects"].items() if name.startswith("eval/"))
+    weights = pointer["objects"]["last.safetensors"]["size"]
+    trained = [r for r in uploads if r.files == uploads[0].files]  # last.json + last.safetensors
+    later = uploads[len(trained):]
+    assert trained and all(r.sent_bytes > weights for r in trained)
+    assert any(r.sent_bytes for r in later)
+    assert all(r.sent_bytes <= evaluation < weights for r in later)  # the weights were not sent again
     measured = len(batches)
     assert measured > 0
     shutil.rmtree(teacher_cache_dir(settings), ignore_errors=True)

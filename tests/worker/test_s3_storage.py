@@ -67,3 +67,23 @@ def test_checkpoints_and_artifacts_on_s3(s3_settings, tmp_path):
     assert store.read_bytes(weights.storage_key) == b"weights"
     store.delete_prefix(checkpoints.checkpoint_prefix("job-s3"))
     assert not checkpoints.download_checkpoint(store, "job-s3", tmp_path / "none")
+
+
+def test_an_evaluation_checkpoint_on_s3_sends_only_its_new_files(s3_settings, tmp_path):
+    store = h.counting_store(s3_settings)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "last.json").write_text(json.dumps({"epoch": 2}))
+    (ckpt / "last.safetensors").write_bytes(b"w" * 4096)
+    checkpoints.upload_checkpoint(store, "job-s3e", ckpt)
+    (ckpt / "eval" / "partial").mkdir(parents=True)
+    (ckpt / "eval" / "partial" / "student.json").write_text('{"batches": 1}')
+    store.written.clear()
+    checkpoints.upload_checkpoint(store, "job-s3e", ckpt)
+    assert [size for _, size in store.written[:-1]] == [len('{"batches": 1}')]  # not the weights again
+    assert store.written[-1][0] == "jobs/job-s3e/checkpoint/latest.json"
+    back = tmp_path / "back"
+    assert checkpoints.download_checkpoint(store, "job-s3e", back)
+    assert sorted(p.relative_to(back).as_posix() for p in back.rglob("*") if p.is_file()) == [
+        "eval/partial/student.json", "last.json", "last.safetensors"]
+    assert (back / "last.safetensors").read_bytes() == b"w" * 4096
