@@ -190,7 +190,11 @@ def test_every_evaluation_stage_moves_percent_and_has_an_eta(teacher, tmp_path):
     for stage, following in zip(order, order[1:], strict=False):
         if any(other.startswith(stage + " (") for other in order):
             continue  # a stage measured in parts (ε-curve radii): the parts weigh, not the heading
-        # the stage was planned, so it weighs something: the next one starts further on
-        assert stages[following][0] > stages[stage][0], (stage, stages[stage], following, stages[following])
+        # the stage was planned, so it weighs something: the next one starts further on; except a teacher
+        # stage served whole from kept per-batch results (the evaluated model is this very teacher, so its
+        # measurement under the same key is reused: one tick, already at the stage's end)
+        reused = stage.startswith("teacher: ") and len(stages[stage]) == 1
+        assert stages[following][0] > stages[stage][0] or reused, (stage, stages[stage], following, stages[following])
+        assert stages[following][0] >= stages[stage][-1], (stage, stages[stage], following, stages[following])
     assert all(e["eta_s"] is not None for e in evaluating[2:]), [e["eta_s"] for e in evaluating]
     assert evaluating[-1]["percent"] == 100.0
