@@ -36,7 +36,7 @@ services:
 
 # Lint and types first (seconds), then the suite: CI runs this target.
 test: install-dev services lint typecheck
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=30
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
