@@ -104,6 +104,17 @@ def generated_pair(n: int = 256, seed: int = 0) -> Pair:
     return Pair(f"generated 32×32×3 (n={n}) resnet18→mobilenetv2_100", teacher, student, x, y, True, 8 / 255)
 
 
+def wide_teacher_pair(n: int = 128, seed: int = 0) -> Pair:
+    """The issue's own cost premise: a teacher several times the student's cost (WRN-34-10 → ResNet-18
+    on CIFAR is ≈ 11.6×; timm's wide_resnet50_2 → resnet18 at 32×32 is ≈ 6×)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    torch.manual_seed(seed)
+    teacher = create_model("wide_resnet50_2", 10, in_chans=3, img_size=32)
+    student = create_model("resnet18", 10, in_chans=3, img_size=32)
+    return Pair(f"generated 32×32×3 (n={n}) wide_resnet50_2→resnet18", teacher, student, x, y, True, 8 / 255)
+
+
 def build_bank(pair: Pair, k: int, need_grad: bool) -> tuple[TeacherBank, dict[str, float]]:
     cpu = time.process_time()
     bank = TeacherBank.build(pair.teacher, pair.x, pair.y, k=k, pad=max(1, pair.x.shape[-1] // 8), hflip=pair.hflip,
@@ -185,11 +196,15 @@ def uptime() -> str:
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} cores"
 
 
+PAIRS: dict[str, Callable[[], Pair]] = {"digits": digits_pair, "generated": generated_pair, "wide": wide_teacher_pair}
+
+
 def run(*, quick: bool, log: Callable[[str], None], lazy: dict[str, Any] | None = None,
-        device: str = "cpu") -> dict[str, Any]:
-    """Both pairs (digits only with --quick); the minimum over the rounds per method."""
+        device: str = "cpu", pairs_named: tuple[str, ...] = ("digits", "generated", "wide")) -> dict[str, Any]:
+    """The named pairs (digits only with --quick); the minimum over the rounds per method."""
     # digits epochs take a fraction of a second: more rounds there
-    pairs = [(digits_pair(), 1)] if quick else [(digits_pair(), 5), (generated_pair(), 2)]
+    names = ("digits",) if quick else pairs_named
+    pairs = [(PAIRS[name](), 1 if quick else 5 if name == "digits" else 2) for name in names]
     pairs = [(pair.to(device), rounds) for pair, rounds in pairs]
     out: dict[str, Any] = {"load_start": uptime(), "lazy": lazy or LAZY, "bank_k": BANK_K, "gamma": GAMMA,
                            "device": device, "pairs": []}
@@ -240,6 +255,12 @@ def markdown(out: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def parse_lazy(text: str) -> dict[str, Any]:
+    """``reuse:8:0.5`` → the lazy-IGA fields of the kdiga_lazy rows."""
+    mode, every, fraction = text.split(":")
+    return {"iga_lazy": mode, "iga_every": int(every), "iga_fraction": float(fraction)}
+
+
 def main() -> None:
     import argparse
     import json
@@ -247,11 +268,13 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--lazy", type=parse_lazy, default=None, help="mode:k:f of the lazy rows (default: LAZY)")
+    p.add_argument("--pairs", default="digits,generated,wide", help=f"comma-separated, of: {', '.join(PAIRS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: bf16 autocast, channels_last)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
-    out = run(quick=a.quick, device=a.device, log=lambda m: print(m, file=sys.stderr, flush=True))  # noqa: T201
+    out = run(quick=a.quick, device=a.device, lazy=a.lazy, pairs_named=tuple(a.pairs.split(",")), log=lambda m: print(m, file=sys.stderr, flush=True))  # noqa: T201
     with open(a.out, "w") as fh:
         json.dump(out, fh, indent=1)
     print(markdown(out))  # noqa: T201

@@ -39,19 +39,33 @@ TARGET = 0.9  # of the teacher's robust accuracy
 LOWER = 0.8
 
 
-# the lazy-IGA grid: (iga_every, iga_fraction)
-LAZY_GRID = ((4, 0.5), (8, 1.0))
+# the lazy-IGA grid: (iga_lazy, iga_every, iga_fraction, with the teacher bank)
+Lazy = tuple[str, int, float, bool]
+LAZY_GRID: tuple[Lazy, ...] = (("scale", 4, 0.5, False), ("scale", 8, 1.0, False))
 
 
-def lazy_name(every: int, fraction: float) -> str:
-    return f"kdiga_lazy_k{every}_f{fraction:g}"
+def lazy_name(mode: str, every: int, fraction: float, bank: bool = False) -> str:
+    # "scale" keeps the name of its first measurements (BENCHMARKS.md, 2026-11-27)
+    word = "lazy" if mode == "scale" else mode
+    return f"kdiga{'_bank' if bank else ''}_{word}_k{every}_f{fraction:g}"
 
 
-def student_methods(lazy: tuple[tuple[int, float], ...], bank_k: int) -> dict[str, dict[str, Any]]:
+def parse_lazy(text: str) -> tuple[Lazy, ...]:
+    """``reuse:8:1:bank,scale:4:0.5`` → the grid (mode, k, f, bank)."""
+    grid = []
+    for item in filter(None, text.split(",")):
+        mode, k, f, *bank = item.split(":")
+        grid.append((mode, int(k), float(f), bank == ["bank"]))
+    return tuple(grid)
+
+
+def student_methods(lazy: tuple[Lazy, ...], bank_k: int) -> dict[str, dict[str, Any]]:
     """Name → ObjectiveConfig fields; γ = 5 with a 50% warm-up (REPRODUCTION.md's digits setting)."""
     kdiga = {"method": "kdiga", "gamma": 5.0, "gamma_warmup": 0.5}
     adv = {"attack_eps": EPS, "attack_step": 2.5 * EPS / 10, "attack_steps": 10}
-    lazies = {lazy_name(k, f): {**kdiga, "iga_every": k, "iga_fraction": f} for k, f in lazy}
+    lazies = {lazy_name(mode, k, f, bank): {**kdiga, "iga_lazy": mode, "iga_every": k, "iga_fraction": f,
+                                             **({"teacher_bank_k": bank_k} if bank else {})}
+              for mode, k, f, bank in lazy}
     return {
         "kdiga": kdiga, **lazies, "kdiga_bank": {**kdiga, "teacher_bank_k": bank_k},
         "rslad": {"method": "rslad", **adv}, "ard": {"method": "ard", **adv}, "pgd_at": {"method": "pgd_at", **adv},
@@ -118,10 +132,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run(*, epochs: int, seeds: int, lazy: tuple[tuple[int, float], ...] = LAZY_GRID, bank_k: int, subset: int, aa_points: int,
+def run(*, epochs: int, seeds: int, lazy: tuple[Lazy, ...] = LAZY_GRID, bank_k: int, subset: int, aa_points: int,
         aa_queries: int, teacher_path: Path | None, teacher_epochs: int, plot: Path | None,
         log: Callable[[str], None], partial: Callable[[dict[str, Any]], None] | None = None,
-        first_seed: int = 0) -> dict[str, Any]:
+        first_seed: int = 0, methods: tuple[str, ...] = ()) -> dict[str, Any]:
     torch.set_num_threads(1)
     data = load_dataset("digits")
     points = evaluation_points(data, subset, seed=0)
@@ -137,6 +151,8 @@ def run(*, epochs: int, seeds: int, lazy: tuple[tuple[int, float], ...] = LAZY_G
                            "runs": []}
     for seed in range(first_seed, first_seed + seeds):
         for method, spec in student_methods(lazy, bank_k).items():
+            if methods and method not in methods:
+                continue
             run_ = curve(method, spec, data, teacher, points, epochs=epochs, seed=seed)
             model = run_.pop("model")
             run_["autoattack"] = run_autoattack(model, aa_x, aa_y, EPS, "Linf", seed=0,
@@ -240,6 +256,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … (to split seeds over processes)")
     p.add_argument("--bank-k", type=int, default=4)
+    p.add_argument("--lazy", type=parse_lazy, default=LAZY_GRID,
+                   help="lazy-IGA grid: mode:k:f[:bank],… (mode reuse or scale; default scale:4:0.5,scale:8:1)")
+    p.add_argument("--methods", default="", help="only these methods (comma-separated names; default: all)")
     p.add_argument("--subset", type=int, default=100)
     p.add_argument("--aa-points", type=int, default=50)
     p.add_argument("--aa-queries", type=int, default=500)
@@ -248,7 +267,8 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
-    out = run(epochs=a.epochs, seeds=a.seeds, first_seed=a.first_seed, bank_k=a.bank_k, subset=a.subset, aa_points=a.aa_points,
+    out = run(epochs=a.epochs, seeds=a.seeds, first_seed=a.first_seed, bank_k=a.bank_k, lazy=a.lazy,
+              methods=tuple(filter(None, a.methods.split(","))), subset=a.subset, aa_points=a.aa_points,
               aa_queries=a.aa_queries, teacher_path=a.teacher, teacher_epochs=a.teacher_epochs, plot=a.plot,
               log=lambda m: print(m, file=sys.stderr, flush=True),  # noqa: T201
               partial=lambda o: a.out.with_suffix(".partial.json").write_text(json.dumps(o, indent=1)))

@@ -321,7 +321,7 @@ class ReferenceData:
     def summary(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "class_names": list(self.class_names),
                 "input_shape": [self.in_chans, self.img_size, self.img_size], "train_size": self.train_size,
-                "test_size": len(self.y_test)}
+                "test_size": len(self.y_test), "streamed": True}
 
     def test_images(self, rows: list[int]) -> Tensor:
         """Float [0, 1] pixels of these test rows, decoded with the evaluation transform."""

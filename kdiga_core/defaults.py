@@ -42,6 +42,12 @@ EVAL_POINTS = 1000
 EVAL_PGD_STEPS = 20
 AUTOATTACK_CHEAP_S = 60.0
 DEFAULT_METHOD = {"distill": "kdiga", "adversarial_train": "pgd_at"}
+# Teacher bank (issue 13): with crop/flip augmentation a KDIGA job precomputes the teacher for K fixed
+# augmentations per sample instead of running it every step. K = 4 kept KDIGA's AutoAttack accuracy
+# on digits (3 seeds, 450 points; BENCHMARKS.md "Issue 13") and removes the teacher from the step.
+# Up to BANK_MAX_BYTES (CIFAR-10 at K = 4: 1.2 GiB); a larger bank is left off, not refused.
+BANK_K = 4
+BANK_MAX_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class DataFacts:
     num_classes: int
     train_size: int
     test_size: int
+    streamed: bool = False  # read in place (image folder, WebDataset): no teacher bank, it needs the rows in memory
 
     @property
     def dims(self) -> int:
@@ -63,7 +70,13 @@ class DataFacts:
         """From a dataset's summary or row: ``input_shape`` [C, H, W], ``num_classes``, split sizes."""
         chans, side = int(summary["input_shape"][0]), int(summary["input_shape"][-1])
         return cls(img_size=side, in_chans=chans, num_classes=int(summary.get("num_classes") or 2),
-                   train_size=int(summary.get("train_size") or 0), test_size=int(summary.get("test_size") or 0))
+                   train_size=int(summary.get("train_size") or 0), test_size=int(summary.get("test_size") or 0),
+                   streamed=bool(summary.get("streamed")))
+
+    def bank_bytes(self, k: int) -> int:
+        """A KDIGA teacher bank's size (`kdiga_core.teacher_bank.bank_bytes`): bf16 logits and input
+        gradients plus int16 augmentation parameters for train_size·k rows."""
+        return self.train_size * k * ((self.num_classes + self.dims) * 2 + 3 * 2)
 
 
 def default_eps(facts: DataFacts, norm: str) -> float:
@@ -116,12 +129,21 @@ def train_defaults(kind: str, given: dict[str, Any] | None, facts: DataFacts) ->
     return f.values, f.filled
 
 
-def objective_defaults(kind: str, given: dict[str, Any] | None,
-                       tm: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The kind's method, and the training attacks' (and the IGA noise's) norm, radius and step from
-    the threat model."""
+def augments(train: dict[str, Any]) -> bool:
+    """Whether a training section turns on the crop/flip preset (`TrainConfig.preset` == "cifar")."""
+    preset = train.get("augmentation") or ("cifar" if train.get("augment") else "none")
+    return preset == "cifar"
+
+
+def objective_defaults(kind: str, given: dict[str, Any] | None, tm: dict[str, Any],
+                       train: dict[str, Any] | None = None,
+                       facts: DataFacts | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The kind's method, the training attacks' (and the IGA noise's) norm, radius and step from
+    the threat model, and for KDIGA with augmentation on in-memory data the teacher bank."""
     f = _Filler("objective", given)
-    f.fill("method", DEFAULT_METHOD.get(kind, "kdiga"))
+    method = f.fill("method", DEFAULT_METHOD.get(kind, "kdiga"))
+    if kind == "distill" and method == "kdiga" and facts is not None and not facts.streamed and augments(train or {}):
+        f.fill("teacher_bank_k", BANK_K if facts.bank_bytes(BANK_K) <= BANK_MAX_BYTES else 0)
     f.fill("attack_norm", tm["norm"])
     eps = f.fill("attack_eps", tm["eps"])
     steps = f.fill("attack_steps", TRAIN_ATTACK_STEPS)
@@ -162,7 +184,7 @@ def resolve(kind: str, spec: dict[str, Any], facts: DataFacts) -> dict[str, Any]
     if kind != "evaluate":
         out["train"], filled = train_defaults(kind, spec.get("train"), facts)
         defaulted += filled
-        out["objective"], filled = objective_defaults(kind, spec.get("objective"), tm)
+        out["objective"], filled = objective_defaults(kind, spec.get("objective"), tm, out["train"], facts)
         defaulted += filled
     out["evaluation"], filled = evaluation_defaults(spec.get("evaluation"), tm, facts)
     defaulted += filled

@@ -230,7 +230,8 @@ def _facts(dataset: Dataset, img_size: int | None = None) -> sized.DataFacts:
     # a reference dataset of mixed image sizes has no input shape: the job's img_size decides it
     shape = dataset.input_shape or [3, img_size or 32, img_size or 32]
     return sized.DataFacts.from_summary({"input_shape": shape, "num_classes": dataset.num_classes,
-                                         "train_size": dataset.train_size, "test_size": dataset.test_size})
+                                         "train_size": dataset.train_size, "test_size": dataset.test_size,
+                                         "streamed": dataset.uri is not None})
 
 
 def _sized(body: JobCreate, dataset: Dataset, parts: dict[str, Any]) -> dict[str, Any]:

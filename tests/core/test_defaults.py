@@ -56,6 +56,26 @@ def test_resolving_keeps_what_was_given_and_twice_changes_nothing():
     assert "train.lr" not in once["defaulted"] and "train.epochs" in once["defaulted"]
 
 
+def test_kdiga_with_augmentation_gets_the_teacher_bank_where_it_fits():
+    augmented = {"train": {"augment": True}}
+    spec = defaults.resolve("distill", augmented, CIFAR)
+    assert spec["objective"]["teacher_bank_k"] == defaults.BANK_K and "objective.teacher_bank_k" in spec["defaulted"]
+    assert CIFAR.bank_bytes(4) == pytest.approx(1.23e9, rel=0.01)  # the README's "about 1.2 GiB"
+    # it is the teacher_bank module's own size formula
+    from kdiga_core.teacher_bank import bank_bytes
+    assert CIFAR.bank_bytes(4) == bank_bytes(50_000, 4, 10, (3, 32, 32), grads=True)
+    assert "teacher_bank_k" not in defaults.resolve("distill", {}, CIFAR)["objective"]  # no augmentation
+    given = defaults.resolve("distill", {"train": {"augment": True}, "objective": {"teacher_bank_k": 0}}, CIFAR)
+    assert given["objective"]["teacher_bank_k"] == 0 and "objective.teacher_bank_k" not in given["defaulted"]
+    for other in ({"objective": {"method": "rslad"}}, {"train": {"augment": True, "augmentation": "imagenet"}}):
+        spec = defaults.resolve("distill", {**augmented, **other}, CIFAR)
+        assert "teacher_bank_k" not in spec["objective"], other
+    huge = defaults.DataFacts(img_size=64, in_chans=3, num_classes=200, train_size=100_000, test_size=10_000)
+    assert defaults.resolve("distill", augmented, huge)["objective"]["teacher_bank_k"] == 0  # 9.9 GB: left off
+    streamed = defaults.DataFacts(**{**CIFAR.__dict__, "streamed": True})
+    assert "teacher_bank_k" not in defaults.resolve("distill", augmented, streamed)["objective"]
+
+
 def test_the_default_evaluation_has_autoattack_only_where_cheap():
     ev, _ = defaults.evaluation_defaults(None, {"norm": "L2", "eps": 0.5}, CIFAR)
     assert [a["name"] for a in ev["attacks"]] == ["pgd", "autoattack"] and ev["max_points"] == 1000
