@@ -256,9 +256,9 @@ def markdown(out: dict[str, Any]) -> str:
 
 
 def parse_lazy(text: str) -> dict[str, Any]:
-    """``reuse:8:0.5`` → the lazy-IGA fields of the kdiga_lazy rows."""
-    mode, every, fraction = text.split(":")
-    return {"iga_lazy": mode, "iga_every": int(every), "iga_fraction": float(fraction)}
+    """``8:0.5`` → the lazy-IGA fields of the kdiga_lazy rows."""
+    every, fraction = text.split(":")
+    return {"iga_every": int(every), "iga_fraction": float(fraction)}
 
 
 def main() -> None:
@@ -268,7 +268,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--lazy", type=parse_lazy, default=None, help="mode:k:f of the lazy rows (default: LAZY)")
+    p.add_argument("--lazy", type=parse_lazy, default=None, help="k:f of the lazy rows (default: LAZY)")
     p.add_argument("--pairs", default="digits,generated,wide", help=f"comma-separated, of: {', '.join(PAIRS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: bf16 autocast, channels_last)")
     p.add_argument("--out", required=True)

@@ -39,23 +39,21 @@ TARGET = 0.9  # of the teacher's robust accuracy
 LOWER = 0.8
 
 
-# the lazy-IGA grid: (iga_lazy, iga_every, iga_fraction, with the teacher bank)
-Lazy = tuple[str, int, float, bool]
-LAZY_GRID: tuple[Lazy, ...] = (("scale", 4, 0.5, False), ("scale", 8, 1.0, False))
+# the lazy-IGA grid: (iga_every, iga_fraction, with the teacher bank)
+Lazy = tuple[int, float, bool]
+LAZY_GRID: tuple[Lazy, ...] = ((4, 0.5, False), (8, 1.0, False))
 
 
-def lazy_name(mode: str, every: int, fraction: float, bank: bool = False) -> str:
-    # "scale" keeps the name of its first measurements (BENCHMARKS.md, 2026-11-27)
-    word = "lazy" if mode == "scale" else mode
-    return f"kdiga{'_bank' if bank else ''}_{word}_k{every}_f{fraction:g}"
+def lazy_name(every: int, fraction: float, bank: bool = False) -> str:
+    return f"kdiga{'_bank' if bank else ''}_lazy_k{every}_f{fraction:g}"
 
 
 def parse_lazy(text: str) -> tuple[Lazy, ...]:
-    """``reuse:8:1:bank,scale:4:0.5`` → the grid (mode, k, f, bank)."""
+    """``8:1:bank,4:0.5`` → the grid (k, f, bank)."""
     grid = []
     for item in filter(None, text.split(",")):
-        mode, k, f, *bank = item.split(":")
-        grid.append((mode, int(k), float(f), bank == ["bank"]))
+        k, f, *bank = item.split(":")
+        grid.append((int(k), float(f), bank == ["bank"]))
     return tuple(grid)
 
 
@@ -63,9 +61,9 @@ def student_methods(lazy: tuple[Lazy, ...], bank_k: int) -> dict[str, dict[str, 
     """Name → ObjectiveConfig fields; γ = 5 with a 50% warm-up (REPRODUCTION.md's digits setting)."""
     kdiga = {"method": "kdiga", "gamma": 5.0, "gamma_warmup": 0.5}
     adv = {"attack_eps": EPS, "attack_step": 2.5 * EPS / 10, "attack_steps": 10}
-    lazies = {lazy_name(mode, k, f, bank): {**kdiga, "iga_lazy": mode, "iga_every": k, "iga_fraction": f,
-                                             **({"teacher_bank_k": bank_k} if bank else {})}
-              for mode, k, f, bank in lazy}
+    lazies = {lazy_name(k, f, bank): {**kdiga, "iga_every": k, "iga_fraction": f,
+                                       **({"teacher_bank_k": bank_k} if bank else {})}
+              for k, f, bank in lazy}
     return {
         "kdiga": kdiga, **lazies, "kdiga_bank": {**kdiga, "teacher_bank_k": bank_k},
         "rslad": {"method": "rslad", **adv}, "ard": {"method": "ard", **adv}, "pgd_at": {"method": "pgd_at", **adv},
@@ -257,7 +255,7 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … (to split seeds over processes)")
     p.add_argument("--bank-k", type=int, default=4)
     p.add_argument("--lazy", type=parse_lazy, default=LAZY_GRID,
-                   help="lazy-IGA grid: mode:k:f[:bank],… (mode reuse or scale; default scale:4:0.5,scale:8:1)")
+                   help="lazy-IGA grid: k:f[:bank],… (default 4:0.5,8:1)")
     p.add_argument("--methods", default="", help="only these methods (comma-separated names; default: all)")
     p.add_argument("--subset", type=int, default=100)
     p.add_argument("--aa-points", type=int, default=50)

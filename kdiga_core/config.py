@@ -16,7 +16,6 @@ from kdiga_core.errors import KdigaError
 
 IGAMode = Literal["auto", "exact", "finite_difference"]
 IGAReduction = Literal["per_sample", "author"]
-IGALazy = Literal["reuse", "scale"]
 Method = Literal["ce", "kd", "kdiga", "ard", "rslad", "pgd_at", "trades"]
 Norm = Literal["Linf", "L2"]
 SweepRule = Literal["robust_within_clean_drop", "max_robust", "max_clean_plus_robust"]
@@ -200,13 +199,9 @@ class ObjectiveConfig(_FromDict):
     kd/kdiga: L = alpha*tau^2*KL(T||S) + (1-alpha)*CE + gamma*IGA.
     gamma_warmup: fraction of total steps over which gamma ramps linearly from 0.
     iga_noise_eps: if > 0, input gradients are taken at x + U(-eps, eps) (author's variant).
-    iga_every / iga_fraction: lazy IGA: the IGA term measured only on every iga_every-th step,
-        on the first ceil(iga_fraction·B) samples of the (already shuffled) batch. 1 and 1.0:
-        exact full-batch IGA on every step.
-    iga_lazy: what the steps between two measurements get. "reuse": the IGA term's parameter
-        gradient from the last measurement (at the current γ), so every step carries the term once;
-        "scale": nothing, and the measuring step carries iga_every times the term (StyleGAN2's lazy
-        R1; on digits it pushed γ·k past the γ cliff, BENCHMARKS.md "Issue 13").
+    iga_every / iga_fraction: lazy IGA (StyleGAN2's lazy R1): the IGA term only on every
+        iga_every-th step, scaled by iga_every, and on the first ceil(iga_fraction·B) samples of
+        the (already shuffled) batch. 1 and 1.0: exact full-batch IGA on every step.
     teacher_bank_k: with augmentation, precompute the teacher's logits and input gradients for
         this many fixed augmentations of every training sample (kdiga_core.teacher_bank); 0: off.
     ard/rslad/pgd_at/trades use the attack_* fields for their inner PGD, in the `attack_norm` ball;
@@ -227,7 +222,6 @@ class ObjectiveConfig(_FromDict):
     iga_noise_eps: float = 0.0
     iga_every: int = 1
     iga_fraction: float = 1.0
-    iga_lazy: IGALazy = "reuse"
     teacher_bank_k: int = 0
     # inner attack for adversarial methods (ARD, RSLAD, PGD-AT, TRADES)
     attack_norm: Norm = "Linf"
@@ -260,7 +254,6 @@ class ObjectiveConfig(_FromDict):
         _check(isinstance(self.iga_every, int) and 1 <= self.iga_every <= 64,
                "iga_every must be a whole number between 1 and 64.")
         _check(0.0 < self.iga_fraction <= 1.0, "iga_fraction must be in (0, 1].")
-        _check(self.iga_lazy in ("reuse", "scale"), "iga_lazy must be one of: reuse, scale.")
         _check(isinstance(self.teacher_bank_k, int) and 0 <= self.teacher_bank_k <= 64,
                "teacher_bank_k must be a whole number between 0 and 64.")
         _check(self.attack_norm in ("Linf", "L2"), "attack_norm must be one of: L2, Linf.")

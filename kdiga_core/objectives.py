@@ -227,13 +227,6 @@ class Objective:
     def forward(self, x: Tensor, y: Tensor, *, progress: float, index: Tensor | None) -> dict[str, Any]:
         raise NotImplementedError
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        """Training state of the objective itself that a checkpoint keeps (names ``objective.*``)."""
-        return {}
-
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Restore what `state_tensors` saved (the other checkpoint tensors are ignored)."""
-
     # teacher-side helpers, used by the distillation methods
     def needs_teacher_grads(self) -> bool:
         return False
@@ -373,10 +366,6 @@ class KDIGAObjective(Objective):
         self.mode: str | None = None  # resolved on the first batch (needs the input shape)
         self.batchnorm = _has_batchnorm(student)
         self.last_iga = torch.zeros(())  # lazy steps report the last measured IGA
-        # lazy IGA, "reuse": ∂IGA/∂θ per unit of γ from the last measuring step (the mean over its
-        # micro-batches), added to the steps in between; saved in checkpoints (`state_tensors`)
-        self.reused: list[Tensor] | None = None
-        self.reused_step, self.reused_parts = -1, 0
 
     def needs_teacher_grads(self) -> bool:
         # with input noise the gradients are taken at a fresh random point each step: not cacheable
@@ -398,7 +387,7 @@ class KDIGAObjective(Objective):
         return self.mode
 
     def iga_due(self) -> bool:
-        """Lazy IGA: the term is measured on every `iga_every`-th optimizer step."""
+        """Lazy IGA: the term runs on every `iga_every`-th optimizer step (StyleGAN2's lazy R1)."""
         return self.use_iga and self.step % self.cfg.iga_every == 0
 
     def forward(self, x, y, *, progress, index):
@@ -420,56 +409,17 @@ class KDIGAObjective(Objective):
             return {"loss": loss, **out}
         gamma = effective_gamma(c, progress)
         if not due:  # the epoch mean reads the last measured IGA, not a zero
-            return {"loss": loss + self.reused_term(gamma), **out, "iga": self.last_iga, "gamma": gamma}
+            return {"loss": loss, **out, "iga": self.last_iga, "gamma": gamma}
         if whole:
             x_in, y_in, g_in = x_in, y, g_t
             ce_sum = ce * x.shape[0]  # Σ_i ℓ_i, so each slice of ∇ₓ is that sample's own gradient
         else:
             x_in, y_in, g_in, ce_sum = self.iga_inputs(x[:part], y[:part], g_t, noisy)
-        # "scale": every k-th step carries k steps' worth of the term; a part of the batch estimates the whole
-        weight = (c.iga_every if not self.reuses else 1) * self.part_scale(part, len(x))
+        # every k-th step carries k steps' worth of the term; a part of the batch estimates the whole
+        weight = c.iga_every * self.part_scale(part, len(x))
         penalty, iga = self.iga_penalty(x_in, y_in, ce_sum, g_in, gamma * weight)
         self.last_iga = (iga * self.part_scale(part, len(x))).detach()
-        if self.reuses and gamma > 0:  # the same gradient as `penalty`'s, kept for the steps in between
-            self.keep_gradient(penalty, gamma)
-            penalty = self.reused_term(gamma)
         return {"loss": loss + penalty, **out, "iga": self.last_iga, "gamma": gamma}
-
-    @property
-    def reuses(self) -> bool:
-        return self.use_iga and self.cfg.iga_every > 1 and self.cfg.iga_lazy == "reuse"
-
-    def keep_gradient(self, penalty: Tensor, gamma: float) -> None:
-        """∂penalty/∂θ / γ, averaged over the micro-batches of this step (each measures its own)."""
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(penalty, params, retain_graph=True, allow_unused=True)
-        unit = [torch.zeros_like(p) if g is None else g.detach() / gamma for p, g in zip(params, grads, strict=True)]
-        if self.reused_step != self.step or self.reused is None:
-            self.reused, self.reused_step, self.reused_parts = unit, self.step, 1
-            return
-        self.reused_parts += 1
-        torch._foreach_lerp_(self.reused, unit, 1.0 / self.reused_parts)  # running mean
-
-    def reused_term(self, gamma: float) -> Tensor | float:
-        """A term worth zero whose θ-gradient is γ times the kept IGA gradient (through the normal
-        backward, so DDP averages it over ranks and micro-batch scaling applies as to the loss)."""
-        if not self.reuses or self.reused is None or gamma == 0:
-            return 0.0
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        dot = torch.stack([(p * g).sum() for p, g in zip(params, self.reused, strict=True)]).sum() * gamma
-        return dot - dot.detach()
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        """What a checkpoint keeps so that a resumed run reuses the same IGA gradient."""
-        if self.reused is None:
-            return {}
-        return {f"objective.reused.{i}": g for i, g in enumerate(self.reused)}
-
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        kept = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("objective.reused."))
-        if kept:
-            params = [p for p in self.student.parameters() if p.requires_grad]
-            self.reused = [v.to(p.device, p.dtype) for (_, v), p in zip(kept, params, strict=True)]
 
     def part_scale(self, part: int, batch: int) -> float:
         """The mean (per_sample) over a part estimates the whole batch's as is; the author's

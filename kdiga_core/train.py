@@ -196,7 +196,6 @@ def load_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     if "rng.epoch_start" in tensors:
         meta["epoch_rng"] = tensors["rng.epoch_start"]
-    meta["objective_state"] = {k: v for k, v in tensors.items() if k.startswith("objective.")}
     return meta
 
 
@@ -294,7 +293,6 @@ def train(
         if meta is not None:
             _check_same_run(meta, obj_cfg, train_cfg, ctx.world_size)
             start_epoch, global_step = meta["epoch"], meta["global_step"]
-            objective.load_state_tensors(meta.pop("objective_state"))
             history, seconds_before = meta["history"], meta["seconds"]
             partial = {**meta["partial"], "rng": meta["epoch_rng"]} if meta.get("partial") else None
             log.info("resuming from epoch %d (step %d)", start_epoch, global_step)
@@ -325,7 +323,7 @@ def train(
                     "train": train_cfg.to_dict(), "history": history, "world_size": ctx.world_size,
                     "seconds": seconds_before + time.perf_counter() - started, **more}
             save_checkpoint(checkpoint_dir, model=student, optimizer=optimizer, generator=generator, meta=meta,
-                            extra={**(extra or {}), **objective.state_tensors()})
+                            extra=extra)
             if on_checkpoint is not None:
                 on_checkpoint(Path(checkpoint_dir))
         last_saved = time.monotonic()

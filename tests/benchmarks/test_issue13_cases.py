@@ -38,9 +38,9 @@ def test_time_to_target_is_the_first_epoch_at_or_above_it():
     assert time_to_robust.first_reach(rows, 0.95) is None
     names = time_to_robust.student_methods(time_to_robust.LAZY_GRID, 4)
     assert {"kdiga", "kdiga_bank", "rslad", "ard", "pgd_at"} <= set(names)
-    assert names["kdiga_lazy_k4_f0.5"]["iga_every"] == 4 and names["kdiga_lazy_k4_f0.5"]["iga_lazy"] == "scale"
-    grid = time_to_robust.parse_lazy("reuse:8:1:bank,scale:2:0.25")
-    assert grid == (("reuse", 8, 1.0, True), ("scale", 2, 0.25, False))
+    assert names["kdiga_lazy_k4_f0.5"]["iga_every"] == 4
+    grid = time_to_robust.parse_lazy("8:1:bank,2:0.25")
+    assert grid == ((8, 1.0, True), (2, 0.25, False))
     named = time_to_robust.student_methods(grid, 4)
-    assert named["kdiga_bank_reuse_k8_f1"] == {"method": "kdiga", "gamma": 5.0, "gamma_warmup": 0.5, "iga_lazy": "reuse",
-                                               "iga_every": 8, "iga_fraction": 1.0, "teacher_bank_k": 4}
+    assert named["kdiga_bank_lazy_k8_f1"] == {"method": "kdiga", "gamma": 5.0, "gamma_warmup": 0.5, "iga_every": 8,
+                                              "iga_fraction": 1.0, "teacher_bank_k": 4}

@@ -104,7 +104,7 @@ def gradient_match(ctx: distributed.RankContext, out: str) -> None:
                 save(out, f"grad-{mode}-{wrapper}", rank, grads)
 
 
-LAZY = {"iga_every": 2}  # step 0 measures IGA, step 1 reuses its gradient (iga_lazy "reuse"): both through DDP
+LAZY = {"iga_every": 2}  # step 0 aligns with k·γ, step 1 is a KD step: both go through DDP
 
 
 def lazy_gradient_match(ctx: distributed.RankContext, out: str) -> None:
