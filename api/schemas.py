@@ -156,7 +156,8 @@ class ObjectiveConfigSchema(_Strict):
         description="Lazy IGA: the IGA term on this share of each batch (its first ceil(f·B) samples).")
     teacher_bank_k: int = Field(
         default=0, ge=0, le=64,
-        description="With train.augment: precompute the teacher for K fixed augmentations per sample (0: off).")
+        description="With train.augment: precompute the teacher for K fixed augmentations per sample (0: off). "
+                    "Omitted: 4 for kdiga with crop/flip augmentation on a dataset held in memory (bank ≤ 2 GiB).")
     attack_norm: Norm = Field(default="Linf", description="Inner attack and IGA noise norm; omitted: the job's "
                               "threat_model.norm.")
     attack_eps: float = Field(default=8 / 255, ge=0, description="Inner attack radius (adversarial methods); "

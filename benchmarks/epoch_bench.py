@@ -1,7 +1,8 @@
 """Wall and CPU time of one augmented training epoch per method, as ratios to CE (issue 13).
 
-Pairs: digits 8×8×1 (scikit-learn, real) cnn_medium → cnn_small, and generated 32×32×3 images
-resnet18 → mobilenetv2_100. Augmentation is on for every method (random crop, padding size/8; flips
+Pairs: digits 8×8×1 (scikit-learn, real) cnn_medium → cnn_small, generated 32×32×3 images
+resnet18 → mobilenetv2_100 (the issue's two pairs), and generated 32×32×3 wide_resnet101_2 → resnet18
+(a teacher ≈ 12× the student, the cost premise of the issue's WRN-34-10 → ResNet-18 example). Augmentation is on for every method (random crop, padding size/8; flips
 only on the generated images), so the teacher runs every step unless the teacher bank holds it.
 
 Methods (one epoch each, every method from the same initial student, in one process):
@@ -106,13 +107,13 @@ def generated_pair(n: int = 256, seed: int = 0) -> Pair:
 
 def wide_teacher_pair(n: int = 128, seed: int = 0) -> Pair:
     """The issue's own cost premise: a teacher several times the student's cost (WRN-34-10 → ResNet-18
-    on CIFAR is ≈ 11.6×; timm's wide_resnet50_2 → resnet18 at 32×32 is ≈ 6×)."""
+    on CIFAR is ≈ 11.6×; timm's wide_resnet101_2 → resnet18 is ≈ 12.6× at 224 px)."""
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.rand(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
     torch.manual_seed(seed)
-    teacher = create_model("wide_resnet50_2", 10, in_chans=3, img_size=32)
+    teacher = create_model("wide_resnet101_2", 10, in_chans=3, img_size=32)
     student = create_model("resnet18", 10, in_chans=3, img_size=32)
-    return Pair(f"generated 32×32×3 (n={n}) wide_resnet50_2→resnet18", teacher, student, x, y, True, 8 / 255)
+    return Pair(f"generated 32×32×3 (n={n}) wide_resnet101_2→resnet18", teacher, student, x, y, True, 8 / 255)
 
 
 def build_bank(pair: Pair, k: int, need_grad: bool) -> tuple[TeacherBank, dict[str, float]]:
@@ -221,6 +222,7 @@ def run(*, quick: bool, log: Callable[[str], None], lazy: dict[str, Any] | None 
     return out
 
 
+AMORTISE_OVER = (10, 100)
 TARGET_VS_RSLAD = 1 / 3  # issue 13: KDIGA default epoch ≤ ⅓ of RSLAD's and of the author-style KDIGA's
 
 
@@ -246,6 +248,14 @@ def markdown(out: dict[str, Any]) -> str:
             ok = vs_rslad <= TARGET_VS_RSLAD and vs_author <= TARGET_VS_RSLAD
             verdicts.append(f"{name}: {vs_rslad:.2f} of RSLAD, {vs_author:.2f} of author-style (CPU time) → "
                             f"{'met' if ok else '**missed**'}")
+        # the bank's one-off build, spread over a job's epochs (10: the defaults' minimum, CIFAR-10 at
+        # batch 128; 100: a common robust-distillation schedule)
+        amortised = []
+        for epochs in AMORTISE_OVER:
+            cpu = rows["kdiga_bank"]["cpu_s"] + rows["kdiga_bank"]["bank_build"]["cpu_s"] / epochs
+            amortised.append(f"over {epochs} epochs {cpu / rows['rslad']['cpu_s']:.2f} of RSLAD and "
+                             f"{cpu / rows['kdiga_author']['cpu_s']:.2f} of author-style")
+        verdicts.append("kdiga_bank with its build amortised " + ", ".join(amortised))
         lazy_vs_kd = {name: rows[name]["cpu_s"] / rows["kd"]["cpu_s"] for name in ("kdiga_lazy", "kdiga_lazy_bank")}
         parts += [f"#### {p['pair']}: {p['samples']} samples, minimum of {p['rounds']} rounds",
                   "\n".join(table),

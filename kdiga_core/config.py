@@ -204,6 +204,7 @@ class ObjectiveConfig(_FromDict):
         the (already shuffled) batch. 1 and 1.0: exact full-batch IGA on every step.
     teacher_bank_k: with augmentation, precompute the teacher's logits and input gradients for
         this many fixed augmentations of every training sample (kdiga_core.teacher_bank); 0: off.
+        A job that leaves it out gets 4 for kdiga with crop/flip augmentation (kdiga_core.defaults).
     ard/rslad/pgd_at/trades use the attack_* fields for their inner PGD, in the `attack_norm` ball;
     the IGA noise (iga_noise_eps) is drawn from the same norm's ball. attack_step None: 2.5·eps/steps.
     A job's omitted attack_* values come from its threat model (`kdiga_core.defaults`).

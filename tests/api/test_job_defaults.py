@@ -81,3 +81,13 @@ def test_epochs_follow_the_training_split(client, owner):
     r = _post(client, owner, {**distill_body(big, teacher), "train": {}})
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["train"]["epochs"] == math.ceil(880 / math.ceil(1000 / 64))
+
+
+def test_kdiga_with_augmentation_defaults_to_the_teacher_bank(client, owner, ready):
+    r = _post(client, owner, distill_body(*ready, train={"augment": True, "hflip": False, "epochs": 1}))
+    assert r.status_code == 201, r.text
+    spec = r.json()["spec"]
+    assert spec["objective"]["method"] == "kdiga" and spec["objective"]["teacher_bank_k"] == 4
+    assert "objective.teacher_bank_k" in spec["defaulted"]
+    plain = _post(client, owner, distill_body(*ready, train={"epochs": 1})).json()["spec"]
+    assert plain["objective"]["teacher_bank_k"] == 0 and "objective.teacher_bank_k" not in plain["defaulted"]
