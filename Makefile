@@ -8,17 +8,17 @@ PIP    := $(PY) -m pip
 
 .PHONY: install install-dev demo test services lint typecheck reproduce bench catalog clean fuzz
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet -r requirements.txt -c constraints.txt
 	# torchattacks pins requests~=2.25.1 (a CVE) that it never imports: install it alone, without deps.
 	$(PIP) install --quiet --no-deps torchattacks==3.5.1
 	$(PIP) install --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
-	$(PIP) install --quiet -r requirements-dev.txt
+	$(PIP) install --quiet -r requirements-dev.txt -c constraints.txt
 	# openapi-python-client caps typer below the version the kdiga CLI uses, for its own CLI, which
 	# tests/api/test_generated_client.py never runs (it calls the library): install it alone.
 	$(PIP) install --quiet --no-deps openapi-python-client==0.29.1

@@ -96,24 +96,24 @@ def digits_pair(seed: int = 0) -> Pair:
     return Pair("digits 8×8×1 cnn_medium→cnn_small", teacher, student, data.x_train, data.y_train, False, 0.1)
 
 
-def generated_pair(n: int = 256, seed: int = 0) -> Pair:
+def _generated(teacher_arch: str, student_arch: str, n: int, seed: int) -> Pair:
+    """Random 32×32×3 images and labels, CIFAR's shape, random-weight models (cost, not accuracy)."""
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.rand(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
     torch.manual_seed(seed)
-    teacher = create_model("resnet18", 10, in_chans=3, img_size=32)
-    student = create_model("mobilenetv2_100", 10, in_chans=3, img_size=32)
-    return Pair(f"generated 32×32×3 (n={n}) resnet18→mobilenetv2_100", teacher, student, x, y, True, 8 / 255)
+    teacher = create_model(teacher_arch, 10, in_chans=3, img_size=32)
+    student = create_model(student_arch, 10, in_chans=3, img_size=32)
+    return Pair(f"generated 32×32×3 (n={n}) {teacher_arch}→{student_arch}", teacher, student, x, y, True, 8 / 255)
+
+
+def generated_pair(n: int = 256, seed: int = 0) -> Pair:
+    return _generated("resnet18", "mobilenetv2_100", n, seed)
 
 
 def wide_teacher_pair(n: int = 128, seed: int = 0) -> Pair:
     """The issue's own cost premise: a teacher several times the student's cost (WRN-34-10 → ResNet-18
     on CIFAR is ≈ 11.6×; timm's wide_resnet101_2 → resnet18 is ≈ 12.6× at 224 px)."""
-    gen = torch.Generator().manual_seed(seed)
-    x, y = torch.rand(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-    torch.manual_seed(seed)
-    teacher = create_model("wide_resnet101_2", 10, in_chans=3, img_size=32)
-    student = create_model("resnet18", 10, in_chans=3, img_size=32)
-    return Pair(f"generated 32×32×3 (n={n}) wide_resnet101_2→resnet18", teacher, student, x, y, True, 8 / 255)
+    return _generated("wide_resnet101_2", "resnet18", n, seed)
 
 
 def build_bank(pair: Pair, k: int, need_grad: bool) -> tuple[TeacherBank, dict[str, float]]:

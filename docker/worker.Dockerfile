@@ -12,11 +12,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY requirements.txt ./
-# torch/torchvision come from the base image (CUDA build); everything else from requirements.txt.
+COPY requirements.txt constraints.txt ./
+# torch/torchvision (and the CUDA libraries under them) come from the base image's CUDA build;
+# everything else from requirements.txt at the versions of constraints.txt (what the suite ran with).
 RUN grep -vE '^(torch|torchvision)([<>=!~ ]|$)' requirements.txt > /tmp/requirements-worker.txt \
-    && pip install -r /tmp/requirements-worker.txt \
-    && rm /tmp/requirements-worker.txt
+    && grep -vE '^(torch|torchvision|triton|nvidia-|cuda-)' constraints.txt > /tmp/constraints-worker.txt \
+    && pip install -r /tmp/requirements-worker.txt -c /tmp/constraints-worker.txt \
+    && rm /tmp/requirements-worker.txt /tmp/constraints-worker.txt
 
 COPY pyproject.toml README.md alembic.ini ./
 COPY migrations/ migrations/

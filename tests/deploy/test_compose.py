@@ -162,6 +162,34 @@ def test_api_image_has_no_torch():
     assert not missing, f"requirements-api.txt names packages that requirements.txt lacks: {missing}"
 
 
+def _pins(path: Path) -> dict[str, str]:
+    """name → version of the ``name==version`` lines (names normalised as pip does)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[re.sub(r"[-_.]+", "-", name.split("[")[0]).lower()] = version.strip()
+    return pins
+
+
+def test_every_requirement_has_one_version_in_the_constraints():
+    """constraints.txt fixes what `make` and the worker image install; the API image pins the same."""
+    constraints = _pins(ROOT / "constraints.txt")
+    for file in ("requirements.txt", "requirements-dev.txt", "requirements-api.txt"):
+        for line in (ROOT / file).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                name = re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~ ;]", line)[0]).lower()
+                assert name in constraints, f"{file}: {name} has no version in constraints.txt"
+    api = _pins(ROOT / "requirements-api.txt")
+    differ = {n: (v, constraints[n]) for n, v in api.items() if constraints.get(n) != v}
+    assert not differ, f"requirements-api.txt and constraints.txt disagree: {differ}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert makefile.count("-c constraints.txt") == 2 and "-c /tmp/constraints-worker.txt" in "\n".join(
+        _dockerfile("worker.Dockerfile"))
+
+
 def test_worker_image_is_cuda_pytorch():
     lines = _dockerfile("worker.Dockerfile")
     arg = next(line for line in lines if line.startswith("ARG PYTORCH_IMAGE="))
