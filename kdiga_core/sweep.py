@@ -48,7 +48,7 @@ from kdiga_core.config import AttackSpec, ObjectiveConfig, SweepConfig, TrainCon
 from kdiga_core.data import DataBundle, pixels
 from kdiga_core.errors import CancelledError, KdigaError
 from kdiga_core.evaluate import clean_accuracy, robust_accuracy, stratified_order
-from kdiga_core.train import train
+from kdiga_core.train import resolve_device, train
 
 __all__ = ["SweepPlan", "SweepOutcome", "choose_gamma", "make_plan", "rule_score", "select",
            "validation_split", "work_multiple"]
@@ -381,9 +381,10 @@ class _Context:
     directory: Path
     hooks: Hooks
     teacher_clean: float | None = None
-    overhead_seconds: float = 0.0  # the teacher's diagnosis: spent, but not training steps
+    overhead_seconds: float = 0.0  # the teacher's diagnosis and the shared bank's build: spent, but not training steps
     seconds_per_step: list[float] = field(default_factory=list)
     stopped_by: str | None = None
+    bank: Any = None  # one teacher bank for every trial (`_shared_bank`)
 
     def cancelled(self) -> bool:
         check = self.hooks.get("should_cancel")
@@ -434,11 +435,16 @@ def choose_gamma(student: nn.Module, teacher: nn.Module, data: DataBundle, objec
     teacher_facts = transfer.teacher_facts(teacher, sweep_data.x_val, sweep_data.y_val, ctx.attack)
     ctx.overhead_seconds = time.monotonic() - facts_started
     ctx.teacher_clean = teacher_facts["clean_accuracy"]
-    kd_model = _run_trial(ctx, study, KD_GAMMA)
-    for gamma in plan.gammas:
-        if ctx.stopped_by is not None:
-            break
-        _run_trial(ctx, study, gamma)
+    ctx.bank = _shared_bank(ctx)
+    try:
+        kd_model = _run_trial(ctx, study, KD_GAMMA)
+        for gamma in plan.gammas:
+            if ctx.stopped_by is not None:
+                break
+            _run_trial(ctx, study, gamma)
+    finally:
+        if ctx.bank is not None:
+            ctx.bank.close()
     rows = _rows(study, plan.gammas)
     choice = select(rows, cfg, ctx.teacher_clean)
     section = _section(ctx, rows, choice, teacher_facts, time.monotonic() - started)
@@ -529,6 +535,24 @@ def _pruned(trial, gamma: float) -> bool:
     return decision and gamma != KD_GAMMA
 
 
+def _shared_bank(ctx: _Context) -> Any:
+    """With the teacher bank on, one bank over the sweep's training rows for every trial and rung
+    (each `train` call would build its own: K teacher passes each time, more than a short trial's
+    epochs recompute). Its build counts as overhead, like the teacher's diagnosis."""
+    from kdiga_core import teacher_bank
+
+    if not ctx.objective.teacher_bank_k or ctx.trial_cfg.preset != "cifar":
+        return None
+    started = time.monotonic()
+    bank = teacher_bank.build_beside(
+        ctx.teacher, ctx.data.train.x_train, ctx.data.train.y_train, k=ctx.objective.teacher_bank_k,
+        hflip=ctx.trial_cfg.hflip, seed=ctx.trial_cfg.seed, device=resolve_device(ctx.trial_cfg.device),
+        need_grad=ctx.objective.iga_noise_eps == 0,  # KDIGA's trials read its gradients, the KD trial its logits
+        checkpoint_dir=ctx.directory, name="teacher_bank-sweep")
+    ctx.overhead_seconds += time.monotonic() - started
+    return bank
+
+
 def _trial_objective(ctx: _Context, gamma: float) -> ObjectiveConfig:
     if gamma == KD_GAMMA:
         return replace(ctx.objective, method="kd", gamma=0.0, sweep=None)
@@ -551,7 +575,7 @@ def _train_segment(ctx: _Context, model: nn.Module, gamma: float, folder: Path, 
 
     train(model, ctx.data.train, _trial_objective(ctx, gamma), ctx.trial_cfg, teacher=ctx.teacher,
           on_step=on_step, should_cancel=ctx.hooks.get("should_cancel"), checkpoint_dir=folder,
-          on_checkpoint=lambda _d: ctx.checkpoint(), resume=True, stop_after_epoch=rung)
+          on_checkpoint=lambda _d: ctx.checkpoint(), resume=True, stop_after_epoch=rung, shared_bank=ctx.bank)
     clean = clean_accuracy(model, ctx.data.x_val, ctx.data.y_val)
     robust = robust_accuracy(model, ctx.data.x_val, ctx.data.y_val, ctx.attack, seed=ctx.cfg.seed)["accuracy"]
     steps = ctx.plan.segment_steps(epochs_before, rung)

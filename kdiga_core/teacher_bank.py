@@ -31,7 +31,7 @@ from kdiga_core.data import pixels
 from kdiga_core.errors import KdigaError
 from kdiga_core.objectives import TeacherCache, teacher_outputs
 
-__all__ = ["TeacherBank", "apply_augmentation", "bank_bytes", "draw_augmentations"]
+__all__ = ["TeacherBank", "apply_augmentation", "bank_bytes", "build_beside", "draw_augmentations", "for_training"]
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +230,21 @@ def for_training(objective, x: Tensor, y: Tensor, *, k: int, augment: bool, hfli
     """
     if objective.teacher is None or not augment or k == 0:
         return None
-    directory = None if checkpoint_dir is None else _scratch(Path(checkpoint_dir)) / f"teacher_bank-rank{rank}"
-    bank = TeacherBank.build(objective.teacher, x, y, k=k, pad=max(1, x.shape[-1] // 8), hflip=hflip,
-                             need_grad=objective.needs_teacher_grads(), device=device, seed=seed,
-                             directory=directory, budget_bytes=budget_bytes)
+    bank = build_beside(objective.teacher, x, y, k=k, hflip=hflip, seed=seed, device=device,
+                        need_grad=objective.needs_teacher_grads(), checkpoint_dir=checkpoint_dir,
+                        name=f"teacher_bank-rank{rank}", budget_bytes=budget_bytes)
     objective.cache = bank
     return bank
+
+
+def build_beside(teacher: nn.Module, x: Tensor, y: Tensor, *, k: int, hflip: bool, seed: int,
+                 device: torch.device, need_grad: bool, checkpoint_dir: str | Path | None, name: str,
+                 budget_bytes: int | None = None) -> TeacherBank:
+    """`TeacherBank.build` with train's padding (img_size // 8) and its files, when memory-mapped, in
+    folder ``name`` beside the job's checkpoint folder. The γ sweep builds one for all its trials."""
+    directory = None if checkpoint_dir is None else _scratch(Path(checkpoint_dir)) / name
+    return TeacherBank.build(teacher, x, y, k=k, pad=max(1, x.shape[-1] // 8), hflip=hflip, need_grad=need_grad,
+                             device=device, seed=seed, directory=directory, budget_bytes=budget_bytes)
 
 
 def _scratch(checkpoint_dir: Path) -> Path:

@@ -233,6 +233,7 @@ def train(
     teacher_cache_budget: int | None = None,
     should_stop: Callable[[], str | None] | None = None,
     checkpoint_every_s: float | None = None,
+    shared_bank: teacher_bank.TeacherBank | None = None,
 ) -> TrainResult:
     """Train `student` on `data.x_train`/`data.y_train` with the objective `obj_cfg.method`.
 
@@ -257,6 +258,9 @@ def train(
             later call with `resume` continues from that step.
         checkpoint_every_s: also write a checkpoint inside an epoch once this many seconds have
             passed since the last one (one device only; on several, epoch ends only).
+        shared_bank: a teacher bank the caller built over these same rows with this job's K,
+            padding, flips and seed (`teacher_bank.build_beside`); used instead of building one,
+            and left open (the γ sweep's trials share one).
 
     Returns:
         TrainResult with the student in eval mode and per-epoch history.
@@ -306,11 +310,16 @@ def train(
         source.precompute_teacher(objective, batch_size=max(256, train_cfg.batch_size))
     # With pad-crop-flip augmentation on in-memory rows: K fixed augmentations per sample, the teacher
     # run over them once (kdiga_core.teacher_bank); streaming and other presets recompute the teacher.
-    bank = None
+    # `shared_bank`: one built by the caller over these same rows (the γ sweep's trials share it)
+    bank, own_bank = None, False
     if not source.streaming and train_cfg.preset == "cifar":
-        bank = teacher_bank.for_training(objective, source.x, source.y, k=obj_cfg.teacher_bank_k, augment=True,
-                                         hflip=train_cfg.hflip, seed=train_cfg.seed, device=device,
-                                         checkpoint_dir=checkpoint_dir, rank=ctx.rank)
+        if shared_bank is not None and obj_cfg.teacher_bank_k and objective.teacher is not None:
+            objective.cache = bank = shared_bank
+        else:
+            bank = teacher_bank.for_training(objective, source.x, source.y, k=obj_cfg.teacher_bank_k,
+                                             augment=True, hflip=train_cfg.hflip, seed=train_cfg.seed,
+                                             device=device, checkpoint_dir=checkpoint_dir, rank=ctx.rank)
+            own_bank = bank is not None
 
     started, session_steps = time.perf_counter(), 0
     last_saved = time.monotonic()
@@ -405,7 +414,7 @@ def train(
         if more and (why := _agreed_stop(should_stop, ctx)):  # DDP: rank 0 decides, every rank stops
             raise StoppedError(_stopped(why, global_step, total_steps))
 
-    if bank is not None:
+    if bank is not None and own_bank:
         bank.close()
     distributed.broadcast_model(student, ctx)  # DDP: every rank returns rank 0's model, running stats included
     student.eval()

@@ -161,6 +161,22 @@ def test_sweep_prunes_a_collapsing_gamma_and_picks_by_the_rule(digits, teacher, 
     assert json.loads(json.dumps(out.report)) == out.report  # plain JSON
 
 
+def test_with_augmentation_every_trial_and_rung_reads_one_shared_teacher_bank(digits, teacher, tmp_path, caplog):
+    augmented = TrainConfig(**{**TRAIN.to_dict(), "augment": True, "hflip": False, "epochs": 4})
+    objective = ObjectiveConfig(**{**_objective(gammas=[0.03]).to_dict(), "teacher_bank_k": 2})
+    with caplog.at_level("INFO", logger="kdiga_core.teacher_bank"):
+        out = choose_gamma(_student(), teacher, digits, objective, augmented, tmp_path / "job" / "checkpoint" / "sweep",
+                           attack=ATTACK)
+    trials = {t["gamma"]: t for t in out.report["trials"]}
+    # the KD trial trains to the last rung (several train() calls), γ = 0.03 at least one rung: one bank
+    assert trials[0.0]["state"] == COMPLETE and len(out.report["plan"]["rungs"]) >= 2
+    assert trials[0.03]["state"] in (COMPLETE, PRUNED) and trials[0.03]["epochs"] >= 1
+    builds = [r for r in caplog.records if "teacher bank built" in r.getMessage()]
+    n_train = len(SweepData.split(digits, objective.sweep_config()).train.y_train)
+    assert len(builds) == 1 and f"{n_train} samples × 2 augmentations" in builds[0].getMessage()
+    assert not list((tmp_path / "job").rglob("*.npy"))  # closed (in memory here; files would be removed)
+
+
 def test_the_sweep_never_reads_the_test_split(digits, teacher, tmp_path):
     poisoned = DataBundle("digits", digits.x_train, digits.y_train, torch.full_like(digits.x_test, float("nan")),
                           digits.y_test, 10)
