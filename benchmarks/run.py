@@ -410,7 +410,7 @@ def case_time_to_robust(args, log) -> str:
 
     plot = Path("benchmarks/results/time_to_robust_digits.png")
     small = {"epochs": 2, "seeds": 1, "subset": 50, "aa_points": 10, "aa_queries": 100, "teacher_epochs": 1} if args.quick else {}
-    settings = {"epochs": 12, "seeds": 3, "subset": 100, "aa_points": 50, "aa_queries": 500, "teacher_epochs": 8,
+    settings = {"epochs": 12, "seeds": 3, "subset": 450, "aa_points": 450, "aa_queries": 1000, "teacher_epochs": 8,
                 **small}
     out = time_to_robust.run(**settings, bank_k=4, teacher_path=None, plot=None if args.quick else plot, log=log)
     return ("### time_to_robust: digits, augmentation on\n\n"

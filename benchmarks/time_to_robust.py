@@ -41,7 +41,7 @@ LOWER = 0.8
 
 # the lazy-IGA grid: (iga_every, iga_fraction, with the teacher bank)
 Lazy = tuple[int, float, bool]
-LAZY_GRID: tuple[Lazy, ...] = ((4, 0.5, False), (8, 1.0, False))
+LAZY_GRID: tuple[Lazy, ...] = ((4, 0.5, False), (1, 0.25, False), (1, 0.25, True), (2, 1.0, True))
 
 
 def lazy_name(every: int, fraction: float, bank: bool = False) -> str:
@@ -255,11 +255,11 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed … (to split seeds over processes)")
     p.add_argument("--bank-k", type=int, default=4)
     p.add_argument("--lazy", type=parse_lazy, default=LAZY_GRID,
-                   help="lazy-IGA grid: k:f[:bank],… (default 4:0.5,8:1)")
+                   help="lazy-IGA grid: k:f[:bank],… (default 4:0.5,1:0.25,1:0.25:bank,2:1:bank)")
     p.add_argument("--methods", default="", help="only these methods (comma-separated names; default: all)")
-    p.add_argument("--subset", type=int, default=100)
-    p.add_argument("--aa-points", type=int, default=50)
-    p.add_argument("--aa-queries", type=int, default=500)
+    p.add_argument("--subset", type=int, default=450)
+    p.add_argument("--aa-points", type=int, default=450)
+    p.add_argument("--aa-queries", type=int, default=1000)
     p.add_argument("--teacher", type=Path, default=None, help="teacher weights to reuse (written when absent)")
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--plot", type=Path, default=None)
