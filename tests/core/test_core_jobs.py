@@ -213,3 +213,14 @@ def test_gamma_auto_job_sweeps_then_trains_and_reports_the_choice(tmp_path):
     assert (tmp_path / "work" / "checkpoint" / "sweep" / "optuna.journal").exists()
     checks = {f["check"] for f in result["report"]["sanity"]}
     assert "near_kd_clean_accuracy" in checks  # the KD reference's check, added once the sweep is done
+
+
+def test_an_augmented_kdiga_job_trains_from_the_defaulted_teacher_bank(tmp_path, caplog):
+    teacher = _saved(tmp_path, "cnn_small", "teacher")
+    spec = _spec("kdiga", gamma=1.0)
+    spec["train"].update(augment=True, hflip=False)
+    with caplog.at_level("INFO", logger="kdiga_core.teacher_bank"):
+        result = jobs.run_job("distill", spec, tmp_path / "work", jobs.JobInputs(DIGITS, teacher=teacher))
+    assert "objective.teacher_bank_k" in result["report"]["defaulted"]
+    assert "teacher bank built: 1347 samples × 4 augmentations" in caplog.text
+    assert not list((tmp_path / "work").rglob("*.npy"))
