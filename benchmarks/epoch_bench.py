@@ -201,11 +201,14 @@ PAIRS: dict[str, Callable[[], Pair]] = {"digits": digits_pair, "generated": gene
 
 
 def run(*, quick: bool, log: Callable[[str], None], lazy: dict[str, Any] | None = None,
-        device: str = "cpu", pairs_named: tuple[str, ...] = ("digits", "generated", "wide")) -> dict[str, Any]:
-    """The named pairs (digits only with --quick); the minimum over the rounds per method."""
+        device: str = "cpu", pairs_named: tuple[str, ...] = ("digits", "generated", "wide"),
+        n: int | None = None) -> dict[str, Any]:
+    """The named pairs (digits only with --quick); the minimum over the rounds per method.
+    `n`: images of the generated pairs (a GPU needs thousands for a steady rate)."""
     # digits epochs take a fraction of a second: more rounds there
     names = ("digits",) if quick else pairs_named
-    pairs = [(PAIRS[name](), 1 if quick else 5 if name == "digits" else 2) for name in names]
+    pairs = [(PAIRS[name](**({"n": n} if n and name != "digits" else {})), 1 if quick else 5 if name == "digits" else 2)
+             for name in names]
     pairs = [(pair.to(device), rounds) for pair, rounds in pairs]
     out: dict[str, Any] = {"load_start": uptime(), "lazy": lazy or LAZY, "bank_k": BANK_K, "gamma": GAMMA,
                            "device": device, "pairs": []}
@@ -280,11 +283,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--lazy", type=parse_lazy, default=None, help="k:f of the lazy rows (default: LAZY)")
     p.add_argument("--pairs", default="digits,generated,wide", help=f"comma-separated, of: {', '.join(PAIRS)}")
+    p.add_argument("--n", type=int, default=None, help="images of the generated pairs (default 256 / 128)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: bf16 autocast, channels_last)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
-    out = run(quick=a.quick, device=a.device, lazy=a.lazy, pairs_named=tuple(a.pairs.split(",")), log=lambda m: print(m, file=sys.stderr, flush=True))  # noqa: T201
+    out = run(quick=a.quick, device=a.device, lazy=a.lazy, pairs_named=tuple(a.pairs.split(",")), n=a.n, log=lambda m: print(m, file=sys.stderr, flush=True))  # noqa: T201
     with open(a.out, "w") as fh:
         json.dump(out, fh, indent=1)
     print(markdown(out))  # noqa: T201

@@ -22,7 +22,8 @@ from kdiga_core.models import create_model
 from kdiga_core.objectives import build_objective
 from kdiga_core.train import train
 
-METHODS = ("ce", "kd", "kdiga", "ard", "rslad", "pgd_at")
+METHODS = ("ce", "kd", "kdiga", "kdiga_bank", "ard", "rslad", "pgd_at")
+BANK_K = 4  # kdiga_bank: the default of an augmented KDIGA job (kdiga_core.defaults.BANK_K)
 
 
 def matmul_tflops(device: str, dtype: torch.dtype, size: int) -> float:
@@ -52,15 +53,23 @@ def make_data(n: int, classes: int = 10) -> DataBundle:
 
 
 def objective_cfg(method: str) -> ObjectiveConfig:
-    return ObjectiveConfig(method=method, attack_eps=8 / 255, attack_step=2 / 255, attack_steps=10)
+    """The method's objective; kdiga_bank is KDIGA reading the teacher bank (its build is outside the epoch)."""
+    bank = {"method": "kdiga", "teacher_bank_k": BANK_K} if method == "kdiga_bank" else {"method": method}
+    # a fixed γ: the default "auto" runs the γ sweep first, which is not an epoch of the method
+    return ObjectiveConfig(**bank, gamma=1.0, attack_eps=8 / 255, attack_step=2 / 255, attack_steps=10)
 
 
 def step_flops(method: str, student, teacher, x, y) -> float:
-    obj = build_objective(objective_cfg(method), student, teacher if method in ("kd", "kdiga", "ard", "rslad") else None,
+    uses_teacher = method in ("kd", "kdiga", "kdiga_bank", "ard", "rslad")
+    obj = build_objective(objective_cfg(method), student, teacher if uses_teacher else None,
                           generator=torch.Generator().manual_seed(0))
+    index = None
+    if method == "kdiga_bank":  # the step reads the teacher's outputs: count the student's work only
+        obj.precompute_teacher(x, y)
+        index = torch.arange(len(x))
     with FlopCounterMode(display=False) as counter:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
-            out = obj(x, y, progress=1.0)
+            out = obj(x, y, progress=1.0, index=index)
         out["loss"].backward()
     student.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
