@@ -250,6 +250,9 @@ class Settings(BaseSettings):
         default=None, description="Register each finished student in this MLflow server; unset: off."
     )
     mlflow_experiment: str = Field(default="kdiga", description="The MLflow experiment runs are logged to.")
+    mlflow_export_retry_after_s: float = Field(
+        default=300.0, gt=0, description="A succeeded job whose export is still pending this long after it "
+        "finished (its worker died in between) is exported by the next worker that starts or takes a task.")
     console_session_ttl_s: int = Field(
         default=8 * 3600, ge=60, description="Web console sessions end after this long."
     )

@@ -9,7 +9,11 @@ serves it, with a tensor signature). The registered model's name is the job's `m
 label when set, else `kdiga-<arch>`.
 
 A failure is logged and recorded on the job (`result.mlflow.error`), never failing the job: the
-student is already stored and the job already succeeded when this runs. MLflow's own HTTP retries
+student is already stored and the job already succeeded when this runs. The job's `succeeded` row
+says `result.mlflow.state = "pending"` until the export's outcome replaces it, so an export that a
+dying worker never ran is found (`export_pending`: at a worker's start and, at most once a minute,
+before its tasks) and run from the stored artifacts; a run MLflow already holds for the job (the
+worker died after registering, before recording) is recorded, not logged twice. MLflow's own HTTP retries
 are bounded here (unless the operator set MLFLOW_HTTP_REQUEST_* themselves) so that an unreachable
 server costs seconds, not the minutes of its defaults.
 """
@@ -110,8 +114,7 @@ def _log_run(client: Any, run_id: str, job: Any, metrics: Mapping[str, Any], fil
 
 def export_job(job: Any, metrics: Mapping[str, Any], files: Mapping[str, Path], settings: Settings) -> dict[str, Any]:
     """Log the run and register the model; returns what the job records (`run_id`, `model`, `version`)."""
-    for key, value in MLFLOW_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    _bound_retries()
     import mlflow
     import onnx
     from mlflow import MlflowClient
@@ -145,14 +148,26 @@ def export_job(job: Any, metrics: Mapping[str, Any], files: Mapping[str, Path], 
             "version": version, "model_uri": f"models:/{name}/{version}"}
 
 
-def export_after_success(job: Any, result: Mapping[str, Any], settings: Settings) -> dict[str, Any] | None:
-    """Export a succeeded job when the operator configured MLflow; record the outcome on the job."""
+def export_pending_record(job: Any, settings: Settings) -> dict[str, Any] | None:
+    """What a succeeded job's result holds until its export ran (None: nothing to export)."""
     if not settings.mlflow_tracking_uri or job.kind not in MODEL_KINDS:
         return None
+    return {"state": PENDING, "tracking_uri": settings.mlflow_tracking_uri}
+
+
+def export_after_success(job: Any, result: Mapping[str, Any], settings: Settings) -> dict[str, Any] | None:
+    """Export a succeeded job when the operator configured MLflow; record the outcome on the job."""
+    if export_pending_record(job, settings) is None:
+        return None
     files = {item["name"]: Path(item["path"]) for item in result.get("artifacts") or []}
+    return _export_and_record(job, result.get("metrics") or {}, files, settings)
+
+
+def _export_and_record(job: Any, metrics: Mapping[str, Any], files: Mapping[str, Path],
+                       settings: Settings) -> dict[str, Any]:
     started = time.monotonic()
     try:
-        record = export_job(job, result.get("metrics") or {}, files, settings)
+        record = _existing_run(job, settings) or export_job(job, metrics, files, settings)
         log.info("registered in MLflow", extra={"job_id": job.id, **record})
     except Exception as exc:  # noqa: BLE001 - the job succeeded; the registry's trouble is recorded, not raised
         log.exception("MLflow export failed", extra={"job_id": job.id})
@@ -162,3 +177,115 @@ def export_after_success(job: Any, result: Mapping[str, Any], settings: Settings
     with session_for(settings) as session:
         crud.record_job_export(session, job.id, key="mlflow", value=record)
     return record
+
+
+# -- exports that a dying worker left pending -------------------------------------------------------
+PENDING, EXPORTING = "pending", "exporting"
+SCAN = 500  # recent succeeded jobs looked at per pass
+_last_pass = 0.0
+
+
+def _bound_retries() -> None:
+    for key, value in MLFLOW_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _existing_run(job: Any, settings: Settings) -> dict[str, Any] | None:
+    """The record of a finished MLflow run already logged for this job with its model registered
+    (a worker that died after registering, before recording), else None."""
+    _bound_retries()
+    from mlflow import MlflowClient
+
+    uri = str(settings.mlflow_tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name(settings.mlflow_experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], f"tags.`kdiga.job_id` = '{job.id}'",
+                              order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if run.info.status != "FINISHED":
+            continue
+        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        if versions:
+            version = versions[0]
+            return {"tracking_uri": uri, "experiment": settings.mlflow_experiment, "run_id": run.info.run_id,
+                    "model": version.name, "version": str(version.version),
+                    "model_uri": f"models:/{version.name}/{version.version}"}
+    return None
+
+
+def export_pending(settings: Settings, store: Any, me: str, *, limit: int = 10) -> list[str]:
+    """Export succeeded jobs whose export was left pending (or claimed by a worker that died) for
+    longer than `mlflow_export_retry_after_s`; returns their ids. Each is claimed first (a row lock
+    on PostgreSQL), so two workers starting together export it once."""
+    import tempfile
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from kdiga_service.models import SUCCEEDED, Job, utcnow
+
+    if not settings.mlflow_tracking_uri:
+        return []
+    cutoff = utcnow() - timedelta(seconds=settings.mlflow_export_retry_after_s)
+    with session_for(settings) as session:
+        rows = session.execute(select(Job.id, Job.result).where(
+            Job.status == SUCCEEDED, Job.kind.in_(MODEL_KINDS), Job.finished_at < cutoff)
+            .order_by(Job.finished_at.desc()).limit(SCAN)).all()
+    due = [job_id for job_id, result in rows if _due((result or {}).get("mlflow"), cutoff)][:limit]
+    done = []
+    for job_id in due:
+        job = _claim(settings, job_id, me, cutoff)
+        if job is None:
+            continue
+        with tempfile.TemporaryDirectory(prefix="kdiga-export-") as tmp:
+            files = {a.name: store.download(a.storage_key, Path(tmp) / a.name) for a in job.artifacts}
+            _export_and_record(job, job.metrics or {}, files, settings)
+        done.append(job_id)
+    return done
+
+
+def export_pending_now_and_then(settings: Settings, store_factory: Any, me: str, *, every_s: float = 60.0) -> None:
+    """`export_pending` at most once per `every_s` in this process; never raises (a registry that
+    is down must not stop a worker from taking jobs)."""
+    global _last_pass
+    if not settings.mlflow_tracking_uri or time.monotonic() - _last_pass < every_s:
+        return
+    _last_pass = time.monotonic()
+    try:
+        export_pending(settings, store_factory(settings), me)
+    except Exception:  # noqa: BLE001 - logged; the next pass tries again
+        log.exception("exporting pending MLflow exports failed")
+
+
+def _due(record: Any, cutoff: Any) -> bool:
+    if not isinstance(record, dict) or record.get("state") not in (PENDING, EXPORTING):
+        return False
+    if record["state"] == PENDING:
+        return True
+    since = record.get("since")  # a claim older than the cutoff: its worker died too
+    return isinstance(since, str) and since < cutoff.isoformat()
+
+
+def _claim(settings: Settings, job_id: str, me: str, cutoff: Any) -> Any:
+    """Mark the export as ours (under a row lock where the database has them); the job, or None when
+    another worker has it or it is done."""
+    from sqlalchemy import select, update
+
+    from kdiga_service.models import Job, utcnow
+
+    with session_for(settings) as session:
+        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+        if job is None or not _due((job.result or {}).get("mlflow"), cutoff):
+            session.rollback()
+            return None
+        claim = {"state": EXPORTING, "by": me, "since": utcnow().isoformat(),
+                 "tracking_uri": settings.mlflow_tracking_uri}
+        session.execute(update(Job).where(Job.id == job_id).values(result={**job.result, "mlflow": claim})
+                        .execution_options(synchronize_session=False))
+        session.commit()
+        session.refresh(job)
+        _ = list(job.artifacts)  # loaded before the session closes
+        session.expunge(job)
+        return job

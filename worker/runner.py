@@ -55,7 +55,7 @@ from worker.leftovers import make_scratch
 from worker.outputs import register_teacher, store_artifacts
 from worker.ownership import owner_is_dead, worker_identity
 from worker.progress import Reporter
-from worker.registry import export_after_success
+from worker.registry import export_after_success, export_pending_record
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,8 @@ def _succeed(job: Job, result: dict[str, Any], s: Settings, store: ArtifactStore
             summary["model_spec"] = jsonable(result["model_spec"])
         if job.kind == "adversarial_train":
             summary["teacher_id"] = register_teacher(session, store, job, result)
+        if (pending := export_pending_record(job, s)) is not None:  # committed with `succeeded`: a worker
+            summary["mlflow"] = pending  # that dies before the export leaves it for the next one
         current = crud.get_job(session, job.id)
         progress = {**((current.progress if current else None) or {}), "phase": "done", "percent": 100.0,
                     "eta_s": 0}

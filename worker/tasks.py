@@ -7,6 +7,7 @@ never imports this module.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded
@@ -16,8 +17,10 @@ from celery.signals import task_prerun, worker_process_init, worker_ready
 from kdiga_service.models import Dataset, Teacher
 from kdiga_service.queue import JOIN_JOB, RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER
 from kdiga_service.settings import get_settings
-from worker import deliveries, leftovers, runner, validation
+from kdiga_service.storage import get_storage
+from worker import deliveries, leftovers, registry, runner, validation
 from worker.celery_app import app
+from worker.ownership import worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +35,26 @@ def _after_fork(**_kwargs: Any) -> None:
 
 @worker_ready.connect
 def _sweep_at_start(**_kwargs: Any) -> None:
-    """Remove scratch folders that attempts killed with an earlier worker left behind."""
+    """Remove scratch folders that attempts killed with an earlier worker left behind, and run the
+    MLflow exports that a worker dying right after `succeeded` left pending."""
     leftovers.sweep_now_and_then(get_settings())
+    _export_pending_in_background()
 
 
 @task_prerun.connect
 def _sweep_before_task(**_kwargs: Any) -> None:
     """...and those of pool processes killed since (at most once a minute per process)."""
     leftovers.sweep_now_and_then(get_settings())
+    _export_pending_in_background()
+
+
+def _export_pending_in_background() -> None:
+    """In a thread: an export takes seconds (minutes when the registry is slow); a task or the
+    worker's start must not wait for it."""
+    settings = get_settings()
+    if settings.mlflow_tracking_uri:
+        threading.Thread(target=registry.export_pending_now_and_then,
+                         args=(settings, get_storage, worker_identity()), daemon=True).start()
 
 
 @task_prerun.connect

@@ -122,3 +122,101 @@ def test_an_unreachable_registry_never_fails_the_job(settings, seeded):
     assert row.result["mlflow"]["error"].startswith("The export to MLflow failed (")
     assert time.monotonic() - started < 120
     assert row.result["metrics"]  # the job's own result is intact
+
+
+def _leave_pending(settings, job_id: str, record: dict | None = None) -> None:
+    """The row as a worker that died right after `succeeded` leaves it: the export pending, and
+    finished longer ago than the retry delay."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from kdiga_service.db import get_sessionmaker
+    from kdiga_service.models import Job, utcnow
+
+    row = h.job_row(settings, job_id)
+    pending = record or {"state": "pending", "tracking_uri": settings.mlflow_tracking_uri}
+    with get_sessionmaker(settings)() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            result={k: v for k, v in row.result.items() if k != "mlflow"} | {"mlflow": pending},
+            finished_at=utcnow() - timedelta(seconds=settings.mlflow_export_retry_after_s + 60)))
+        session.commit()
+
+
+def test_an_export_a_dead_worker_left_pending_runs_once_from_the_stored_artifacts(settings, seeded, mlflow_server):
+    from mlflow import MlflowClient
+
+    from kdiga_service.storage import get_storage
+    from worker import registry
+
+    experiment = f"kdiga-pending-{uuid.uuid4().hex[:6]}"
+    labels = {"mlflow_model_name": f"pending-{uuid.uuid4().hex[:6]}"}
+    row = _run(settings, seeded, labels)  # MLflow not configured for the run itself: nothing exported
+    assert "mlflow" not in row.result
+    settings = settings.model_copy(update={"mlflow_tracking_uri": mlflow_server, "mlflow_experiment": experiment})
+    _leave_pending(settings, row.id)
+    store = get_storage(settings)
+    assert registry.export_pending(settings, store, "test-worker") == [row.id]
+    record = h.job_row(settings, row.id).result["mlflow"]
+    assert record["model"] == labels["mlflow_model_name"] and record["version"] == "1", record
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    files = {f.path for f in client.list_artifacts(record["run_id"], "kdiga")}
+    assert "kdiga/student.onnx" in files and "kdiga/model_card.json" in files  # from the artifact store
+    assert registry.export_pending(settings, store, "test-worker") == []  # nothing pending any more
+
+    # the worker died after MLflow registered the model, before it recorded that: recorded, not repeated
+    _leave_pending(settings, row.id)
+    assert registry.export_pending(settings, store, "test-worker") == [row.id]
+    again = h.job_row(settings, row.id).result["mlflow"]
+    assert again["run_id"] == record["run_id"] and again["version"] == "1"
+    assert len(client.search_model_versions(f"name = '{labels['mlflow_model_name']}'")) == 1
+
+    # a claim by another worker is left alone until it is as old as the retry delay (that worker died)
+    from kdiga_service.models import utcnow
+
+    _leave_pending(settings, row.id, {"state": "exporting", "by": "other", "since": utcnow().isoformat()})
+    assert registry.export_pending(settings, store, "test-worker") == []
+    _leave_pending(settings, row.id, {"state": "exporting", "by": "other", "since": "2000-01-01T00:00:00+00:00"})
+    assert registry.export_pending(settings, store, "test-worker") == [row.id]
+
+
+
+def test_two_workers_find_one_pending_export_and_one_of_them_runs_it_on_postgresql(tmp_path, teacher_file):
+    import threading
+
+    from sqlalchemy import update
+
+    from kdiga_service.db import get_sessionmaker
+    from kdiga_service.models import SUCCEEDED, Job
+    from kdiga_service.storage import get_storage
+    from worker import registry
+
+    if not h.postgres_available():
+        pytest.skip("needs the PostgreSQL server")
+    with h.postgres_database() as db_url:
+        # a registry that is down: the export fails fast and records why; what counts is who ran it
+        s = h.make_settings(tmp_path / "home", database_url=db_url,
+                            mlflow_tracking_uri=f"http://127.0.0.1:{h.free_port()}")
+        h.migrate(s)
+        owner = h.create_owner(s)[0]
+        rows = h.seed_rows(s, owner, teacher_file)
+        job_id = h.create_job_row(s, owner, h.tiny_job_request(rows["dataset_id"], rows["teacher_id"]))
+        with get_sessionmaker(s)() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(status=SUCCEEDED, result={}))
+            session.commit()
+        _leave_pending(s, job_id)
+        found: list[list[str]] = []
+        go = threading.Barrier(2)
+
+        def worker(name: str) -> None:
+            go.wait()
+            found.append(registry.export_pending(s, get_storage(s), name))
+
+        threads = [threading.Thread(target=worker, args=(f"worker-{i}",)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(sum(found, [])) == [job_id], found  # claimed by exactly one
+        record = h.job_row(s, job_id).result["mlflow"]
+        assert record["error"].startswith("The export to MLflow failed (") and "state" not in record
