@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from api.publish import QueueUnavailable, enqueue
@@ -164,7 +164,11 @@ def sweep_webhook_outbox(session_factory: Callable[[], Session], settings: Setti
     keeps API processes that sweep at the same time off each other's rows (no waits, no deadlocks).
     """
     cutoff = (now or utcnow()) - timedelta(days=settings.webhook_retention_days)
-    newer_attempt = exists().where(WebhookDelivery.event_seq == WebhookEvent.seq, WebhookDelivery.started_at > cutoff)
+    # OFFSET 0 keeps PostgreSQL from turning this into an anti-join, which reads every delivery row
+    # up to the first recent one, batch after batch (216 ms a batch with 1.9 M old rows); as a
+    # subplan it is one index lookup per candidate (0.7 ms). SQLite ignores it.
+    newer_attempt = (select(WebhookDelivery.id).where(WebhookDelivery.event_seq == WebhookEvent.seq,
+                                                      WebhookDelivery.started_at > cutoff).offset(0).exists())
     done_and_old = (WebhookEvent.status.in_(DONE_EVENTS), WebhookEvent.next_attempt_at <= cutoff,
                     WebhookEvent.delivered_at.is_(None) | (WebhookEvent.delivered_at <= cutoff), ~newer_attempt)
     deleted = 0
