@@ -21,7 +21,7 @@ from api.pump import pump_forever
 from api.request_id import RequestIdMiddleware
 from api.routes import artifacts, catalog, console, datasets, health, jobs, pipelines, teachers, webhooks
 from api.status_reader import StatusReader
-from api.sweeper import Retention, resend_stale
+from api.sweeper import Retention, resend_stale, sweep_webhook_outbox
 from kdiga_service import admin
 from kdiga_service.db import get_engine, get_sessionmaker
 from kdiga_service.settings import Settings, get_settings
@@ -41,8 +41,9 @@ def _start_up(settings: Settings) -> None:
 
 
 async def _sweep_forever(app: FastAPI) -> None:
-    """Every `requeue_check_s`, re-send the tasks that nobody took and delete the checkpoints of jobs
-    ended longer ago than their retention (api/sweeper.py)."""
+    """Every `requeue_check_s`, re-send the tasks that nobody took, delete the checkpoints of jobs
+    ended longer ago than their retention, and the webhook events done longer ago than theirs
+    (api/sweeper.py)."""
     settings = app.state.settings
     retention = Retention()
     while True:
@@ -50,6 +51,8 @@ async def _sweep_forever(app: FastAPI) -> None:
         try:
             if settings.requeue_after_s > 0:
                 await to_thread.run_sync(resend_stale, app.state.sessionmaker, settings)
+            # the outbox before the store's pass: an S3 outage must not stop it
+            await to_thread.run_sync(sweep_webhook_outbox, app.state.sessionmaker, settings)
             await to_thread.run_sync(retention.sweep, app.state.sessionmaker, settings, app.state.storage)
         except Exception:  # noqa: BLE001 - a failed sweep (database down) must not stop the next one
             log.exception("sweeper: the sweep failed; trying again in %.0f s", settings.requeue_check_s)

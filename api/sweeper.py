@@ -1,6 +1,7 @@
 """Periodic maintenance in each API process: re-send tasks that nobody took (jobs still `queued`,
-teachers and datasets still `validating`), and delete checkpoints of ended jobs after their
-retention period (`Retention`, below). Scratch folders of dead attempts live on worker hosts, so
+teachers and datasets still `validating`), delete checkpoints of ended jobs after their
+retention period (`Retention`, below), and delete webhook events that are done (delivered or given
+up), with their delivery attempts, after theirs (`sweep_webhook_outbox`). Scratch folders of dead attempts live on worker hosts, so
 the workers sweep those (worker/leftovers.py).
 
 The API commits a row, then publishes its task; a crash between the two, or a broker that lost
@@ -21,13 +22,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from api.publish import QueueUnavailable, enqueue
 from kdiga_service import crud
 from kdiga_service.models import (
     CANCELLED,
+    DELIVERED,
     FAILED,
     QUEUED,
     SUCCEEDED,
@@ -35,6 +37,8 @@ from kdiga_service.models import (
     Dataset,
     Job,
     Teacher,
+    WebhookDelivery,
+    WebhookEvent,
     utcnow,
 )
 from kdiga_service.queue import RUN_JOB, VALIDATE_DATASET, VALIDATE_TEACHER, validation_queue
@@ -140,4 +144,51 @@ class Retention:
         return purged
 
 
-__all__ = ["WAITING", "Retention", "resend_stale"]
+# -- retention of the webhook outbox ---------------------------------------------------------------
+DONE_EVENTS = (DELIVERED, FAILED)  # failed: given up after webhook_max_attempts; never `pending`
+OUTBOX_BATCH = 500  # events (and their attempts) per transaction
+OUTBOX_MAX_BATCHES = 20  # per sweep: a backlog of millions drains over several sweeps
+
+
+def sweep_webhook_outbox(session_factory: Callable[[], Session], settings: Settings, *, now: datetime | None = None,
+                         batch: int = OUTBOX_BATCH, max_batches: int = OUTBOX_MAX_BATCHES) -> int:
+    """Delete webhook events that are done (delivered or given up) and whose last attempt was more
+    than `webhook_retention_days` ago, with their delivery attempts; returns how many events.
+
+    An event's last attempt is its newest delivery row (record_attempt writes one for every attempt,
+    the last one included), so an event is old enough when none of its attempts is newer than the
+    cutoff. `next_attempt_at <= cutoff` narrows the candidates first through the index on
+    (status, next_attempt_at): a done event's last attempt was claimed at or after its
+    `next_attempt_at`. A `pending` event (waiting, in its backoff, or being sent) is never touched,
+    whatever its age. Each batch is its own short transaction; on PostgreSQL `FOR UPDATE SKIP LOCKED`
+    keeps API processes that sweep at the same time off each other's rows (no waits, no deadlocks).
+    """
+    cutoff = (now or utcnow()) - timedelta(days=settings.webhook_retention_days)
+    # OFFSET 0 keeps PostgreSQL from turning this into an anti-join, which reads every delivery row
+    # up to the first recent one, batch after batch (216 ms a batch with 1.9 M old rows); as a
+    # subplan it is one index lookup per candidate (0.7 ms). SQLite ignores it.
+    newer_attempt = (select(WebhookDelivery.id).where(WebhookDelivery.event_seq == WebhookEvent.seq,
+                                                      WebhookDelivery.started_at > cutoff).offset(0).exists())
+    done_and_old = (WebhookEvent.status.in_(DONE_EVENTS), WebhookEvent.next_attempt_at <= cutoff,
+                    WebhookEvent.delivered_at.is_(None) | (WebhookEvent.delivered_at <= cutoff), ~newer_attempt)
+    deleted = 0
+    for _ in range(max_batches):
+        with session_factory() as session:
+            seqs = session.scalars(select(WebhookEvent.seq).where(*done_and_old).limit(batch)
+                                   .with_for_update(skip_locked=True)).all()
+            if not seqs:
+                break
+            session.execute(delete(WebhookDelivery).where(WebhookDelivery.event_seq.in_(seqs))
+                            .execution_options(synchronize_session=False))
+            result = session.execute(delete(WebhookEvent).where(WebhookEvent.seq.in_(seqs), *done_and_old)
+                                     .execution_options(synchronize_session=False))
+            session.commit()
+        deleted += result.rowcount  # type: ignore[attr-defined]
+        if len(seqs) < batch:
+            break
+    if deleted:
+        log.info("sweeper: done webhook events deleted", extra={"events": deleted})
+    return deleted
+
+
+__all__ = ["WAITING", "Retention", "resend_stale", "sweep_webhook_outbox"]

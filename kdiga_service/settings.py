@@ -246,6 +246,12 @@ class Settings(BaseSettings):
     webhook_poll_interval_s: float = Field(
         default=1.0, gt=0, description="How often each API process looks for events (and pipeline steps) to send."
     )
+    webhook_retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Webhook events that are done (delivered or given up) are deleted, with their delivery attempts, "
+        "this long after their last attempt; 0: at the next sweep.",
+    )
     mlflow_tracking_uri: str | None = Field(
         default=None, description="Register each finished student in this MLflow server; unset: off."
     )
