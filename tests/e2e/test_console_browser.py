@@ -12,26 +12,19 @@ from pathlib import Path
 import e2e_flow as flow
 import pytest
 
-from kdiga_launcher.supervisor import start_embedded
-
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, teacher_file):
+def service(owner, teacher_file):
+    """The shared embedded service (tests/e2e/conftest.py) under a key of this module's own."""
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         pytest.skip("Debian's chromium is not installed (scripts/install-system-deps.sh)")
     pytest.importorskip("playwright.sync_api")
-    home = tmp_path_factory.mktemp("console") / "home"
-    env = {"KDIGA_PROGRESS_INTERVAL_S": "0.2", "KDIGA_SSE_POLL_INTERVAL_S": "0.1", "OMP_NUM_THREADS": "1"}
-    embedded = start_embedded(home, port=0, env=env)
-    try:
-        api = flow.Api(embedded.url, embedded.admin_key)
-        ids = flow.setup_inputs(api, teacher_file)
-        yield {"url": embedded.url, "key": embedded.admin_key, "home": home, "api": api, **ids}
-    finally:
-        embedded.stop()
+    api = owner["api"]
+    ids = flow.setup_inputs(api, teacher_file)
+    return {"url": owner["service"].url, "key": owner["key"], "home": owner["service"].home, "api": api, **ids}
 
 
 @pytest.fixture(scope="module")
