@@ -169,7 +169,10 @@ def test_redelivery_of_a_job_still_running_does_not_run_it_twice(backend, tmp_pa
     try:
         for path in logs:
             h.wait_worker_ready(path)
-        request = h.tiny_job_request(backend["dataset_id"], backend["teacher_id"], epochs=2, method="kd")
+        # training that outlasts the redelivery: the 3 s visibility timeout, Redis's 1 s restore tick and
+        # the second worker's look at the row. A kd epoch of cnn_tiny takes 0.024 s on an idle 2-core host,
+        # so 2 epochs ended ~1 s before the second worker looked and nothing was set aside; 200 take ~5 s.
+        request = h.tiny_job_request(backend["dataset_id"], backend["teacher_id"], epochs=200, method="kd")
         job_id = h.create_job_row(s, backend["owner"], request)
         _enqueue(s, RUN_JOB, job_id)
         done = h.wait_for(lambda: (r := h.job_row(s, job_id)).status in ("succeeded", "failed") and r, 300,
